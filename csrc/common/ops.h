@@ -1,0 +1,60 @@
+// Declarations shared by the tdconv sources: the backend-independent drivers (decomp/) and the
+// entry points of the backend kernels, called through the dispatcher so that each runs on the
+// tensor's own device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/irange.h>
+
+#include <tuple>
+#include <vector>
+
+namespace tdconv {
+
+// ---- argument checks shared by every entry point ------------------------------------------------
+#define TDCONV_CHECK_FLOAT(t, name)                                                          \
+  TORCH_CHECK_TYPE((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble,       \
+                   "tdconv: ", name, " must be float32 or float64, got ", (t).scalar_type())
+
+#define TDCONV_CHECK_SAME_DEVICE(a, b, name_a, name_b)                                        \
+  TORCH_CHECK((a).device() == (b).device(), "tdconv: ", name_a, " is on ", (a).device(),      \
+              " but ", name_b, " is on ", (b).device())
+
+// ---- backend kernels (csrc/cpu, csrc/cuda) ------------------------------------------------------
+// y: [B, d_1, ..., d_k, R], u: [B, d_dim, R]  ->  [B, d_1, .., (d_dim removed), .., d_k, R]
+// out[b, ..., r] = sum_j y[b, .., j, .., r] * u[b, j, r]: one mode of a Khatri-Rao contraction.
+at::Tensor mode_contract(const at::Tensor& y, const at::Tensor& u, int64_t dim);
+
+// Shape arithmetic for mode_contract: P = prod(d_1..d_{dim-1}), J = d_dim, Q = prod(d_{dim+1}..d_k).
+struct ContractShape {
+  int64_t B, P, J, Q, R;
+  std::vector<int64_t> out_sizes;
+};
+ContractShape check_mode_contract(const at::Tensor& y, const at::Tensor& u, int64_t dim);
+
+// ---- decomposition drivers (csrc/decomp), batched over dim 0 ------------------------------------
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
+    const at::Tensor& x, at::TensorList init, int64_t n_iter_max, double tol, double l2_reg,
+    int64_t check_every);
+
+std::vector<at::Tensor> cp_init_svd(const at::Tensor& x, int64_t rank, at::TensorList random_fill);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> tucker_hosvd(const at::Tensor& x, at::IntArrayRef ranks,
+                                                            at::IntArrayRef modes);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> tucker_hooi(
+    const at::Tensor& x, at::TensorList init, at::IntArrayRef modes, int64_t n_iter_max, double tol,
+    int64_t check_every);
+
+// ---- small linear-algebra helpers shared by the drivers (decomp/linalg.cpp) ---------------------
+// Leading `rank` eigenvectors (descending eigenvalues) of the symmetric batch G [B, n, n], with
+// deterministic signs (the largest-magnitude entry of each column is positive).
+at::Tensor leading_eigvecs(const at::Tensor& gram, int64_t rank);
+// Gram matrix of the mode-`mode` unfolding of the batched tensor x [B, I_0, ..]: [B, I_mode, I_mode].
+at::Tensor unfolding_gram(const at::Tensor& x, int64_t mode);
+// x times U^T along `mode` (U: [B, I_mode, r]): the mode's size becomes r.
+at::Tensor mode_dot_t(const at::Tensor& x, const at::Tensor& u, int64_t mode);
+// Make the largest-magnitude entry of every column of U [B, n, r] positive.
+at::Tensor fix_signs(const at::Tensor& u);
+
+}  // namespace tdconv

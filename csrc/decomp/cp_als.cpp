@@ -1,0 +1,201 @@
+// CP-ALS on ATen, batched over a leading dimension, on the input's device.
+//
+// Algorithm (Kolda & Bader, "Tensor Decompositions and Applications", SIAM Review 2009, sec. 3.4):
+// each sweep solves, mode by mode, the normal equations U_n V_n = M_n, where
+//   M_n = X_(n) (U_N ⊙ .. ⊙ U_{n+1} ⊙ U_{n-1} ⊙ .. ⊙ U_1)   (MTTKRP)
+//   V_n = *_{m != n} U_m^T U_m                               (Hadamard product of Gram matrices)
+// by Cholesky, then normalises the columns of U_n into the weights.
+//
+// MTTKRP by a dimension tree: the largest mode ("root") is moved to the front once. Its MTTKRP is one
+// GEMM with the Khatri-Rao product of the *small* modes; the partial product X x_root U_root
+// ([prod(other sizes), R]) is shared by all the other modes, whose MTTKRPs are cheap contractions
+// of it (mode_contract kernel) instead of GEMMs against a Khatri-Rao product with the large root
+// mode in it (for a 512x512x9 conv kernel that product would have 262144 x R entries). A sweep costs
+// two GEMMs of the size of the tensor times R (three when the root is not the first mode).
+//
+// The relative error comes from norms and inner products (||X||^2 - 2<X, X^> + ||X^||^2), in
+// float64. Convergence is decided per batch member on the device; a converged member is frozen
+// (torch.where), so the only host synchronisation is `active.any()`, every `check_every` sweeps.
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "../common/ops.h"
+
+namespace tdconv {
+namespace {
+
+// Khatri-Rao product of factors [B, I_k, R], rows in C order of (I_a, I_b, ..): [B, prod I_k, R].
+at::Tensor khatri_rao(const std::vector<at::Tensor>& fs) {
+  at::Tensor k = fs[0];
+  for (size_t i = 1; i < fs.size(); ++i) {
+    k = (k.unsqueeze(2) * fs[i].unsqueeze(1)).reshape({k.size(0), -1, k.size(2)});
+  }
+  return k;
+}
+
+at::Tensor hadamard_grams(const std::vector<at::Tensor>& grams, int64_t skip) {
+  at::Tensor v;
+  for (int64_t i = 0; i < static_cast<int64_t>(grams.size()); ++i) {
+    if (i == skip) continue;
+    v = v.defined() ? v * grams[i] : grams[i];
+  }
+  return v;
+}
+
+// Solve U V = M (V [B, R, R] symmetric positive semi-definite, M [B, I, R]) by Cholesky on
+// V + (l2_reg + 10 eps max diag V) I: the ridge, plus a jitter of a few ulps so that a V that is
+// semi-definite only up to rounding still factors. Returns U with unit columns and their norms.
+std::pair<at::Tensor, at::Tensor> solve_normalised(const at::Tensor& v, const at::Tensor& m, double l2_reg) {
+  const int64_t R = v.size(-1);
+  const double eps = v.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                                     : std::numeric_limits<float>::epsilon();
+  auto shift = v.diagonal(0, -2, -1).amax(-1) * (10.0 * eps) + l2_reg;  // [B]
+  auto vr = v + shift.view({-1, 1, 1}) * at::eye(R, v.options());
+  auto chol = at::linalg_cholesky_ex(vr);
+  auto u = at::cholesky_solve(m.transpose(1, 2), std::get<0>(chol)).transpose(1, 2);
+  auto lam = at::linalg_vector_norm(u, 2, {1}, false, c10::nullopt);  // [B, R]
+  auto safe = at::where(lam > 0, lam, at::ones_like(lam));
+  return {(u / safe.unsqueeze(1)).contiguous(), lam};
+}
+
+at::Tensor gram(const at::Tensor& u) { return at::bmm(u.transpose(1, 2), u); }
+
+}  // namespace
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
+    const at::Tensor& x, at::TensorList init, int64_t n_iter_max, double tol, double l2_reg,
+    int64_t check_every) {
+  TDCONV_CHECK_FLOAT(x, "x");
+  TORCH_CHECK(x.dim() >= 3, "tdconv::cp_als: x must be [batch, I_0, ..., I_{N-1}] with N >= 2, got shape ",
+              x.sizes());
+  const int64_t N = x.dim() - 1, B = x.size(0);
+  TORCH_CHECK(B >= 1 && x.numel() > 0, "tdconv::cp_als: x must not be empty, got shape ", x.sizes());
+  TORCH_CHECK(static_cast<int64_t>(init.size()) == N, "tdconv::cp_als: init must hold ", N,
+              " factors (one per mode), got ", init.size());
+  const int64_t R = init[0].size(-1);
+  TORCH_CHECK(R >= 1, "tdconv::cp_als: rank must be >= 1");
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(init[n].dim() == 3 && init[n].size(0) == B && init[n].size(1) == x.size(n + 1) &&
+                    init[n].size(2) == R,
+                "tdconv::cp_als: init[", n, "] must have shape [", B, ", ", x.size(n + 1), ", ", R, "], got ",
+                init[n].sizes());
+    TORCH_CHECK_TYPE(init[n].scalar_type() == x.scalar_type(), "tdconv::cp_als: init[", n, "] has dtype ",
+                     init[n].scalar_type(), " but x has ", x.scalar_type());
+    TDCONV_CHECK_SAME_DEVICE(x, init[n], "x", "init factor");
+  }
+  TORCH_CHECK(n_iter_max >= 1, "tdconv::cp_als: n_iter_max must be >= 1, got ", n_iter_max);
+  TORCH_CHECK(tol >= 0, "tdconv::cp_als: tol must be >= 0, got ", tol);
+  TORCH_CHECK(l2_reg >= 0, "tdconv::cp_als: l2_reg must be >= 0, got ", l2_reg);
+  TORCH_CHECK(check_every >= 1, "tdconv::cp_als: check_every must be >= 1, got ", check_every);
+
+  // Root of the dimension tree: the largest mode. Modes are updated in the natural order 0..N-1 (as
+  // in every reference implementation); those before the root share Z = X x_root U_root (old root
+  // factor), those after it share Y = X x_root U_root (new root factor).
+  int64_t root = 0;
+  for (int64_t n = 1; n < N; ++n)
+    if (x.size(n + 1) > x.size(root + 1)) root = n;
+  const auto xp = x.movedim(root + 1, 1).contiguous();  // [B, I_root, other modes in order]
+  const int64_t Iroot = xp.size(1);
+  const auto X0 = xp.view({B, Iroot, -1});
+  const auto X0t = X0.transpose(1, 2);
+  std::vector<int64_t> ysizes(xp.sizes().begin(), xp.sizes().end());
+  ysizes.erase(ysizes.begin() + 1);
+  ysizes.push_back(R);  // [B, other modes in order, R]
+  // Position of mode k (k != root) in Y / Z, counting the batch dimension.
+  auto pos = [root](int64_t k) { return k < root ? k + 1 : k; };
+
+  std::vector<at::Tensor> U(N), G(N);
+  for (int64_t k = 0; k < N; ++k) {
+    auto f = init[k];
+    auto nrm = at::linalg_vector_norm(f, 2, {1}, true, c10::nullopt);
+    U[k] = (f / at::where(nrm > 0, nrm, at::ones_like(nrm))).contiguous();
+    G[k] = gram(U[k]);
+  }
+  const auto dopt = x.options().dtype(at::kDouble);
+  const auto norm_x2 = X0.to(at::kDouble).square().sum({1, 2});  // [B]
+  auto weights = at::ones({B, R}, x.options());
+  auto errors = at::full({B, n_iter_max}, std::numeric_limits<double>::quiet_NaN(), dopt);
+  auto active = at::ones({B}, x.options().dtype(at::kBool));
+  auto n_iter = at::zeros({B}, x.options().dtype(at::kLong));
+  const auto inf = at::full({}, std::numeric_limits<double>::infinity(), dopt);
+
+  for (int64_t it = 0; it < n_iter_max; ++it) {
+    const auto U_old = U, G_old = G;
+    const auto w_old = weights;
+    at::Tensor shared, M;
+    for (int64_t k = 0; k < N; ++k) {
+      if (k == root) {
+        // The root's MTTKRP: one GEMM against the Khatri-Rao product of the other (small) modes.
+        std::vector<at::Tensor> others;
+        for (int64_t m = 0; m < N; ++m)
+          if (m != root) others.push_back(U[m]);
+        M = at::bmm(X0, khatri_rao(others));
+      } else {
+        if (k == 0 || k == root + 1) shared = at::bmm(X0t, U[root]).view(ysizes);  // Z, then Y
+        M = shared;
+        for (int64_t m = N - 1; m >= 0; --m)
+          if (m != k && m != root) M = mode_contract(M, U[m], pos(m));
+      }
+      std::tie(U[k], weights) = solve_normalised(hadamard_grams(G, k), M, l2_reg);
+      G[k] = gram(U[k]);
+    }
+
+    // ||X - X^||^2 = ||X||^2 - 2 <X, X^> + ||X^||^2, with <X, X^> from the last mode's MTTKRP.
+    auto lam = weights.to(at::kDouble);
+    auto inner = ((M.to(at::kDouble) * U[N - 1].to(at::kDouble)).sum(1) * lam).sum(-1);
+    auto vall = hadamard_grams(G, -1).to(at::kDouble);
+    auto norm_hat2 = (at::bmm(lam.unsqueeze(1), vall).squeeze(1) * lam).sum(-1);
+    auto err = ((norm_x2 - 2 * inner + norm_hat2).clamp_min(0) / norm_x2).sqrt();
+
+    // Members whose sweep produced a non-finite error (a singular system) keep their last good
+    // iterate and stop; the error history marks them with +inf.
+    auto finite = at::isfinite(err);
+    auto step = active & finite;
+    auto failed_now = active & finite.logical_not();
+    auto s3 = step.view({-1, 1, 1});
+    for (int64_t k = 0; k < N; ++k) {
+      U[k] = at::where(s3, U[k], U_old[k]);
+      G[k] = at::where(s3, G[k], G_old[k]);
+    }
+    weights = at::where(step.view({-1, 1}), weights, w_old);
+    auto col = errors.select(1, it);
+    col.copy_(at::where(step, err, at::where(failed_now, inf, col)));
+    n_iter.add_(step.to(at::kLong));
+    if (it > 0) {
+      auto converged = (errors.select(1, it - 1) - err).abs() < tol;
+      active = step & converged.logical_not();
+    } else {
+      active = step;
+    }
+    if ((it + 1) % check_every == 0 && !active.any().item<bool>()) break;
+  }
+  return {weights, U, errors, n_iter};
+}
+
+std::vector<at::Tensor> cp_init_svd(const at::Tensor& x, int64_t rank, at::TensorList random_fill) {
+  TDCONV_CHECK_FLOAT(x, "x");
+  TORCH_CHECK(x.dim() >= 3, "tdconv::cp_init_svd: x must be [batch, I_0, ..., I_{N-1}], got shape ", x.sizes());
+  const int64_t N = x.dim() - 1;
+  TORCH_CHECK(rank >= 1, "tdconv::cp_init_svd: rank must be >= 1, got ", rank);
+  TORCH_CHECK(static_cast<int64_t>(random_fill.size()) == N, "tdconv::cp_init_svd: random_fill must hold ", N,
+              " tensors");
+  std::vector<at::Tensor> out;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t I = x.size(n + 1), r = std::min(rank, I);
+    auto u = leading_eigvecs(unfolding_gram(x, n), r);
+    if (rank > I) {
+      // More components than the mode has singular vectors: the rest start from the caller's
+      // seeded random columns (generated on the CPU, so identical on every device).
+      const auto& fill = random_fill[n];
+      TORCH_CHECK(fill.dim() == 3 && fill.size(0) == x.size(0) && fill.size(1) == I && fill.size(2) == rank - I,
+                  "tdconv::cp_init_svd: random_fill[", n, "] must have shape [", x.size(0), ", ", I, ", ",
+                  rank - I, "], got ", fill.sizes());
+      u = at::cat({u, fill.to(u.options())}, 2);
+    }
+    out.push_back(u.contiguous());
+  }
+  return out;
+}
+
+}  // namespace tdconv

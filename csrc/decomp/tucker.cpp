@@ -1,0 +1,122 @@
+// Tucker decompositions on ATen, batched over a leading dimension, on the input's device.
+//
+// Truncated HOSVD (De Lathauwer, De Moor, Vandewalle, SIAM J. Matrix Anal. Appl. 2000): the factor
+// of each decomposed mode holds the leading eigenvectors of the Gram matrix of that mode's unfolding
+// (its leading left singular vectors, at the cost of an I_n x I_n eigendecomposition instead of an
+// SVD of an I_n x prod(others) matrix). HOOI (De Lathauwer et al., SIAM J. Matrix Anal. Appl. 2000,
+// "On the best rank-(R1,...,RN) approximation"): starting from given factors, each mode's factor is
+// re-fitted to X projected on all other factors. With orthonormal factors the error is
+// sqrt(||X||^2 - ||core||^2) / ||X||, computed in float64 without rebuilding X.
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "../common/ops.h"
+
+namespace tdconv {
+namespace {
+
+void check_modes(const at::Tensor& x, at::IntArrayRef modes, const char* who) {
+  const int64_t N = x.dim() - 1;
+  TORCH_CHECK(!modes.empty(), "tdconv::", who, ": modes must not be empty");
+  std::vector<bool> seen(N, false);
+  for (auto m : modes) {
+    TORCH_CHECK(m >= 0 && m < N, "tdconv::", who, ": mode ", m, " out of range [0, ", N, ")");
+    TORCH_CHECK(!seen[m], "tdconv::", who, ": mode ", m, " repeated");
+    seen[m] = true;
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> tucker_hosvd(const at::Tensor& x, at::IntArrayRef ranks,
+                                                            at::IntArrayRef modes) {
+  TDCONV_CHECK_FLOAT(x, "x");
+  TORCH_CHECK(x.dim() >= 3 && x.numel() > 0, "tdconv::tucker_hosvd: x must be a non-empty [batch, I_0, ...], got ",
+              x.sizes());
+  check_modes(x, modes, "tucker_hosvd");
+  TORCH_CHECK(ranks.size() == modes.size(), "tdconv::tucker_hosvd: ", ranks.size(), " ranks for ", modes.size(),
+              " modes");
+  std::vector<at::Tensor> factors;
+  for (size_t i = 0; i < modes.size(); ++i) {
+    const int64_t I = x.size(modes[i] + 1);
+    TORCH_CHECK(ranks[i] >= 1 && ranks[i] <= I, "tdconv::tucker_hosvd: rank ", ranks[i], " of mode ", modes[i],
+                " must be in [1, ", I, "]");
+    factors.push_back(leading_eigvecs(unfolding_gram(x, modes[i]), ranks[i]));
+  }
+  at::Tensor core = x;
+  for (size_t i = 0; i < modes.size(); ++i) core = mode_dot_t(core, factors[i], modes[i]);
+  return {core.contiguous(), factors};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> tucker_hooi(
+    const at::Tensor& x, at::TensorList init, at::IntArrayRef modes, int64_t n_iter_max, double tol,
+    int64_t check_every) {
+  TDCONV_CHECK_FLOAT(x, "x");
+  TORCH_CHECK(x.dim() >= 3 && x.numel() > 0, "tdconv::tucker_hooi: x must be a non-empty [batch, I_0, ...], got ",
+              x.sizes());
+  check_modes(x, modes, "tucker_hooi");
+  const int64_t B = x.size(0), K = static_cast<int64_t>(modes.size());
+  TORCH_CHECK(static_cast<int64_t>(init.size()) == K, "tdconv::tucker_hooi: ", init.size(), " factors for ", K,
+              " modes");
+  std::vector<int64_t> ranks;
+  std::vector<at::Tensor> U;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t I = x.size(modes[i] + 1);
+    TORCH_CHECK(init[i].dim() == 3 && init[i].size(0) == B && init[i].size(1) == I && init[i].size(2) >= 1 &&
+                    init[i].size(2) <= I,
+                "tdconv::tucker_hooi: init[", i, "] must have shape [", B, ", ", I, ", r] with 1 <= r <= ", I,
+                ", got ", init[i].sizes());
+    TORCH_CHECK_TYPE(init[i].scalar_type() == x.scalar_type(), "tdconv::tucker_hooi: init[", i, "] has dtype ",
+                     init[i].scalar_type(), " but x has ", x.scalar_type());
+    TDCONV_CHECK_SAME_DEVICE(x, init[i], "x", "init factor");
+    ranks.push_back(init[i].size(2));
+    U.push_back(init[i].contiguous());
+  }
+  TORCH_CHECK(n_iter_max >= 1, "tdconv::tucker_hooi: n_iter_max must be >= 1, got ", n_iter_max);
+  TORCH_CHECK(tol >= 0, "tdconv::tucker_hooi: tol must be >= 0, got ", tol);
+  TORCH_CHECK(check_every >= 1, "tdconv::tucker_hooi: check_every must be >= 1, got ", check_every);
+
+  const auto dopt = x.options().dtype(at::kDouble);
+  const auto norm_x2 = x.to(at::kDouble).reshape({B, -1}).square().sum(1);
+  auto errors = at::full({B, n_iter_max}, std::numeric_limits<double>::quiet_NaN(), dopt);
+  auto active = at::ones({B}, x.options().dtype(at::kBool));
+  auto n_iter = at::zeros({B}, x.options().dtype(at::kLong));
+  at::Tensor core;
+
+  for (int64_t it = 0; it < n_iter_max; ++it) {
+    const auto U_old = U;
+    const auto core_old = core;
+    at::Tensor new_core;
+    for (int64_t i = 0; i < K; ++i) {
+      at::Tensor y = x;
+      for (int64_t j = 0; j < K; ++j)
+        if (j != i) y = mode_dot_t(y, U[j], modes[j]);
+      U[i] = leading_eigvecs(unfolding_gram(y, modes[i]), ranks[i]);
+      if (i == K - 1) new_core = mode_dot_t(y, U[i], modes[i]);
+    }
+    auto core2 = new_core.to(at::kDouble).reshape({B, -1}).square().sum(1);
+    auto err = ((norm_x2 - core2).clamp_min(0) / norm_x2).sqrt();
+    auto step = active & at::isfinite(err);
+    auto s3 = step.view({-1, 1, 1});
+    for (int64_t i = 0; i < K; ++i) U[i] = at::where(s3, U[i], U_old[i]);
+    if (core_old.defined()) {
+      std::vector<int64_t> shape(new_core.dim(), 1);
+      shape[0] = B;
+      new_core = at::where(step.view(shape), new_core, core_old);
+    }
+    core = new_core;
+    auto col = errors.select(1, it);
+    col.copy_(at::where(step, err, col));
+    n_iter.add_(step.to(at::kLong));
+    if (it > 0) {
+      active = step & ((errors.select(1, it - 1) - err).abs() < tol).logical_not();
+    } else {
+      active = step;
+    }
+    if ((it + 1) % check_every == 0 && !active.any().item<bool>()) break;
+  }
+  return {core, U, errors, n_iter};
+}
+
+}  // namespace tdconv

@@ -1,0 +1,47 @@
+// Module init and the one place where every tdconv op schema is declared. Backends only add
+// implementations (TORCH_LIBRARY_IMPL) in their own files.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common/ops.h"
+
+#ifndef TDCONV_TORCH_VERSION
+#define TDCONV_TORCH_VERSION "unknown"
+#endif
+
+extern "C" {
+// `import tdconv._C` loads this library, which registers the ops below with the dispatcher.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "tdconv compiled ops", -1, nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+#ifdef TDCONV_WITH_CUDA
+  PyModule_AddIntConstant(m, "cuda_built", 1);
+#else
+  PyModule_AddIntConstant(m, "cuda_built", 0);
+#endif
+  PyModule_AddStringConstant(m, "torch_version", TDCONV_TORCH_VERSION);
+  return m;
+}
+}
+
+TORCH_LIBRARY(tdconv, m) {
+  // Engine: CP-ALS, its SVD initialisation, Tucker HOSVD / HOOI. Every tensor carries a leading
+  // batch dimension so that many equally shaped weight tensors are decomposed in one call.
+  m.def("cp_als(Tensor x, Tensor[] init, int n_iter_max, float tol, float l2_reg, int check_every)"
+        " -> (Tensor weights, Tensor[] factors, Tensor errors, Tensor n_iter)");
+  m.def("cp_init_svd(Tensor x, int rank, Tensor[] random_fill) -> Tensor[]");
+  m.def("tucker_hosvd(Tensor x, int[] ranks, int[] modes) -> (Tensor core, Tensor[] factors)");
+  m.def("tucker_hooi(Tensor x, Tensor[] init, int[] modes, int n_iter_max, float tol, int check_every)"
+        " -> (Tensor core, Tensor[] factors, Tensor errors, Tensor n_iter)");
+  // Kernel: contract one mode of y [B, ..., R] with a factor u [B, J, R], keeping the rank index.
+  m.def("mode_contract(Tensor y, Tensor u, int dim) -> Tensor");
+}
+
+// The drivers are written on ATen and run on whatever device their input lives on.
+TORCH_LIBRARY_IMPL(tdconv, CompositeExplicitAutograd, m) {
+  m.impl("cp_als", &tdconv::cp_als);
+  m.impl("cp_init_svd", &tdconv::cp_init_svd);
+  m.impl("tucker_hosvd", &tdconv::tucker_hosvd);
+  m.impl("tucker_hooi", &tdconv::tucker_hooi);
+}

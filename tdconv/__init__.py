@@ -1,0 +1,13 @@
+"""tdconv: tensor-decomposed convolutions that are actually faster.
+
+The decomposition engine (CP-ALS, HOSVD, HOOI) runs in the compiled extension ``tdconv._C`` on the
+tensor's own device; ``import tdconv`` works without it (see ``python -m tdconv.info``).
+"""
+from ._ext import has_cuda_ext, has_ext, unavailable_reasons
+from .decompose import CPTensor, TuckerTensor, cp_als, decompose_batch, tucker_hooi, tucker_hosvd
+from .version import __version__
+
+__all__ = [
+    "CPTensor", "TuckerTensor", "cp_als", "tucker_hosvd", "tucker_hooi", "decompose_batch",
+    "has_ext", "has_cuda_ext", "unavailable_reasons", "__version__",
+]

@@ -1,0 +1,145 @@
+"""Plain-PyTorch reference implementations of every tdconv op.
+
+These are the test oracle for the compiled extension, the fallback when the extension is missing, and
+the ``reference`` baseline of the benchmarks. They favour obviousness over speed: the full Khatri-Rao
+product is materialised, systems are solved with LU (``torch.linalg.solve``), leading singular
+vectors come from ``torch.linalg.svd``, and errors are computed by rebuilding the tensor.
+All functions take a single (unbatched) tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "unfold", "khatri_rao", "cp_to_tensor", "tucker_to_tensor", "mode_dot", "fix_signs",
+    "cp_init_svd", "cp_als", "tucker_hosvd", "tucker_hooi", "mode_contract",
+]
+
+
+def unfold(x: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-``mode`` unfolding ``[I_mode, prod(other sizes)]`` (other modes in C order)."""
+    return x.movedim(mode, 0).reshape(x.shape[mode], -1)
+
+
+def khatri_rao(factors: list[torch.Tensor]) -> torch.Tensor:
+    """Column-wise Kronecker product; row index in C order of the factors' row indices."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = (out[:, None, :] * f[None, :, :]).reshape(-1, out.shape[1])
+    return out
+
+
+def cp_to_tensor(weights: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """Full tensor of ``sum_r weights[r] * factors[0][:, r] o factors[1][:, r] o ...``."""
+    shape = [f.shape[0] for f in factors]
+    full = (factors[0] * weights) @ khatri_rao(factors[1:]).T
+    return full.reshape(shape)
+
+
+def mode_dot(x: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """``x`` times ``matrix`` ([J, I_mode]) along ``mode``: that mode's size becomes J."""
+    return torch.tensordot(matrix, x.movedim(mode, 0), dims=1).movedim(0, mode)
+
+
+def tucker_to_tensor(core: torch.Tensor, factors: list[torch.Tensor], modes: list[int]) -> torch.Tensor:
+    """Full tensor of ``core x_{modes[0]} factors[0] x_{modes[1]} factors[1] ...``."""
+    out = core
+    for f, m in zip(factors, modes):
+        out = mode_dot(out, f, m)
+    return out
+
+
+def fix_signs(u: torch.Tensor) -> torch.Tensor:
+    """Make the largest-magnitude entry of every column positive (deterministic singular vectors)."""
+    idx = u.abs().argmax(0, keepdim=True)
+    s = u.gather(0, idx).sign()
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return u * s
+
+
+def _leading_left_singular_vectors(m: torch.Tensor, r: int) -> torch.Tensor:
+    u, _, _ = torch.linalg.svd(m, full_matrices=False)
+    return fix_signs(u[:, :r])
+
+
+def cp_init_svd(x: torch.Tensor, rank: int, random_fill: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Leading left singular vectors of each unfolding; columns past a mode's size from ``random_fill``."""
+    out = []
+    for n in range(x.ndim):
+        u = _leading_left_singular_vectors(unfold(x, n), min(rank, x.shape[n]))
+        if rank > x.shape[n]:
+            u = torch.cat([u, random_fill[n].to(u)], dim=1)
+        out.append(u)
+    return out
+
+
+def _normalise_columns(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lam = torch.linalg.vector_norm(u, dim=0)
+    return u / torch.where(lam > 0, lam, torch.ones_like(lam)), lam
+
+
+def cp_als(x: torch.Tensor, init: list[torch.Tensor], n_iter_max: int = 100, tol: float = 1e-7,
+           l2_reg: float = 0.0):
+    """CP-ALS (Kolda & Bader 2009) from the factors ``init``.
+
+    Returns ``(weights [R], factors, errors, n_iter)`` with the relative error after every sweep.
+    """
+    n_modes = x.ndim
+    factors = [_normalise_columns(f)[0] for f in init]
+    rank = factors[0].shape[1]
+    weights = torch.ones(rank, dtype=x.dtype, device=x.device)
+    norm_x = torch.linalg.vector_norm(x)
+    errors: list[float] = []
+    for _ in range(n_iter_max):
+        for n in range(n_modes):
+            others = [factors[m] for m in range(n_modes) if m != n]
+            v = torch.ones(rank, rank, dtype=x.dtype, device=x.device)
+            for f in others:
+                v = v * (f.T @ f)
+            v = v + l2_reg * torch.eye(rank, dtype=x.dtype, device=x.device)
+            mttkrp = unfold(x, n) @ khatri_rao(others)
+            factors[n], weights = _normalise_columns(torch.linalg.solve(v, mttkrp.T).T)
+        err = torch.linalg.vector_norm(x - cp_to_tensor(weights, factors)) / norm_x
+        errors.append(float(err))
+        if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
+            break
+    return weights, factors, errors, len(errors)
+
+
+def tucker_hosvd(x: torch.Tensor, ranks: list[int], modes: list[int]):
+    """Truncated HOSVD: leading left singular vectors of each unfolding; returns ``(core, factors)``."""
+    factors = [_leading_left_singular_vectors(unfold(x, m), r) for m, r in zip(modes, ranks)]
+    core = x
+    for f, m in zip(factors, modes):
+        core = mode_dot(core, f.T, m)
+    return core, factors
+
+
+def tucker_hooi(x: torch.Tensor, init: list[torch.Tensor], modes: list[int], n_iter_max: int = 100,
+                tol: float = 1e-7):
+    """HOOI from the factors ``init``; returns ``(core, factors, errors, n_iter)``."""
+    factors = [f.clone() for f in init]
+    norm_x = torch.linalg.vector_norm(x)
+    errors: list[float] = []
+    core = None
+    for _ in range(n_iter_max):
+        for i, m in enumerate(modes):
+            y = x
+            for j, mj in enumerate(modes):
+                if j != i:
+                    y = mode_dot(y, factors[j].T, mj)
+            factors[i] = _leading_left_singular_vectors(unfold(y, m), factors[i].shape[1])
+            if i == len(modes) - 1:
+                core = mode_dot(y, factors[i].T, m)
+        err = torch.linalg.vector_norm(x - tucker_to_tensor(core, factors, modes)) / norm_x
+        errors.append(float(err))
+        if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
+            break
+    return core, factors, errors, len(errors)
+
+
+def mode_contract(y: torch.Tensor, u: torch.Tensor, dim: int) -> torch.Tensor:
+    """``out[b, .., r] = sum_j y[b, .., j, .., r] * u[b, j, r]`` (``dim`` counts the batch dimension)."""
+    shape = [1] * y.ndim
+    shape[0], shape[dim], shape[-1] = u.shape[0], u.shape[1], u.shape[2]
+    return (y * u.reshape(shape)).sum(dim)
