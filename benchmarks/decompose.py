@@ -71,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--layers", choices=("seed", "all", "both"), default="both",
-                   help="layer set(s); --quick forces 'seed'")
+    p.add_argument("--layers", choices=("seed", "all", "both"), default=None,
+                   help="layer set(s) (default both; --quick forces seed)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of cp,hosvd,hooi")
     p.add_argument("--iters", type=int, default=None, help="CP / HOOI iterations (default 100, --quick 10)")
     p.add_argument("--tensorly-iters", type=int, default=None,
@@ -84,9 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     if args.quick:
-        if args.layers != "seed" and "--layers" in (argv if argv is not None else sys.argv[1:]):
+        if args.layers not in (None, "seed"):
             print(f"note: --quick uses the seed layers only (ignoring --layers {args.layers})")
         args.layers = "seed"
+    args.layers = args.layers or "both"
     args.iters = args.iters if args.iters is not None else (10 if args.quick else 100)
     args.tensorly_iters = (args.tensorly_iters if args.tensorly_iters is not None
                            else min(2, args.iters) if args.quick else args.iters)

@@ -20,6 +20,9 @@ def _load() -> None:
         mod = importlib.import_module("tdconv._C")
     except Exception as exc:  # ImportError, OSError (undefined symbols), anything a broken build raises
         _REASON = f"tdconv._C could not be loaded: {type(exc).__name__}: {exc}"
+        if isinstance(exc, ModuleNotFoundError):
+            _REASON += (" (was tdconv imported from a source tree that was never built? Install it with "
+                        "`pip install .`, or build in place with `python setup.py build_ext --inplace`)")
         return
     built = getattr(mod, "torch_version", "unknown")
     running = torch.__version__.split("+")[0]

@@ -231,10 +231,16 @@ def _cp_init(x: torch.Tensor, rank: int, init: str, seed, use_ext: bool) -> list
     gen = torch.Generator()
     gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     B, shape = x.shape[0], x.shape[1:]
+
+    def draw(rows: int, cols: int, scale: float = 1.0) -> torch.Tensor:
+        # The same numbers for every batch member: a batched call starts each member exactly where
+        # a single call with that seed would.
+        r = torch.randn(1, rows, cols, generator=gen, dtype=torch.float64) * scale
+        return r.to(x).expand(B, rows, cols).contiguous()
+
     if init == "random":
-        return [torch.randn(B, s, rank, generator=gen, dtype=torch.float64).to(x) for s in shape]
-    fill = [torch.randn(B, s, max(rank - s, 0), generator=gen, dtype=torch.float64).to(x) / math.sqrt(s)
-            for s in shape]
+        return [draw(s, rank) for s in shape]
+    fill = [draw(s, max(rank - s, 0), 1.0 / math.sqrt(s)) for s in shape]
     if use_ext:
         return list(torch.ops.tdconv.cp_init_svd(x, rank, fill))
     per = [_ref.cp_init_svd(x[b], rank, [f[b] for f in fill]) for b in range(B)]

@@ -82,30 +82,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> tucker_h
   auto errors = at::full({B, n_iter_max}, std::numeric_limits<double>::quiet_NaN(), dopt);
   auto active = at::ones({B}, x.options().dtype(at::kBool));
   auto n_iter = at::zeros({B}, x.options().dtype(at::kLong));
-  at::Tensor core;
-
   for (int64_t it = 0; it < n_iter_max; ++it) {
     const auto U_old = U;
-    const auto core_old = core;
-    at::Tensor new_core;
+    at::Tensor core2;
     for (int64_t i = 0; i < K; ++i) {
       at::Tensor y = x;
       for (int64_t j = 0; j < K; ++j)
         if (j != i) y = mode_dot_t(y, U[j], modes[j]);
-      U[i] = leading_eigvecs(unfolding_gram(y, modes[i]), ranks[i]);
-      if (i == K - 1) new_core = mode_dot_t(y, U[i], modes[i]);
+      auto gram = unfolding_gram(y, modes[i]);
+      U[i] = leading_eigvecs(gram, ranks[i]);
+      // ||core||^2 = trace(U^T S U) for the last mode's Gram matrix S: no core needed per sweep.
+      if (i == K - 1) core2 = (at::bmm(gram, U[i]) * U[i]).sum({1, 2}).to(at::kDouble);
     }
-    auto core2 = new_core.to(at::kDouble).reshape({B, -1}).square().sum(1);
     auto err = ((norm_x2 - core2).clamp_min(0) / norm_x2).sqrt();
     auto step = active & at::isfinite(err);
     auto s3 = step.view({-1, 1, 1});
     for (int64_t i = 0; i < K; ++i) U[i] = at::where(s3, U[i], U_old[i]);
-    if (core_old.defined()) {
-      std::vector<int64_t> shape(new_core.dim(), 1);
-      shape[0] = B;
-      new_core = at::where(step.view(shape), new_core, core_old);
-    }
-    core = new_core;
     auto col = errors.select(1, it);
     col.copy_(at::where(step, err, col));
     n_iter.add_(step.to(at::kLong));
@@ -116,6 +108,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> tucker_h
     }
     if ((it + 1) % check_every == 0 && !active.any().item<bool>()) break;
   }
+  at::Tensor core = x;
+  for (int64_t i = 0; i < K; ++i) core = mode_dot_t(core, U[i], modes[i]);
   return {core, U, errors, n_iter};
 }
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One check of everything CUDA in tdconv, for any Linux machine with an NVIDIA GPU and PyTorch (no
+# package registry needed): build the extension in place against this machine's torch, run the test
+# suite (the CUDA tests included), run compute-sanitizer on a small CUDA test where it exists, run the
+# benchmarks on the GPU, and write logs and JSON into OUT_DIR. Finishes within 8 minutes on one GPU.
+#
+#   benchmarks/gpu_check.sh OUT_DIR
+#
+# Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's architecture),
+# MAX_JOBS (parallel compile jobs). Python packages missing on the machine (e.g. tensorly) can be put
+# on PYTHONPATH beforehand.
+set -u
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+stage() {  # stage NAME TIMEOUT_S LOG CMD...
+  local name=$1 limit=$2 log=$3; shift 3
+  local t=$(date +%s)
+  timeout "$limit" "$@" > "$log" 2>&1
+  local rc=$?
+  say "$(printf '%-12s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t ))" "$(tail -n 1 "$log" | cut -c1-150)")"
+  return $rc
+}
+
+{
+  echo "== nvidia-smi"; nvidia-smi 2>&1 | head -20
+  echo "== nvcc"; (command -v nvcc && nvcc --version) 2>&1 | tail -2
+  echo "== compute-sanitizer"; command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>&1
+} > "$OUT/env.txt" 2>&1
+
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')" 2>/dev/null || echo "9.0")
+  export TORCH_CUDA_ARCH_LIST
+fi
+say "gpu_check: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1); arch $TORCH_CUDA_ARCH_LIST"
+
+rm -f tdconv/_C*.so
+stage build 300 "$OUT/build.log" env TDCONV_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace || {
+  say "build failed: see build.log"; exit 1; }
+$PY -m tdconv.info >> "$OUT/env.txt" 2>&1
+grep -E "cuda_kernels_usable|reasons_cuda" "$OUT/env.txt" | tee -a "$SUMMARY"
+
+# The whole suite: every device-parametrised test runs on CPU and CUDA here.
+stage tests 240 "$OUT/tests.log" $PY -m pytest -q -rs -p no:cacheprovider tests
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$SAN" ]; then
+  stage sanitizer 150 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -q -p no:cacheprovider tests/test_cp.py -k "mode_contract and cuda"
+else
+  say "sanitizer    skipped: compute-sanitizer not found"
+fi
+stage bench 240 "$OUT/bench.log" $PY benchmarks/decompose.py --device cuda --layers both --iters 100 \
+  --tensorly-iters 20 --json "$OUT/decompose-cuda.json"
+say "total        $(( $(date +%s) - T0 ))s"
