@@ -42,20 +42,20 @@ fi
 say "gpu_check: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1); arch $TORCH_CUDA_ARCH_LIST"
 
 rm -f tdconv/_C*.so
-stage build 300 "$OUT/build.log" env TDCONV_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace || {
+stage build 240 "$OUT/build.log" env TDCONV_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace || {
   say "build failed: see build.log"; exit 1; }
 $PY -m tdconv.info >> "$OUT/env.txt" 2>&1
 grep -E "cuda_kernels_usable|reasons_cuda" "$OUT/env.txt" | tee -a "$SUMMARY"
 
 # The whole suite: every device-parametrised test runs on CPU and CUDA here.
-stage tests 240 "$OUT/tests.log" $PY -m pytest -q -rs -p no:cacheprovider tests
+stage tests 150 "$OUT/tests.log" $PY -m pytest -q -rs -p no:cacheprovider tests
+stage bench 200 "$OUT/bench.log" $PY benchmarks/decompose.py --device cuda --layers both --iters 100 \
+  --tensorly-iters 20 --repeats 3 --json "$OUT/decompose-cuda.json"
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$SAN" ]; then
-  stage sanitizer 150 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 9 \
+  stage sanitizer 100 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -p no:cacheprovider tests/test_cp.py -k "mode_contract and cuda"
 else
   say "sanitizer    skipped: compute-sanitizer not found"
 fi
-stage bench 240 "$OUT/bench.log" $PY benchmarks/decompose.py --device cuda --layers both --iters 100 \
-  --tensorly-iters 20 --json "$OUT/decompose-cuda.json"
 say "total        $(( $(date +%s) - T0 ))s"
