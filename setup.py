@@ -113,6 +113,8 @@ def make_extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/decomp/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("TDCONV_TORCH_VERSION", f'"{torch_base_version()}"')]
+    # TDCONV_LIMITED_API=0 builds against the full Python C API instead of the stable ABI.
+    limited = os.environ.get("TDCONV_LIMITED_API", "1") != "0"
     cxx_flags = opt + ["-fdiagnostics-color=always", "-Wno-unused-parameter"]
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {sys.version.split()[0]}")
     if build_cuda:
@@ -124,12 +126,12 @@ def make_extension():
         define_macros.append(("TDCONV_WITH_CUDA", "1"))
         log(f"building CPU + CUDA: {reason}; TORCH_CUDA_ARCH_LIST={arch}")
         return cpp_extension.CUDAExtension(
-            "tdconv._C", sources, define_macros=define_macros, py_limited_api=True,
+            "tdconv._C", sources, define_macros=define_macros, py_limited_api=limited,
             extra_compile_args={"cxx": cxx_flags, "nvcc": opt + ["-lineinfo", "--expt-relaxed-constexpr"]},
         )
     log(f"building CPU only: {reason}")
     return cpp_extension.CppExtension(
-        "tdconv._C", sources, define_macros=define_macros, py_limited_api=True,
+        "tdconv._C", sources, define_macros=define_macros, py_limited_api=limited,
         extra_compile_args={"cxx": cxx_flags},
     )
 
@@ -153,6 +155,6 @@ setup(
     extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if os.environ.get("TDCONV_LIMITED_API", "1") != "0" else {},
     zip_safe=False,
 )

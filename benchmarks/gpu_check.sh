@@ -4,7 +4,7 @@
 # suite (the CUDA tests included), run compute-sanitizer on a small CUDA test where it exists, run the
 # benchmarks on the GPU, and write logs and JSON into OUT_DIR. Finishes within 8 minutes on one GPU.
 #
-#   benchmarks/gpu_check.sh OUT_DIR
+#   benchmarks/gpu_check.sh OUT_DIR [--no-bench]
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's architecture),
 # MAX_JOBS (parallel compile jobs). Python packages missing on the machine (e.g. tensorly) can be put
@@ -15,6 +15,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The extension is built in place: scripts run from benchmarks/ must find the package here.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 SUMMARY="$OUT/summary.txt"
@@ -49,7 +51,7 @@ grep -E "cuda_kernels_usable|reasons_cuda" "$OUT/env.txt" | tee -a "$SUMMARY"
 
 # The whole suite: every device-parametrised test runs on CPU and CUDA here.
 stage tests 150 "$OUT/tests.log" $PY -m pytest -q -rs -p no:cacheprovider tests
-stage bench 200 "$OUT/bench.log" $PY benchmarks/decompose.py --device cuda --layers both --iters 100 \
+[ "${2:-}" = "--no-bench" ] || stage bench 200 "$OUT/bench.log" $PY benchmarks/decompose.py --device cuda --layers both --iters 100 \
   --tensorly-iters 20 --repeats 3 --json "$OUT/decompose-cuda.json"
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$SAN" ]; then

@@ -69,27 +69,27 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
     const at::Tensor& x, at::TensorList init, int64_t n_iter_max, double tol, double l2_reg,
     int64_t check_every) {
   TDCONV_CHECK_FLOAT(x, "x");
-  TORCH_CHECK(x.dim() >= 3, "tdconv::cp_als: x must be [batch, I_0, ..., I_{N-1}] with N >= 2, got shape ",
+  TDCONV_CHECK(x.dim() >= 3, "tdconv::cp_als: x must be [batch, I_0, ..., I_{N-1}] with N >= 2, got shape ",
               x.sizes());
   const int64_t N = x.dim() - 1, B = x.size(0);
-  TORCH_CHECK(B >= 1 && x.numel() > 0, "tdconv::cp_als: x must not be empty, got shape ", x.sizes());
-  TORCH_CHECK(static_cast<int64_t>(init.size()) == N, "tdconv::cp_als: init must hold ", N,
+  TDCONV_CHECK(B >= 1 && x.numel() > 0, "tdconv::cp_als: x must not be empty, got shape ", x.sizes());
+  TDCONV_CHECK(static_cast<int64_t>(init.size()) == N, "tdconv::cp_als: init must hold ", N,
               " factors (one per mode), got ", init.size());
   const int64_t R = init[0].size(-1);
-  TORCH_CHECK(R >= 1, "tdconv::cp_als: rank must be >= 1");
+  TDCONV_CHECK(R >= 1, "tdconv::cp_als: rank must be >= 1");
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(init[n].dim() == 3 && init[n].size(0) == B && init[n].size(1) == x.size(n + 1) &&
+    TDCONV_CHECK(init[n].dim() == 3 && init[n].size(0) == B && init[n].size(1) == x.size(n + 1) &&
                     init[n].size(2) == R,
                 "tdconv::cp_als: init[", n, "] must have shape [", B, ", ", x.size(n + 1), ", ", R, "], got ",
                 init[n].sizes());
-    TORCH_CHECK_TYPE(init[n].scalar_type() == x.scalar_type(), "tdconv::cp_als: init[", n, "] has dtype ",
+    TDCONV_CHECK_TYPE(init[n].scalar_type() == x.scalar_type(), "tdconv::cp_als: init[", n, "] has dtype ",
                      init[n].scalar_type(), " but x has ", x.scalar_type());
     TDCONV_CHECK_SAME_DEVICE(x, init[n], "x", "init factor");
   }
-  TORCH_CHECK(n_iter_max >= 1, "tdconv::cp_als: n_iter_max must be >= 1, got ", n_iter_max);
-  TORCH_CHECK(tol >= 0, "tdconv::cp_als: tol must be >= 0, got ", tol);
-  TORCH_CHECK(l2_reg >= 0, "tdconv::cp_als: l2_reg must be >= 0, got ", l2_reg);
-  TORCH_CHECK(check_every >= 1, "tdconv::cp_als: check_every must be >= 1, got ", check_every);
+  TDCONV_CHECK(n_iter_max >= 1, "tdconv::cp_als: n_iter_max must be >= 1, got ", n_iter_max);
+  TDCONV_CHECK(tol >= 0, "tdconv::cp_als: tol must be >= 0, got ", tol);
+  TDCONV_CHECK(l2_reg >= 0, "tdconv::cp_als: l2_reg must be >= 0, got ", l2_reg);
+  TDCONV_CHECK(check_every >= 1, "tdconv::cp_als: check_every must be >= 1, got ", check_every);
 
   // Root of the dimension tree: the largest mode. Modes are updated in the natural order 0..N-1 (as
   // in every reference implementation); those before the root share Z = X x_root U_root (old root
@@ -197,10 +197,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
 
 std::vector<at::Tensor> cp_init_svd(const at::Tensor& x, int64_t rank, at::TensorList random_fill) {
   TDCONV_CHECK_FLOAT(x, "x");
-  TORCH_CHECK(x.dim() >= 3, "tdconv::cp_init_svd: x must be [batch, I_0, ..., I_{N-1}], got shape ", x.sizes());
+  TDCONV_CHECK(x.dim() >= 3, "tdconv::cp_init_svd: x must be [batch, I_0, ..., I_{N-1}], got shape ", x.sizes());
   const int64_t N = x.dim() - 1;
-  TORCH_CHECK(rank >= 1, "tdconv::cp_init_svd: rank must be >= 1, got ", rank);
-  TORCH_CHECK(static_cast<int64_t>(random_fill.size()) == N, "tdconv::cp_init_svd: random_fill must hold ", N,
+  TDCONV_CHECK(rank >= 1, "tdconv::cp_init_svd: rank must be >= 1, got ", rank);
+  TDCONV_CHECK(static_cast<int64_t>(random_fill.size()) == N, "tdconv::cp_init_svd: random_fill must hold ", N,
               " tensors");
   std::vector<at::Tensor> out;
   for (int64_t n = 0; n < N; ++n) {
@@ -210,7 +210,7 @@ std::vector<at::Tensor> cp_init_svd(const at::Tensor& x, int64_t rank, at::Tenso
       // More components than the mode has singular vectors: the rest start from the caller's
       // seeded random columns (generated on the CPU, so identical on every device).
       const auto& fill = random_fill[n];
-      TORCH_CHECK(fill.dim() == 3 && fill.size(0) == x.size(0) && fill.size(1) == I && fill.size(2) == rank - I,
+      TDCONV_CHECK(fill.dim() == 3 && fill.size(0) == x.size(0) && fill.size(1) == I && fill.size(2) == rank - I,
                   "tdconv::cp_init_svd: random_fill[", n, "] must have shape [", x.size(0), ", ", I, ", ",
                   rank - I, "], got ", fill.sizes());
       u = at::cat({u, fill.to(u.options())}, 2);

@@ -9,12 +9,12 @@ namespace tdconv {
 
 ContractShape check_mode_contract(const at::Tensor& y, const at::Tensor& u, int64_t dim) {
   TDCONV_CHECK_FLOAT(y, "y");
-  TORCH_CHECK_TYPE(u.scalar_type() == y.scalar_type(), "tdconv::mode_contract: u has dtype ", u.scalar_type(),
+  TDCONV_CHECK_TYPE(u.scalar_type() == y.scalar_type(), "tdconv::mode_contract: u has dtype ", u.scalar_type(),
                    " but y has ", y.scalar_type());
   TDCONV_CHECK_SAME_DEVICE(y, u, "y", "u");
-  TORCH_CHECK(y.dim() >= 3, "tdconv::mode_contract: y must be [B, d_1, ..., d_k, R] with k >= 1, got shape ",
+  TDCONV_CHECK(y.dim() >= 3, "tdconv::mode_contract: y must be [B, d_1, ..., d_k, R] with k >= 1, got shape ",
               y.sizes());
-  TORCH_CHECK(dim >= 1 && dim <= y.dim() - 2, "tdconv::mode_contract: dim must be in [1, ", y.dim() - 2,
+  TDCONV_CHECK(dim >= 1 && dim <= y.dim() - 2, "tdconv::mode_contract: dim must be in [1, ", y.dim() - 2,
               "], got ", dim);
   ContractShape s;
   s.B = y.size(0);
@@ -24,7 +24,7 @@ ContractShape check_mode_contract(const at::Tensor& y, const at::Tensor& u, int6
   for (int64_t i = 1; i < dim; ++i) s.P *= y.size(i);
   s.Q = 1;
   for (int64_t i = dim + 1; i < y.dim() - 1; ++i) s.Q *= y.size(i);
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == s.B && u.size(1) == s.J && u.size(2) == s.R,
+  TDCONV_CHECK(u.dim() == 3 && u.size(0) == s.B && u.size(1) == s.J && u.size(2) == s.R,
               "tdconv::mode_contract: u must have shape [", s.B, ", ", s.J, ", ", s.R, "], got ", u.sizes());
   for (int64_t i = 0; i < y.dim(); ++i)
     if (i != dim) s.out_sizes.push_back(y.size(i));
@@ -47,7 +47,7 @@ at::Tensor fix_signs(const at::Tensor& u) {
 
 at::Tensor leading_eigvecs(const at::Tensor& gram, int64_t rank) {
   const int64_t n = gram.size(-1);
-  TORCH_CHECK(rank >= 1 && rank <= n, "tdconv: internal: rank ", rank, " out of [1, ", n, "]");
+  TDCONV_CHECK(rank >= 1 && rank <= n, "tdconv: internal: rank ", rank, " out of [1, ", n, "]");
   auto eig = at::linalg_eigh(gram);  // ascending eigenvalues
   auto vecs = std::get<1>(eig).narrow(-1, n - rank, rank).flip(-1);
   return fix_signs(vecs).contiguous();

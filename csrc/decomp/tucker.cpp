@@ -18,11 +18,11 @@ namespace {
 
 void check_modes(const at::Tensor& x, at::IntArrayRef modes, const char* who) {
   const int64_t N = x.dim() - 1;
-  TORCH_CHECK(!modes.empty(), "tdconv::", who, ": modes must not be empty");
+  TDCONV_CHECK(!modes.empty(), "tdconv::", who, ": modes must not be empty");
   std::vector<bool> seen(N, false);
   for (auto m : modes) {
-    TORCH_CHECK(m >= 0 && m < N, "tdconv::", who, ": mode ", m, " out of range [0, ", N, ")");
-    TORCH_CHECK(!seen[m], "tdconv::", who, ": mode ", m, " repeated");
+    TDCONV_CHECK(m >= 0 && m < N, "tdconv::", who, ": mode ", m, " out of range [0, ", N, ")");
+    TDCONV_CHECK(!seen[m], "tdconv::", who, ": mode ", m, " repeated");
     seen[m] = true;
   }
 }
@@ -32,15 +32,15 @@ void check_modes(const at::Tensor& x, at::IntArrayRef modes, const char* who) {
 std::tuple<at::Tensor, std::vector<at::Tensor>> tucker_hosvd(const at::Tensor& x, at::IntArrayRef ranks,
                                                             at::IntArrayRef modes) {
   TDCONV_CHECK_FLOAT(x, "x");
-  TORCH_CHECK(x.dim() >= 3 && x.numel() > 0, "tdconv::tucker_hosvd: x must be a non-empty [batch, I_0, ...], got ",
+  TDCONV_CHECK(x.dim() >= 3 && x.numel() > 0, "tdconv::tucker_hosvd: x must be a non-empty [batch, I_0, ...], got ",
               x.sizes());
   check_modes(x, modes, "tucker_hosvd");
-  TORCH_CHECK(ranks.size() == modes.size(), "tdconv::tucker_hosvd: ", ranks.size(), " ranks for ", modes.size(),
+  TDCONV_CHECK(ranks.size() == modes.size(), "tdconv::tucker_hosvd: ", ranks.size(), " ranks for ", modes.size(),
               " modes");
   std::vector<at::Tensor> factors;
   for (size_t i = 0; i < modes.size(); ++i) {
     const int64_t I = x.size(modes[i] + 1);
-    TORCH_CHECK(ranks[i] >= 1 && ranks[i] <= I, "tdconv::tucker_hosvd: rank ", ranks[i], " of mode ", modes[i],
+    TDCONV_CHECK(ranks[i] >= 1 && ranks[i] <= I, "tdconv::tucker_hosvd: rank ", ranks[i], " of mode ", modes[i],
                 " must be in [1, ", I, "]");
     factors.push_back(leading_eigvecs(unfolding_gram(x, modes[i]), ranks[i]));
   }
@@ -53,29 +53,29 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> tucker_h
     const at::Tensor& x, at::TensorList init, at::IntArrayRef modes, int64_t n_iter_max, double tol,
     int64_t check_every) {
   TDCONV_CHECK_FLOAT(x, "x");
-  TORCH_CHECK(x.dim() >= 3 && x.numel() > 0, "tdconv::tucker_hooi: x must be a non-empty [batch, I_0, ...], got ",
+  TDCONV_CHECK(x.dim() >= 3 && x.numel() > 0, "tdconv::tucker_hooi: x must be a non-empty [batch, I_0, ...], got ",
               x.sizes());
   check_modes(x, modes, "tucker_hooi");
   const int64_t B = x.size(0), K = static_cast<int64_t>(modes.size());
-  TORCH_CHECK(static_cast<int64_t>(init.size()) == K, "tdconv::tucker_hooi: ", init.size(), " factors for ", K,
+  TDCONV_CHECK(static_cast<int64_t>(init.size()) == K, "tdconv::tucker_hooi: ", init.size(), " factors for ", K,
               " modes");
   std::vector<int64_t> ranks;
   std::vector<at::Tensor> U;
   for (int64_t i = 0; i < K; ++i) {
     const int64_t I = x.size(modes[i] + 1);
-    TORCH_CHECK(init[i].dim() == 3 && init[i].size(0) == B && init[i].size(1) == I && init[i].size(2) >= 1 &&
+    TDCONV_CHECK(init[i].dim() == 3 && init[i].size(0) == B && init[i].size(1) == I && init[i].size(2) >= 1 &&
                     init[i].size(2) <= I,
                 "tdconv::tucker_hooi: init[", i, "] must have shape [", B, ", ", I, ", r] with 1 <= r <= ", I,
                 ", got ", init[i].sizes());
-    TORCH_CHECK_TYPE(init[i].scalar_type() == x.scalar_type(), "tdconv::tucker_hooi: init[", i, "] has dtype ",
+    TDCONV_CHECK_TYPE(init[i].scalar_type() == x.scalar_type(), "tdconv::tucker_hooi: init[", i, "] has dtype ",
                      init[i].scalar_type(), " but x has ", x.scalar_type());
     TDCONV_CHECK_SAME_DEVICE(x, init[i], "x", "init factor");
     ranks.push_back(init[i].size(2));
     U.push_back(init[i].contiguous());
   }
-  TORCH_CHECK(n_iter_max >= 1, "tdconv::tucker_hooi: n_iter_max must be >= 1, got ", n_iter_max);
-  TORCH_CHECK(tol >= 0, "tdconv::tucker_hooi: tol must be >= 0, got ", tol);
-  TORCH_CHECK(check_every >= 1, "tdconv::tucker_hooi: check_every must be >= 1, got ", check_every);
+  TDCONV_CHECK(n_iter_max >= 1, "tdconv::tucker_hooi: n_iter_max must be >= 1, got ", n_iter_max);
+  TDCONV_CHECK(tol >= 0, "tdconv::tucker_hooi: tol must be >= 0, got ", tol);
+  TDCONV_CHECK(check_every >= 1, "tdconv::tucker_hooi: check_every must be >= 1, got ", check_every);
 
   const auto dopt = x.options().dtype(at::kDouble);
   const auto norm_x2 = x.to(at::kDouble).reshape({B, -1}).square().sum(1);
