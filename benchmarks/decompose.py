@@ -195,6 +195,14 @@ class Bench:
         self.N, self.K, self.repeats = args.iters, args.tensorly_iters, args.repeats
         self.use_ext = tdconv._ext.can_run(args.device)
 
+    def _tdconv_row(self, td, x, N, repeats, rank) -> dict:
+        """Time ``td(N)`` and start a row with its time and errors."""
+        row = {"rank": rank}
+        row["tdconv_s"], res = timed(lambda: td(N), self.device, repeats)
+        row["tdconv_rel_error_full"] = rel_error(x, res.to_tensor())
+        row["tdconv_internal_rel_error"] = res.rel_error
+        return row
+
     # -- one function per method: returns the measured fields of a row
     def cp(self, w, N=None, K=None, repeats=None):
         N, K, repeats = N or self.N, K or self.K, repeats or self.repeats
@@ -206,10 +214,7 @@ class Bench:
         def td(n):
             return tdconv.cp_als(x, rank, n_iter_max=n, tol=0.0, init=(ones, factors))
 
-        row = {"rank": rank}
-        row["tdconv_s"], res = timed(lambda: td(N), self.device, repeats)
-        row["tdconv_rel_error_full"] = rel_error(x, res.to_tensor())
-        row["tdconv_internal_rel_error"] = res.rel_error
+        row = self._tdconv_row(td, x, N, repeats, rank)
         if self.tlns:
             T = self.tlns
 
@@ -237,10 +242,7 @@ class Bench:
                 return tdconv.tucker_hosvd(w, ranks, modes=modes)
             K = N = 0
 
-        row = {"rank": ranks}
-        row["tdconv_s"], res = timed(lambda: td(N), self.device, repeats)
-        row["tdconv_rel_error_full"] = rel_error(w, res.to_tensor())
-        row["tdconv_internal_rel_error"] = res.rel_error
+        row = self._tdconv_row(td, w, N, repeats, ranks)
         if self.tlns:
             T = self.tlns
 
