@@ -204,8 +204,13 @@ def test_mode_contract_matches_reference(require_ext, device, shape, dim):
 
 def test_mode_contract_bad_input(require_ext):
     y = torch.randn(2, 4, 5, 3)
-    with pytest.raises(RuntimeError, match="u must have shape"):
+    # Messages are assembled without std::ostream (see csrc/common/ops.h): check the formatting too.
+    with pytest.raises(RuntimeError, match=r"u must have shape \[2, 4, 3\], got \[2, 3, 3\]"):
         torch.ops.tdconv.mode_contract(y, torch.randn(2, 3, 3), 1)
+    with pytest.raises(RuntimeError, match=r"tol must be >= 0, got -1\.0"):
+        torch.ops.tdconv.cp_als(y, [torch.randn(2, s, 2) for s in y.shape[1:]], 5, -1.0, 0.0, 1)
+    with pytest.raises(TypeError, match="init\\[0\\] has dtype Double but x has Float"):
+        torch.ops.tdconv.cp_als(y, [torch.randn(2, s, 2, dtype=torch.float64) for s in y.shape[1:]], 5, 0.0, 0.0, 1)
     with pytest.raises(RuntimeError, match="dim must be in"):
         torch.ops.tdconv.mode_contract(y, torch.randn(2, 4, 3), 3)
     with pytest.raises(TypeError, match="float32 or float64"):
