@@ -27,3 +27,11 @@ def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "tdconv.info"], capture_output=True, text=True, check=True).stdout
     for key in ("torch", "python", "extension_loaded", "cuda_kernels_built", "cuda_available", "reasons_cuda_unavailable"):
         assert key in out
+
+
+def test_docstring_examples_run(require_ext):
+    import doctest
+
+    import tdconv.decompose
+    result = doctest.testmod(tdconv.decompose, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4 and result.failed == 0
