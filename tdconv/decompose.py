@@ -7,8 +7,10 @@ bfloat16 tensors in float32 (the results are float32).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -447,7 +449,8 @@ def tucker_hooi(tensor: torch.Tensor, ranks, *, modes=None, n_iter_max: int = 10
 
 
 # ---------------------------------------------------------------------------------------------- batches
-def decompose_batch(tensors: Sequence[torch.Tensor], method: str, rank, **options) -> list:
+def decompose_batch(tensors: Sequence[torch.Tensor], method: str, rank, *, parallel: bool | None = None,
+                    **options) -> list:
     """Decompose many tensors (e.g. every conv kernel of a network) with as few extension calls as possible.
 
     Tensors of equal shape, dtype, device and rank are stacked and decomposed by one batched call,
@@ -461,6 +464,10 @@ def decompose_batch(tensors: Sequence[torch.Tensor], method: str, rank, **option
         :func:`cp_als`, :func:`tucker_hosvd` or :func:`tucker_hooi`.
     rank : int, pair, or a list with one entry per tensor
         The rank (CP) or ranks (Tucker) of every tensor, or one such value per tensor.
+    parallel : bool, optional
+        Decompose the shape groups concurrently (one host thread, and on a GPU one CUDA stream, per
+        group). Default: on when the tensors are on a GPU and form several groups. Results do not
+        depend on it.
     **options
         Keyword arguments of the single-tensor function (``n_iter_max``, ``tol``, ``init``,
         ``l2_reg``, ``seed`` for CP; ``modes``, ``n_iter_max``, ``tol`` for Tucker).
@@ -505,18 +512,47 @@ def decompose_batch(tensors: Sequence[torch.Tensor], method: str, rank, **option
     groups: dict = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)
-    results: list = [None] * n
-    for key, idx in groups.items():
-        x = torch.stack([xs[i] for i in idx])
+    n_iter_max = _check_int(options.get("n_iter_max", 100), "n_iter_max")
+    tol = _check_float(options.get("tol", 1e-7), "tol")
+
+    def job(key, x):
         if method == "cp":
-            out = _cp_als_group(x, key[3], _check_int(options.get("n_iter_max", 100), "n_iter_max"),
-                                _check_float(options.get("tol", 1e-7), "tol"), options.get("init", "svd"),
-                                _check_float(options.get("l2_reg", 0.0), "l2_reg"), options.get("seed"))
-        else:
-            ranks, modes = key[3]
-            out = _tucker_group(x, ranks, modes, method == "hooi",
-                                _check_int(options.get("n_iter_max", 100), "n_iter_max"),
-                                _check_float(options.get("tol", 1e-7), "tol"))
+            return lambda: _cp_als_group(x, key[3], n_iter_max, tol, options.get("init", "svd"),
+                                         _check_float(options.get("l2_reg", 0.0), "l2_reg"), options.get("seed"))
+        ranks, modes = key[3]
+        return lambda: _tucker_group(x, ranks, modes, method == "hooi", n_iter_max, tol)
+
+    jobs = [(key[2], job(key, torch.stack([xs[i] for i in idx]))) for key, idx in groups.items()]
+    if parallel is None:
+        parallel = len(jobs) > 1 and all(dev.type == "cuda" for dev, _ in jobs)
+    results: list = [None] * n
+    for idx, out in zip(groups.values(), _run_jobs(jobs, parallel)):
         for i, res in zip(idx, out):
             results[i] = res
     return results
+
+
+def _run_jobs(jobs: list, parallel: bool) -> list:
+    """Run the per-group decompositions, one after the other or concurrently.
+
+    Concurrently, every group gets a host thread (the ops release the GIL) and, on a GPU, its own
+    CUDA stream: a sweep on a small layer is a sequence of small launches whose host-side cost
+    dominates, so issuing the groups' launches from several threads keeps the GPU busy.
+    """
+    if not parallel or len(jobs) < 2:
+        return [j() for _, j in jobs]
+
+    def run(dev: torch.device, j):
+        if dev.type != "cuda":
+            return j()
+        with torch.cuda.device(dev):
+            main = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(main)  # the stacked inputs were written on the caller's stream
+            with torch.cuda.stream(side):
+                out = j()
+            side.synchronize()
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda dj: run(*dj), jobs))

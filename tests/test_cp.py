@@ -128,6 +128,22 @@ def test_batched_equals_single(require_ext, device):
         assert abs(got.rel_error - single.rel_error) < 1e-9
 
 
+def test_parallel_groups_equal_sequential(require_ext, device):
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in [(16, 12, 9), (8, 12, 9), (16, 12, 9), (20, 6, 4)]]
+    ranks = [10, 4, 10, 5]
+    seq = tdconv.decompose_batch(xs, "cp", ranks, n_iter_max=30, seed=0, parallel=False)
+    par = tdconv.decompose_batch(xs, "cp", ranks, n_iter_max=30, seed=0, parallel=True)
+    for a, b in zip(seq, par):
+        assert a.n_iter == b.n_iter
+        torch.testing.assert_close(a.weights, b.weights, atol=1e-12, rtol=1e-12)
+    for method in ("hosvd", "hooi"):
+        seq = tdconv.decompose_batch(xs, method, [(4, 3)] * 4, modes=(0, 1), parallel=False)
+        par = tdconv.decompose_batch(xs, method, [(4, 3)] * 4, modes=(0, 1), parallel=True)
+        for a, b in zip(seq, par):
+            torch.testing.assert_close(a.core, b.core, atol=1e-12, rtol=1e-12)
+
+
 def test_layouts_and_half_precision(require_ext, device):
     w = torch.randn(16, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
     base = tdconv.cp_als(w, 6, n_iter_max=15, seed=0)
