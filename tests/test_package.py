@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import tdconv
@@ -35,3 +36,20 @@ def test_docstring_examples_run(require_ext):
     import tdconv.decompose
     result = doctest.testmod(tdconv.decompose, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_reference_fallback_when_extension_unavailable(monkeypatch):
+    # Without the compiled ops the engine falls back to tdconv.reference, says so, and gives the
+    # same answers.
+    from tdconv import _ext
+    x = torch.randn(10, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = [tdconv.cp_als(x, 4, n_iter_max=15, seed=0), tdconv.tucker_hooi(x, (4, 3), modes=(0, 1))]
+    monkeypatch.setattr(_ext, "unavailable_reasons", lambda device=None: ["simulated: no extension"])
+    with pytest.warns(RuntimeWarning, match="simulated: no extension"):
+        cp = tdconv.cp_als(x, 4, n_iter_max=15, seed=0)
+    with pytest.warns(RuntimeWarning):
+        tk = tdconv.tucker_hooi(x, (4, 3), modes=(0, 1))
+    if tdconv.has_ext():
+        assert cp.n_iter == expected[0].n_iter
+        torch.testing.assert_close(cp.weights, expected[0].weights, atol=1e-8, rtol=1e-8)
+        torch.testing.assert_close(tk.core, expected[1].core, atol=1e-8, rtol=1e-8)
