@@ -36,29 +36,30 @@ at::Tensor khatri_rao(const std::vector<at::Tensor>& fs) {
   return k;
 }
 
+// Hadamard product of all Gram matrices but grams[skip]; always a new tensor.
 at::Tensor hadamard_grams(const std::vector<at::Tensor>& grams, int64_t skip) {
   at::Tensor v;
   for (int64_t i = 0; i < static_cast<int64_t>(grams.size()); ++i) {
     if (i == skip) continue;
     v = v.defined() ? v * grams[i] : grams[i];
   }
-  return v;
+  return v.is_same(grams[skip == 0 ? 1 : 0]) ? v.clone() : v;
 }
 
 // Solve U V = M (V [B, R, R] symmetric positive semi-definite, M [B, I, R]) by Cholesky on
 // V + (l2_reg + 10 eps max diag V) I: the ridge, plus a jitter of a few ulps so that a V that is
 // semi-definite only up to rounding still factors. Returns U with unit columns and their norms.
-std::pair<at::Tensor, at::Tensor> solve_normalised(const at::Tensor& v, const at::Tensor& m, double l2_reg) {
-  const int64_t R = v.size(-1);
+std::pair<at::Tensor, at::Tensor> solve_normalised(at::Tensor v, const at::Tensor& m, double l2_reg) {
   const double eps = v.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                      : std::numeric_limits<float>::epsilon();
-  auto shift = v.diagonal(0, -2, -1).amax(-1) * (10.0 * eps) + l2_reg;  // [B]
-  auto vr = v + shift.view({-1, 1, 1}) * at::eye(R, v.options());
-  auto chol = at::linalg_cholesky_ex(vr);
+  auto diag = v.diagonal(0, -2, -1);                         // v is a fresh tensor: shift it in place
+  diag.add_((diag.amax(-1, true) * (10.0 * eps)).add_(l2_reg));
+  auto chol = at::linalg_cholesky_ex(v);
   auto u = at::cholesky_solve(m.transpose(1, 2), std::get<0>(chol)).transpose(1, 2);
   auto lam = at::linalg_vector_norm(u, 2, {1}, false, c10::nullopt);  // [B, R]
-  auto safe = at::where(lam > 0, lam, at::ones_like(lam));
-  return {(u / safe.unsqueeze(1)).contiguous(), lam};
+  // A zero column stays zero (0 / tiny); its weight is 0.
+  auto scale = lam.clamp_min(std::numeric_limits<float>::min()).unsqueeze(1);
+  return {(u / scale).contiguous(), lam};
 }
 
 at::Tensor gram(const at::Tensor& u) { return at::bmm(u.transpose(1, 2), u); }
@@ -169,12 +170,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
     auto finite = at::isfinite(err);
     auto step = active & finite;
     auto failed_now = active & finite.logical_not();
-    auto s3 = step.view({-1, 1, 1});
-    for (int64_t k = 0; k < N; ++k) {
-      U[k] = at::where(s3, U[k], U_old[k]);
-      G[k] = at::where(s3, G[k], G_old[k]);
+    // Where the stop flag is read every sweep anyway (check_every == 1, the CPU), reading this one
+    // too saves the freezing launches in the common case where every member stepped.
+    if (check_every != 1 || !step.all().item<bool>()) {
+      auto s3 = step.view({-1, 1, 1});
+      for (int64_t k = 0; k < N; ++k) {
+        U[k] = at::where(s3, U[k], U_old[k]);
+        G[k] = at::where(s3, G[k], G_old[k]);
+      }
+      weights = at::where(step.view({-1, 1}), weights, w_old);
     }
-    weights = at::where(step.view({-1, 1}), weights, w_old);
     auto col = errors.select(1, it);
     col.copy_(at::where(step, err, at::where(failed_now, inf, col)));
     n_iter.add_(step.to(at::kLong));
