@@ -34,8 +34,10 @@ def test_docstring_examples_run(require_ext):
     import doctest
 
     import tdconv.decompose
-    result = doctest.testmod(tdconv.decompose, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 4 and result.failed == 0
+    import tdconv.nn
+    for module in (tdconv.decompose, tdconv.nn):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted >= 3 and result.failed == 0, module.__name__
 
 
 def test_reference_fallback_when_extension_unavailable(monkeypatch):

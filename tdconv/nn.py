@@ -1,0 +1,290 @@
+"""``FactorizedConv2d``: a convolution whose kernel is kept in CP or Tucker-2 form.
+
+For a kernel ``W[C_out, C_in, kh, kw]`` (Lebedev et al., ICLR 2015; Kim et al., ICLR 2016):
+
+- ``method="cp"``: CP of the order-3 kernel ``[C_out, C_in, kh*kw]`` at rank R: 1x1 conv C_in->R,
+  depthwise kh x kw conv on R channels (the original stride / padding / dilation), 1x1 conv R->C_out.
+- ``method="cp4"``: CP of the order-4 kernel: 1x1 conv, depthwise kh x 1, depthwise 1 x kw, 1x1 conv.
+- ``method="tucker"``: Tucker-2 on the channel modes at ranks (R_out, R_in): 1x1 conv C_in->R_in,
+  kh x kw core conv R_in->R_out, 1x1 conv R_out->C_out.
+
+The forward pass here is the unfused chain of convolutions (``implementation="unfused"``); the fused
+single-pass kernels are not part of this release, and asking for them raises with that reason.
+Grouped convolutions are refused (``groups`` must be 1): a per-group decomposition changes the
+layer's structure and is left to a later release.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .decompose import cp_als, tucker_hooi
+
+__all__ = ["FactorizedConv2d", "resolve_rank"]
+
+METHODS = ("cp", "cp4", "tucker")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+IMPLEMENTATIONS = ("auto", "fused", "unfused")
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _pair_of(value, name: str, minimum: int) -> tuple:
+    pair = _pair(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum
+                             for v in pair):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return tuple(int(v) for v in pair)
+
+
+def resolve_rank(rank, method: str, out_channels: int, in_channels: int):
+    """The rank(s) a ``rank`` argument means for a conv with these channel counts.
+
+    ``rank`` is an int (CP) or a pair ``(R_out, R_in)`` (Tucker), or a float in (0, 1]: that
+    fraction of the channels (CP: of ``out_channels``; Tucker: of each channel mode), at least 1.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(rank, float):
+        if not 0.0 < rank <= 1.0:
+            raise ValueError(f"rank as a fraction of the channels must be in (0, 1], got {rank}")
+        if method == "tucker":
+            return (max(1, int(rank * out_channels)), max(1, int(rank * in_channels)))
+        return max(1, int(rank * out_channels))
+    if method == "tucker":
+        if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+            rank = (rank, rank)
+        try:
+            r_out, r_in = rank
+        except (TypeError, ValueError):
+            raise ValueError(f"rank for method='tucker' must be an int, a pair (R_out, R_in) or a fraction, "
+                             f"got {rank!r}") from None
+        r_out, r_in = _positive_int(r_out, "rank (R_out)"), _positive_int(r_in, "rank (R_in)")
+        if r_out > out_channels or r_in > in_channels:
+            raise ValueError(f"rank {(r_out, r_in)} out of range: Tucker ranks must be at most "
+                             f"(out_channels, in_channels) = {(out_channels, in_channels)}")
+        return (r_out, r_in)
+    return _positive_int(rank, "rank")
+
+
+class FactorizedConv2d(nn.Module):
+    """A 2-D convolution with a CP or Tucker-2 factorised kernel; the semantics of ``nn.Conv2d``.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, dilation : int or (int, int)
+    padding : int, (int, int), "same" or "valid"
+    bias : bool
+    method : {"cp", "cp4", "tucker"}
+    rank : int, (int, int) or float
+        CP rank R, Tucker ranks (R_out, R_in), or a fraction of the channels (default 0.5).
+    padding_mode : {"zeros", "reflect", "replicate", "circular"}
+    implementation : {"auto", "fused", "unfused"}
+        ``"auto"`` runs the fastest implementation that can run the input (today: the unfused chain);
+        ``"fused"`` raises with the reasons it cannot run.
+
+    Attributes (``nn.Parameter``)
+    -----------------------------
+    first : [R or R_in, C_in, 1, 1]      1x1 conv into the factor space
+    spatial : cp [R, 1, kh, kw]; cp4 ([R, 1, kh, 1], [R, 1, 1, kw]) as ``spatial`` and ``spatial_w``;
+              tucker: the core [R_out, R_in, kh, kw]
+    last : [C_out, R or R_out, 1, 1]     1x1 conv back to the output channels
+    bias : [C_out] or None
+
+    Examples
+    --------
+    >>> import torch, tdconv
+    >>> conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    >>> f = tdconv.FactorizedConv2d.from_conv(conv, method="tucker", rank=0.5)
+    >>> f
+    FactorizedConv2d(64, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), method=tucker, rank=(32, 32))
+    >>> f(torch.randn(2, 64, 8, 8)).shape
+    torch.Size([2, 64, 8, 8])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *,
+                 method="cp", rank=0.5, padding_mode="zeros", implementation="auto", device=None, dtype=None):
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.kernel_size = _pair_of(kernel_size, "kernel_size", 1)
+        self.stride = _pair_of(stride, "stride", 1)
+        self.dilation = _pair_of(dilation, "dilation", 1)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d)")
+            self.padding = padding
+        else:
+            self.padding = _pair_of(padding, "padding", 0)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        if implementation == "fused":
+            raise ValueError("implementation='fused' cannot run: " + "; ".join(self.fused_unsupported_reasons()))
+        self.implementation = implementation
+        self.method = method
+        self.rank = resolve_rank(rank, method, self.out_channels, self.in_channels)
+        kw = {"device": device, "dtype": dtype}
+        kh, kwd = self.kernel_size
+        r_mid, r_in = (self.rank if method == "tucker" else (self.rank, self.rank))
+        self.first = nn.Parameter(torch.empty(r_in, self.in_channels, 1, 1, **kw))
+        if method == "cp":
+            self.spatial = nn.Parameter(torch.empty(self.rank, 1, kh, kwd, **kw))
+        elif method == "cp4":
+            self.spatial = nn.Parameter(torch.empty(self.rank, 1, kh, 1, **kw))
+            self.spatial_w = nn.Parameter(torch.empty(self.rank, 1, 1, kwd, **kw))
+        else:
+            self.spatial = nn.Parameter(torch.empty(r_mid, r_in, kh, kwd, **kw))
+        self.last = nn.Parameter(torch.empty(self.out_channels, r_mid, 1, 1, **kw))
+        self.bias = nn.Parameter(torch.empty(self.out_channels, **kw)) if bias else None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """Random factors whose product has the variance of ``nn.Conv2d``'s default kernel init."""
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        target = 1.0 / (3.0 * fan_in)  # variance of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        with torch.no_grad():
+            factors = [self.first, self.spatial, self.last] + ([self.spatial_w] if self.method == "cp4" else [])
+            # A kernel entry sums `terms` products of one entry of each factor.
+            terms = self.rank if self.method != "tucker" else self.rank[0] * self.rank[1]
+            std = (target / terms) ** (1.0 / (2 * len(factors)))
+            for f in factors:
+                f.normal_(0.0, std)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                self.bias.uniform_(-bound, bound)
+
+    # ------------------------------------------------------------------------------------------ conversions
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, method: str = "cp", rank=0.5, *, implementation: str = "auto",
+                  **decomposition_options) -> "FactorizedConv2d":
+        """Decompose ``conv``'s kernel with the engine (no gradient tracking) and keep its bias.
+
+        ``decomposition_options`` go to :func:`tdconv.cp_als` (cp, cp4) or :func:`tdconv.tucker_hooi`
+        (tucker). The same defaults as the constructor. Each CP component's norm is spread equally
+        over its factors (the function is unchanged; SGD on such factors is well conditioned).
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"grouped convolutions are not supported (conv.groups={conv.groups}); "
+                             "only groups=1 convolutions can be factorised")
+        w = conv.weight.detach()
+        c_out, c_in, kh, kw = w.shape
+        layer = cls(c_in, c_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.bias is not None, method=method, rank=rank, padding_mode=conv.padding_mode,
+                    implementation=implementation, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            if method in ("cp", "cp4"):
+                x = w.reshape(c_out, c_in, kh * kw) if method == "cp" else w
+                cp = cp_als(x, layer.rank, **decomposition_options)
+                # The weights are column norms (>= 0): each factor takes weights ** (1 / n_factors).
+                scale = cp.weights ** (1.0 / len(cp.factors))
+                a, b, *spatial = [f * scale for f in cp.factors]
+                layer.last.copy_(a.reshape(c_out, -1, 1, 1))
+                layer.first.copy_(b.t().reshape(-1, c_in, 1, 1))
+                if method == "cp":
+                    layer.spatial.copy_(spatial[0].t().reshape(-1, 1, kh, kw))
+                else:
+                    layer.spatial.copy_(spatial[0].t().reshape(-1, 1, kh, 1))
+                    layer.spatial_w.copy_(spatial[1].t().reshape(-1, 1, 1, kw))
+            else:
+                t = tucker_hooi(w, layer.rank, modes=(0, 1), **decomposition_options)
+                u_out, u_in = t.factors
+                layer.last.copy_(u_out.reshape(c_out, -1, 1, 1))
+                layer.first.copy_(u_in.t().reshape(-1, c_in, 1, 1))
+                layer.spatial.copy_(t.core)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach())
+        return layer
+
+    def kernel(self) -> torch.Tensor:
+        """The dense kernel ``[C_out, C_in, kh, kw]`` this layer computes with."""
+        first = self.first.flatten(1)  # [R_in, C_in]
+        last = self.last.flatten(1)    # [C_out, R_out]
+        if self.method == "tucker":
+            return torch.einsum("or,rshw,si->oihw", last, self.spatial, first)
+        spatial = self.spatial[:, 0]  # [R, kh, kw] or [R, kh, 1]
+        if self.method == "cp4":
+            spatial = spatial * self.spatial_w[:, 0]  # [R, kh, 1] * [R, 1, kw]
+        return torch.einsum("or,rhw,ri->oihw", last, spatial, first)
+
+    def to_conv(self) -> nn.Conv2d:
+        """The equivalent dense ``nn.Conv2d`` (same arguments, the reconstructed kernel, the bias)."""
+        w = self.first
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
+                         device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.kernel())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    # ------------------------------------------------------------------------------------------ forward
+    def fused_unsupported_reasons(self, x: torch.Tensor | None = None) -> list:
+        """Why the fused kernel cannot run this layer (on ``x``)."""
+        return ["tdconv has no fused factorized-conv kernel yet (this release computes the unfused chain)"]
+
+    def _spatial_padding(self):
+        """(padding for F.conv2d, explicit F.pad tuple or None) of the spatial conv."""
+        if self.padding == "valid":
+            return (0, 0), None
+        if self.padding == "same":
+            pads = []
+            for k, d in zip(self.kernel_size[::-1], self.dilation[::-1]):  # F.pad order: last dim first
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return (0, 0), tuple(pads)
+        if self.padding_mode == "zeros":
+            return self.padding, None
+        ph, pw = self.padding
+        return (0, 0), (pw, pw, ph, ph)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"FactorizedConv2d expects a 4-D input [N, C, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"FactorizedConv2d expects {self.in_channels} input channels, got {x.shape[1]} "
+                             f"(input shape {tuple(x.shape)})")
+        y = F.conv2d(x, self.first)
+        padding, pad = self._spatial_padding()
+        if pad is not None:
+            y = F.pad(y, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        if self.method == "tucker":
+            y = F.conv2d(y, self.spatial, None, self.stride, padding, self.dilation)
+        elif self.method == "cp":
+            y = F.conv2d(y, self.spatial, None, self.stride, padding, self.dilation, groups=self.rank)
+        else:
+            sh, sw = self.stride
+            dh, dw = self.dilation
+            y = F.conv2d(y, self.spatial, None, (sh, 1), (padding[0], 0), (dh, 1), groups=self.rank)
+            y = F.conv2d(y, self.spatial_w, None, (1, sw), (0, padding[1]), (1, dw), groups=self.rank)
+        return F.conv2d(y, self.last, self.bias)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+             f", padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", method={self.method}, rank={self.rank}"

@@ -1,0 +1,155 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import tdconv
+from tdconv import reference as ref
+
+from conftest import planted_cp
+
+
+def _conv(cin, cout, k, dtype=torch.float64, device="cpu", **kw):
+    torch.manual_seed(0)
+    return nn.Conv2d(cin, cout, k, **kw).to(device=device, dtype=dtype)
+
+
+def test_planted_cp_kernel_is_exact(require_ext, device):
+    conv = _conv(12, 16, 3, device=device, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(planted_cp((16, 12, 9), 5, device=device).reshape(16, 12, 3, 3))
+    f = tdconv.FactorizedConv2d.from_conv(conv, "cp", 5, init="random", seed=0, n_iter_max=2000, tol=1e-14)
+    x = torch.randn(2, 12, 7, 9, dtype=torch.float64, device=device)
+    torch.testing.assert_close(f(x), conv(x), atol=1e-6, rtol=1e-6)
+
+
+def test_planted_cp4_kernel_is_exact(require_ext, device):
+    conv = _conv(10, 8, (3, 5), device=device, padding=(1, 2))
+    with torch.no_grad():
+        conv.weight.copy_(planted_cp((8, 10, 3, 5), 4, device=device))
+    f = tdconv.FactorizedConv2d.from_conv(conv, "cp4", 4, init="random", seed=0, n_iter_max=2000, tol=1e-14)
+    x = torch.randn(2, 10, 7, 9, dtype=torch.float64, device=device)
+    torch.testing.assert_close(f(x), conv(x), atol=1e-6, rtol=1e-6)
+
+
+def test_tucker_full_rank_is_exact(require_ext, device):
+    conv = _conv(6, 9, 3, device=device, stride=2, padding=1)
+    f = tdconv.FactorizedConv2d.from_conv(conv, "tucker", (9, 6))
+    x = torch.randn(3, 6, 11, 8, dtype=torch.float64, device=device)
+    torch.testing.assert_close(f(x), conv(x), atol=1e-10, rtol=1e-10)
+
+
+CONFIGS = [
+    dict(kernel_size=k, stride=s, padding=p, dilation=d, bias=b)
+    for k, s, p, d, b in itertools.product([1, 3, 5, (3, 1)], [1, 2], [0, 1, 2, "same", "valid"], [1, 2],
+                                           [True, False])
+    if not (p == "same" and s != 1)
+]
+
+
+@pytest.mark.parametrize("method", ["cp", "cp4", "tucker"])
+def test_layer_equals_its_dense_conv(method):
+    # The factorised forward computes exactly the conv with its reconstructed kernel, for every
+    # nn.Conv2d argument combination.
+    g = torch.Generator().manual_seed(0)
+    for cfg in CONFIGS:
+        f = tdconv.FactorizedConv2d(5, 7, method=method, rank=3 if method != "tucker" else (4, 3),
+                                    dtype=torch.float64, **cfg)
+        dense = f.to_conv()
+        for batch in (0, 1, 3):
+            x = torch.randn(batch, 5, 13, 11, dtype=torch.float64, generator=g)
+            torch.testing.assert_close(f(x), dense(x), atol=1e-12, rtol=1e-10, msg=f"{method} {cfg} batch {batch}")
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("method", ["cp", "tucker"])
+def test_padding_modes(method, padding_mode):
+    f = tdconv.FactorizedConv2d(4, 6, 3, stride=2, padding=(1, 2), method=method, rank=0.5,
+                                padding_mode=padding_mode, dtype=torch.float64)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    torch.testing.assert_close(f(x), f.to_conv()(x), atol=1e-12, rtol=1e-10)
+
+
+def test_layouts(device):
+    f = tdconv.FactorizedConv2d(8, 8, 7, padding=3, method="cp", rank=4, dtype=torch.float64, device=device)
+    x = torch.randn(2, 8, 11, 13, dtype=torch.float64, device=device)
+    y = f(x)
+    torch.testing.assert_close(f(x.to(memory_format=torch.channels_last)), y)
+    torch.testing.assert_close(f(x.transpose(2, 3).contiguous().transpose(2, 3)), y)
+
+
+def test_from_conv_keeps_bias_and_arguments(require_ext):
+    conv = _conv(16, 32, 3, stride=2, padding=1, dilation=1)
+    f = tdconv.FactorizedConv2d.from_conv(conv, method="cp", rank=0.5, seed=0)
+    assert f.rank == 16 and f.stride == (2, 2) and f.padding == (1, 1)
+    torch.testing.assert_close(f.bias, conv.bias)
+    assert "method=cp, rank=16" in repr(f)
+    t = tdconv.FactorizedConv2d.from_conv(_conv(128, 64, 3), method="tucker", rank=0.5)
+    assert t.rank == (32, 64)
+    # The balanced CP factors: each component's three factors have equal norms.
+    norms = [f.last.flatten(1).norm(dim=0), f.first.flatten(1).norm(dim=1), f.spatial.flatten(1).norm(dim=1)]
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(norms[0], norms[2], rtol=1e-6, atol=1e-9)
+
+
+def test_approximation_error_matches_engine(require_ext):
+    conv = _conv(32, 32, 3)
+    f = tdconv.FactorizedConv2d.from_conv(conv, method="cp", rank=16, seed=0, n_iter_max=50)
+    cp = tdconv.cp_als(conv.weight.detach().reshape(32, 32, 9), 16, seed=0, n_iter_max=50)
+    err = float((f.kernel() - conv.weight).detach().norm() / conv.weight.detach().norm())
+    assert abs(err - cp.rel_error) < 1e-9
+
+
+def test_training_and_state_dict_round_trip(tmp_path):
+    f = tdconv.FactorizedConv2d(4, 6, 3, padding=1, method="cp4", rank=3)
+    x = torch.randn(2, 4, 5, 5)
+    f(x).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in f.parameters())
+    torch.save(f.state_dict(), tmp_path / "f.pt")
+    g = tdconv.FactorizedConv2d(4, 6, 3, padding=1, method="cp4", rank=3)
+    g.load_state_dict(torch.load(tmp_path / "f.pt", weights_only=True))
+    torch.testing.assert_close(g(x), f(x))
+
+
+def test_gradcheck():
+    f = tdconv.FactorizedConv2d(3, 4, 3, stride=2, padding=1, method="tucker", rank=(2, 2), dtype=torch.float64)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: torch.func.functional_call(
+        f, dict(zip([n for n, _ in f.named_parameters()], p)), (x,)), (x, *f.parameters()))
+
+
+def test_init_variance_like_conv2d():
+    torch.manual_seed(0)
+    f = tdconv.FactorizedConv2d(64, 64, 3, method="cp", rank=32)
+    ratio = f.kernel().var().item() / nn.Conv2d(64, 64, 3).weight.var().item()
+    assert 0.5 < ratio < 2.0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="svd"), "method must be one of"),
+    (dict(rank=0), "rank must be a positive integer"),
+    (dict(rank=1.5), r"fraction of the channels must be in \(0, 1\]"),
+    (dict(method="tucker", rank=(9, 2)), "out of range"),
+    (dict(padding="full"), "padding must be"),
+    (dict(padding="same", stride=2), "not supported for strided"),
+    (dict(padding_mode="mirror"), "padding_mode must be one of"),
+    (dict(implementation="fused"), "cannot run: tdconv has no fused"),
+    (dict(implementation="magic"), "implementation must be one of"),
+    (dict(stride=0), "stride must be"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tdconv.FactorizedConv2d(4, 6, 3, **kwargs)
+
+
+def test_bad_inputs():
+    f = tdconv.FactorizedConv2d(4, 6, 3)
+    with pytest.raises(ValueError, match="expects 4 input channels, got 5"):
+        f(torch.randn(1, 5, 8, 8))
+    with pytest.raises(ValueError, match="4-D input"):
+        f(torch.randn(4, 8, 8))
+    with pytest.raises(ValueError, match="grouped convolutions are not supported"):
+        tdconv.FactorizedConv2d.from_conv(nn.Conv2d(4, 8, 3, groups=2))
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        tdconv.FactorizedConv2d.from_conv(nn.Linear(3, 4))
