@@ -111,7 +111,8 @@ def make_extension():
     build_cuda, root, reason = decide_cuda()
     debug = os.environ.get("TDCONV_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/decomp/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/decomp/*.cpp")
+                     + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("TDCONV_TORCH_VERSION", f'"{torch_base_version()}"')]
     # TDCONV_LIMITED_API=0 builds against the full Python C API instead of the stable ABI.
     limited = os.environ.get("TDCONV_LIMITED_API", "1") != "0"

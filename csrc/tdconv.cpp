@@ -36,6 +36,9 @@ TORCH_LIBRARY(tdconv, m) {
         " -> (Tensor core, Tensor[] factors, Tensor errors, Tensor n_iter)");
   // Kernel: contract one mode of y [B, ..., R] with a factor u [B, J, R], keeping the rank index.
   m.def("mode_contract(Tensor y, Tensor u, int dim) -> Tensor");
+  // Factorised convolution (CP: 1x1 -> depthwise kh x kw -> 1x1 + bias) in one op; zero padding.
+  m.def("cp_conv2d(Tensor x, Tensor first, Tensor spatial, Tensor last, Tensor? bias, int[2] stride,"
+        " int[2] padding, int[2] dilation) -> Tensor");
 }
 
 // The drivers are written on ATen and run on whatever device their input lives on.

@@ -8,8 +8,9 @@ For a kernel ``W[C_out, C_in, kh, kw]`` (Lebedev et al., ICLR 2015; Kim et al., 
 - ``method="tucker"``: Tucker-2 on the channel modes at ranks (R_out, R_in): 1x1 conv C_in->R_in,
   kh x kw core conv R_in->R_out, 1x1 conv R_out->C_out.
 
-The forward pass here is the unfused chain of convolutions (``implementation="unfused"``); the fused
-single-pass kernels are not part of this release, and asking for them raises with that reason.
+``implementation="auto"`` computes a CP layer with the fused op ``torch.ops.tdconv.cp_conv2d`` when it
+can run the input (today: on the CPU, zero padding) and with the unfused chain of convolutions
+otherwise; ``"fused"`` raises with the reasons when it cannot; ``"unfused"`` always takes the chain.
 Grouped convolutions are refused (``groups`` must be 1): a per-group decomposition changes the
 layer's structure and is left to a later release.
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from . import ops as _ops
 from .decompose import cp_als, tucker_hooi
 
 __all__ = ["FactorizedConv2d", "resolve_rank"]
@@ -90,8 +92,8 @@ class FactorizedConv2d(nn.Module):
         CP rank R, Tucker ranks (R_out, R_in), or a fraction of the channels (default 0.5).
     padding_mode : {"zeros", "reflect", "replicate", "circular"}
     implementation : {"auto", "fused", "unfused"}
-        ``"auto"`` runs the fastest implementation that can run the input (today: the unfused chain);
-        ``"fused"`` raises with the reasons it cannot run.
+        ``"auto"`` runs the fused op when it can run the input and the unfused chain otherwise;
+        ``"fused"`` raises with the reasons when it cannot run; ``"unfused"`` always takes the chain.
 
     Attributes (``nn.Parameter``)
     -----------------------------
@@ -133,11 +135,11 @@ class FactorizedConv2d(nn.Module):
         self.padding_mode = padding_mode
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-        if implementation == "fused":
-            raise ValueError("implementation='fused' cannot run: " + "; ".join(self.fused_unsupported_reasons()))
         self.implementation = implementation
         self.method = method
         self.rank = resolve_rank(rank, method, self.out_channels, self.in_channels)
+        if implementation == "fused" and self.fused_unsupported_reasons():
+            raise ValueError("implementation='fused' cannot run: " + "; ".join(self.fused_unsupported_reasons()))
         kw = {"device": device, "dtype": dtype}
         kh, kwd = self.kernel_size
         r_mid, r_in = (self.rank if method == "tucker" else (self.rank, self.rank))
@@ -238,8 +240,27 @@ class FactorizedConv2d(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def fused_unsupported_reasons(self, x: torch.Tensor | None = None) -> list:
-        """Why the fused kernel cannot run this layer (on ``x``)."""
-        return ["tdconv has no fused factorized-conv kernel yet (this release computes the unfused chain)"]
+        """Why the fused op cannot compute this layer (on the input ``x``, when given); empty when it can."""
+        reasons = []
+        if self.method != "cp":
+            reasons.append(f"the fused op exists for method='cp' only, not {self.method!r} yet")
+        if self.padding_mode != "zeros":
+            reasons.append(f"the fused op pads with zeros only, not padding_mode={self.padding_mode!r}")
+        if self._symmetric_padding() is None:
+            reasons.append("padding='same' with an even dilated kernel pads asymmetrically; the fused op pads "
+                           "symmetrically")
+        if x is not None:
+            reasons += _ops.cp_conv2d_unsupported_reasons(x, self.first)
+        return reasons
+
+    def _symmetric_padding(self):
+        """The (ph, pw) zero padding of the spatial conv, or None when it is asymmetric."""
+        if self.padding == "valid":
+            return (0, 0)
+        if self.padding == "same":
+            totals = [d * (k - 1) for k, d in zip(self.kernel_size, self.dilation)]
+            return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+        return self.padding
 
     def _spatial_padding(self):
         """(padding for F.conv2d, explicit F.pad tuple or None) of the spatial conv."""
@@ -263,6 +284,13 @@ class FactorizedConv2d(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"FactorizedConv2d expects {self.in_channels} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
+        if self.implementation != "unfused":
+            reasons = self.fused_unsupported_reasons(x)
+            if not reasons:
+                return _ops.cp_conv2d(x, self.first.flatten(1), self.spatial[:, 0], self.last.flatten(1), self.bias,
+                                      self.stride, self._symmetric_padding(), self.dilation)
+            if self.implementation == "fused":
+                raise ValueError("implementation='fused' cannot run this input: " + "; ".join(reasons))
         y = F.conv2d(x, self.first)
         padding, pad = self._spatial_padding()
         if pad is not None:

@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     "unfold", "khatri_rao", "cp_to_tensor", "tucker_to_tensor", "mode_dot", "fix_signs",
-    "cp_init_svd", "cp_als", "tucker_hosvd", "tucker_hooi", "mode_contract",
+    "cp_init_svd", "cp_als", "tucker_hosvd", "tucker_hooi", "mode_contract", "cp_conv2d",
 ]
 
 
@@ -143,3 +143,16 @@ def mode_contract(y: torch.Tensor, u: torch.Tensor, dim: int) -> torch.Tensor:
     shape = [1] * y.ndim
     shape[0], shape[dim], shape[-1] = u.shape[0], u.shape[1], u.shape[2]
     return (y * u.reshape(shape)).sum(dim)
+
+
+def cp_conv2d(x: torch.Tensor, first: torch.Tensor, spatial: torch.Tensor, last: torch.Tensor, bias,
+              stride, padding, dilation) -> torch.Tensor:
+    """The CP-factorised convolution as the chain of three convolutions.
+
+    ``first`` [R, C_in] (1x1 conv), ``spatial`` [R, kh, kw] (depthwise conv with ``stride``, zero
+    ``padding`` and ``dilation``), ``last`` [C_out, R] (1x1 conv), ``bias`` [C_out] or None.
+    """
+    import torch.nn.functional as F
+    y = F.conv2d(x, first[:, :, None, None])
+    y = F.conv2d(y, spatial[:, None], None, tuple(stride), tuple(padding), tuple(dilation), groups=first.shape[0])
+    return F.conv2d(y, last[:, :, None, None], bias)

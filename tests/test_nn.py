@@ -55,7 +55,7 @@ def test_layer_equals_its_dense_conv(method):
     g = torch.Generator().manual_seed(0)
     for cfg in CONFIGS:
         f = tdconv.FactorizedConv2d(5, 7, method=method, rank=3 if method != "tucker" else (4, 3),
-                                    dtype=torch.float64, **cfg)
+                                    dtype=torch.float64, implementation="unfused", **cfg)
         dense = f.to_conv()
         for batch in (0, 1, 3):
             x = torch.randn(batch, 5, 13, 11, dtype=torch.float64, generator=g)
@@ -134,7 +134,8 @@ def test_init_variance_like_conv2d():
     (dict(padding="full"), "padding must be"),
     (dict(padding="same", stride=2), "not supported for strided"),
     (dict(padding_mode="mirror"), "padding_mode must be one of"),
-    (dict(implementation="fused"), "cannot run: tdconv has no fused"),
+    (dict(method="tucker", implementation="fused"), "cannot run: the fused op exists for method='cp' only"),
+    (dict(padding_mode="reflect", implementation="fused"), "zeros only"),
     (dict(implementation="magic"), "implementation must be one of"),
     (dict(stride=0), "stride must be"),
 ])
@@ -153,3 +154,90 @@ def test_bad_inputs():
         tdconv.FactorizedConv2d.from_conv(nn.Conv2d(4, 8, 3, groups=2))
     with pytest.raises(TypeError, match="nn.Conv2d"):
         tdconv.FactorizedConv2d.from_conv(nn.Linear(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------- fused op
+def _fused_pair(cfg, dtype=torch.float64, device="cpu", cin=5, cout=7, rank=3):
+    torch.manual_seed(0)
+    unfused = tdconv.FactorizedConv2d(cin, cout, method="cp", rank=rank, dtype=dtype, device=device,
+                                      implementation="unfused", **cfg)
+    fused = tdconv.FactorizedConv2d(cin, cout, method="cp", rank=rank, dtype=dtype, device=device,
+                                    implementation="fused", **cfg)
+    fused.load_state_dict(unfused.state_dict())
+    return fused, unfused
+
+
+FUSED_CONFIGS = [
+    dict(kernel_size=k, stride=s, padding=p, dilation=d, bias=b)
+    for k, s, p, d, b in itertools.product([1, 3, 5, 7, (3, 1)], [1, 2], [0, 1, 2, "same"], [1, 2], [True, False])
+    if not (p == "same" and s != 1)
+]
+
+
+def test_fused_equals_unfused(require_ext):
+    g = torch.Generator().manual_seed(0)
+    for cfg in FUSED_CONFIGS:
+        fused, unfused = _fused_pair(cfg)
+        for batch in (0, 1, 7):
+            x = torch.randn(batch, 5, 15, 17, dtype=torch.float64, generator=g)
+            torch.testing.assert_close(fused(x), unfused(x), atol=1e-12, rtol=1e-10, msg=str(cfg))
+    # odd sizes, channels_last and non-contiguous inputs
+    fused, unfused = _fused_pair(dict(kernel_size=3, stride=2, padding=1))
+    x = torch.randn(3, 5, 7, 9, dtype=torch.float64, generator=g)
+    for xi in (x, x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        torch.testing.assert_close(fused(xi), unfused(x), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+def test_fused_low_precision(require_ext, dtype, tol):
+    # Judged against the float64 result, relative to the unfused chain's own error at that precision.
+    fused, unfused = _fused_pair(dict(kernel_size=3, padding=1), dtype=torch.float64, cin=16, cout=24, rank=8)
+    x = torch.randn(4, 16, 9, 9, dtype=torch.float64)
+    exact = unfused(x)
+    got = fused.to(dtype)(x.to(dtype)).double()
+    assert got.dtype == torch.float64 and fused.first.dtype == dtype
+    err = (got - exact).abs().max().item() / exact.abs().max().item()
+    chain_err = (unfused.to(torch.float32)(x.float()).double() - exact).abs().max().item() / exact.abs().max().item()
+    assert err < tol and (dtype != torch.float32 or err <= 10 * chain_err + 1e-7)
+
+
+def test_fused_gradcheck_and_opcheck(require_ext):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    params = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True)
+              for s in [(3, 4), (3, 3, 3), (5, 3), (5,)]]
+    for stride, padding, dilation in [((1, 1), (1, 1), (1, 1)), ((2, 1), (0, 2), (1, 2))]:
+        assert torch.autograd.gradcheck(
+            lambda *t: tdconv.ops.cp_conv2d(*t, stride, padding, dilation), (x, *params))
+        torch.library.opcheck(torch.ops.tdconv.cp_conv2d.default, (x, *params, list(stride), list(padding),
+                                                                   list(dilation)))
+    torch.library.opcheck(torch.ops.tdconv.cp_conv2d.default,
+                          (x.detach().float(), *[p.detach().float() for p in params[:3]], None, [1, 1], [0, 0],
+                           [1, 1]))
+
+
+def test_fused_under_torch_compile(require_ext):
+    torch.manual_seed(0)
+    model = nn.Sequential(tdconv.FactorizedConv2d(8, 16, 3, padding=1, method="cp", rank=4), nn.ReLU(),
+                          tdconv.FactorizedConv2d(16, 8, 3, stride=2, padding=1, method="cp", rank=4))
+    x = torch.randn(2, 8, 9, 9)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), eager)
+
+
+def test_fused_bad_input(require_ext):
+    f = tdconv.FactorizedConv2d(4, 6, 3, method="cp", rank=2, implementation="fused")
+    with pytest.raises(ValueError, match="expects 4 input channels"):
+        f(torch.randn(1, 3, 8, 8))
+    with pytest.raises(RuntimeError, match=r"x has 3 channels but first expects 4"):
+        torch.ops.tdconv.cp_conv2d(torch.randn(1, 3, 8, 8), torch.randn(2, 4), torch.randn(2, 3, 3),
+                                   torch.randn(6, 2), None, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        torch.ops.tdconv.cp_conv2d(torch.randn(1, 4, 2, 2), torch.randn(2, 4), torch.randn(2, 3, 3),
+                                   torch.randn(6, 2), None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        torch.ops.tdconv.cp_conv2d(torch.ones(1, 4, 4, 4, dtype=torch.int32), torch.randn(2, 4),
+                                   torch.randn(2, 3, 3), torch.randn(6, 2), None, [1, 1], [1, 1], [1, 1])

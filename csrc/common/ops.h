@@ -7,6 +7,7 @@
 #include <c10/util/irange.h>
 
 #include <string>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -68,6 +69,15 @@ struct ContractShape {
   std::vector<int64_t> out_sizes;
 };
 ContractShape check_mode_contract(const at::Tensor& y, const at::Tensor& u, int64_t dim);
+
+// Shapes of a factorised convolution: x [N, C_in, H, W] -> y [N, C_out, Ho, Wo] through R channels.
+struct ConvShape {
+  int64_t N, C_in, H, W, R, C_out, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+};
+// Checks of cp_conv2d's arguments (csrc/common/conv_checks.cpp).
+ConvShape check_cp_conv2d(const at::Tensor& x, const at::Tensor& first, const at::Tensor& spatial,
+                          const at::Tensor& last, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation);
 
 // ---- decomposition drivers (csrc/decomp), batched over dim 0 ------------------------------------
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
