@@ -306,6 +306,27 @@ class FactorizedConv2d(nn.Module):
             y = F.conv2d(y, self.spatial_w, None, (1, sw), (0, padding[1]), (1, dw), groups=self.rank)
         return F.conv2d(y, self.last, self.bias)
 
+    def macs(self, in_hw: tuple) -> int:
+        """Multiply-accumulates of one image through the chain (counted as ptflops counts the three
+        convolutions: input-resolution 1x1, output-resolution spatial conv and 1x1, plus the bias)."""
+        h, w = in_hw
+        padding = self._symmetric_padding() or (0, 0)
+        if self.padding == "same":
+            ho, wo = h, w
+        else:
+            ho, wo = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+                      for n, p, d, k, s in zip((h, w), padding, self.dilation, self.kernel_size, self.stride)]
+        kh, kw = self.kernel_size
+        r_out, r_in = self.rank if self.method == "tucker" else (self.rank, self.rank)
+        spatial = {"cp": r_in * kh * kw, "cp4": 0, "tucker": r_out * r_in * kh * kw}[self.method]
+        macs = self.in_channels * r_in * h * w + spatial * ho * wo + r_out * self.out_channels * ho * wo
+        if self.method == "cp4":  # kh x 1 at (Ho, W), then 1 x kw at (Ho, Wo)
+            wi = w + 2 * padding[1]
+            macs += r_in * kh * ho * wi + r_in * kw * ho * wo
+        if self.bias is not None:
+            macs += self.out_channels * ho * wo
+        return int(macs)
+
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
              f", padding={self.padding}")

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../common/ops.h"
 
 namespace tdconv {
@@ -18,27 +20,63 @@ namespace {
 
 constexpr int64_t kBufferBytes = 1 << 20;  // target size of one chunk's R-channel intermediate
 
+// o[r] += a[r] * b[r]; the restrict qualifiers let the compiler vectorise it.
+template <typename T>
+inline void fma_row(T* __restrict__ o, const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  for (int64_t r = 0; r < n; ++r) o[r] += a[r] * b[r];
+}
+
+// Output rows [begin, end) of the depthwise conv on NHWC buffers.
+template <typename T>
+inline void depthwise_rows(const T* in, const T* wt, T* out, const ConvShape& s, int64_t begin, int64_t end) {
+  const int64_t R = s.R;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / s.Ho, ho = row % s.Ho;
+    T* orow = out + row * s.Wo * R;
+    std::fill(orow, orow + s.Wo * R, T(0));
+    for (int64_t i = 0; i < s.kh; ++i) {
+      const int64_t hi = ho * s.sh - s.ph + i * s.dh;
+      if (hi < 0 || hi >= s.H) continue;
+      const T* irow = in + (n * s.H + hi) * s.W * R;
+      for (int64_t j = 0; j < s.kw; ++j) {
+        // Output columns whose input column wo * sw + off lies inside the image.
+        const int64_t off = j * s.dw - s.pw;
+        const int64_t lo = off >= 0 ? 0 : (-off + s.sw - 1) / s.sw;
+        const int64_t hi_col = s.W - 1 - off;
+        if (hi_col < 0) continue;
+        const int64_t hi_wo = std::min(s.Wo - 1, hi_col / s.sw);
+        const T* wk = wt + (i * s.kw + j) * R;
+        for (int64_t wo = lo; wo <= hi_wo; ++wo) fma_row(orow + wo * R, irow + (wo * s.sw + off) * R, wk, R);
+      }
+    }
+  }
+}
+
+// The package is built for the baseline x86-64 ISA; these clones add AVX2+FMA (and AVX-512) versions
+// of the hot loop, chosen at load time by the CPU that runs them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TDCONV_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define TDCONV_CPU_CLONES
+#endif
+
+TDCONV_CPU_CLONES void depthwise_rows_f32(const float* in, const float* wt, float* out, const ConvShape& s,
+                                          int64_t begin, int64_t end) {
+  depthwise_rows(in, wt, out, s, begin, end);
+}
+
+TDCONV_CPU_CLONES void depthwise_rows_f64(const double* in, const double* wt, double* out, const ConvShape& s,
+                                          int64_t begin, int64_t end) {
+  depthwise_rows(in, wt, out, s, begin, end);
+}
+
 template <typename T>
 void depthwise_nhwc(const T* in, const T* wt, T* out, const ConvShape& s, int64_t n_images) {
-  const int64_t R = s.R;
   at::parallel_for(0, n_images * s.Ho, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / s.Ho, ho = row % s.Ho;
-      for (int64_t wo = 0; wo < s.Wo; ++wo) {
-        T* o = out + ((n * s.Ho + ho) * s.Wo + wo) * R;
-        for (int64_t r = 0; r < R; ++r) o[r] = T(0);
-        for (int64_t i = 0; i < s.kh; ++i) {
-          const int64_t hi = ho * s.sh - s.ph + i * s.dh;
-          if (hi < 0 || hi >= s.H) continue;
-          for (int64_t j = 0; j < s.kw; ++j) {
-            const int64_t wi = wo * s.sw - s.pw + j * s.dw;
-            if (wi < 0 || wi >= s.W) continue;
-            const T* src = in + ((n * s.H + hi) * s.W + wi) * R;
-            const T* wk = wt + (i * s.kw + j) * R;
-            for (int64_t r = 0; r < R; ++r) o[r] += src[r] * wk[r];
-          }
-        }
-      }
+    if constexpr (std::is_same_v<T, float>) {
+      depthwise_rows_f32(in, wt, out, s, begin, end);
+    } else {
+      depthwise_rows_f64(in, wt, out, s, begin, end);
     }
   });
 }

@@ -1,0 +1,275 @@
+"""Is the factorised ResNet18 actually faster? Latency of dense vs CP / Tucker ResNet18, fused vs unfused.
+
+Runs with no data and no downloads (random weights; latency does not depend on them), on the CPU or
+a GPU. Two parts:
+
+1. Per layer: every distinct 3x3 conv shape of resnet18 at the chosen input resolution, as a dense
+   ``nn.Conv2d``, as the unfused CP chain and as the fused op (``torch.ops.tdconv.cp_conv2d``), plus
+   Tucker-2 (unfused); median latency, speed-up over the chain and over dense, achieved GFLOP/s.
+2. Whole models: dense torchvision resnet18 (10 classes) against its CP and Tucker versions, for the
+   seed's configuration (``conv2`` of each BasicBlock at rank C/2) and for every 3x3 conv but the stem
+   at rank C/2; input 3x32x32 with the ImageNet stem (the seed's model), 3x32x32 with the CIFAR stem
+   (3x3 stride-1 stem, no max-pool) and 3x224x224; median latency, ratio to dense measured in the same
+   run, parameters and MACs (ptflops, ``backend="pytorch"``, functional calls not counted, as the seed
+   counted them).
+
+Usage::
+
+    python benchmarks/latency.py --quick          # 3x32x32 ImageNet stem, batch 32, seed configuration
+    python benchmarks/latency.py --device cpu     # everything (minutes on 2 cores)
+    python benchmarks/latency.py --device cuda
+
+Every model and input is in channels_last memory format (``--no-channels-last`` to turn it off).
+Results go to ``--json`` (default ``bench_results/latency-<device>.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tdconv
+import tdconv.info
+
+INPUTS = {"imagenet32": ("imagenet", 32), "cifar32": ("cifar", 32), "imagenet224": ("imagenet", 224)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="imagenet32, batch 32, seed configuration only")
+    p.add_argument("--inputs", default=None, help="comma list of imagenet32,cifar32,imagenet224")
+    p.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,32,128; +256 on GPU)")
+    p.add_argument("--configs", default=None, help="comma list of seed,all3x3 (default both)")
+    p.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per measurement")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        p.exit(2, "error: --device cuda requested but torch sees no CUDA device\n")
+    args.inputs = (args.inputs or ("imagenet32" if args.quick else "imagenet32,cifar32,imagenet224")).split(",")
+    args.batches = [int(b) for b in (args.batches or ("32" if args.quick else "1,32,128" + (",256" if gpu else "")))
+                    .split(",")]
+    args.configs = (args.configs or ("seed" if args.quick else "seed,all3x3")).split(",")
+    args.min_time = args.min_time or (0.3 if args.quick else 1.0)
+    args.json = args.json or Path(f"bench_results/latency-{args.device}.json")
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_latency(fn, device, min_time: float) -> float:
+    """Median seconds per call over 7 timed rounds, each at least min_time / 7 long, after warm-up."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    once = max(time.perf_counter() - t0, 1e-6)
+    reps = max(1, int(min_time / 7 / once))
+    rounds = []
+    for _ in range(7):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        rounds.append((time.perf_counter() - t) / reps)
+    return statistics.median(rounds)
+
+
+def resnet18(stem: str) -> nn.Module:
+    import torchvision
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=10)
+    if stem == "cifar":
+        m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        m.maxpool = nn.Identity()
+    return m
+
+
+def select(model: nn.Module, config: str) -> list:
+    """Names of the convs a configuration factorises."""
+    names = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Conv2d) or mod.kernel_size != (3, 3) or mod.groups != 1 or name == "conv1":
+            continue
+        if config == "all3x3" or name.endswith(".conv2"):
+            names.append(name)
+    return names
+
+
+def factorise(model: nn.Module, names: list, method: str) -> nn.Module:
+    import copy
+    model = copy.deepcopy(model)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        conv = getattr(parent, child)
+        # Latency does not depend on the fit: a few sweeps keep the set-up short.
+        setattr(parent, child, tdconv.FactorizedConv2d.from_conv(conv, method=method, rank=0.5, n_iter_max=3,
+                                                                 **({"seed": 0} if method != "tucker" else {})))
+    return model
+
+
+def set_implementation(model: nn.Module, impl: str) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, tdconv.FactorizedConv2d):
+            m.implementation = impl
+    return model
+
+
+def complexity(model: nn.Module, res: int):
+    try:
+        import ptflops
+    except ImportError:
+        return None, sum(p.numel() for p in model.parameters())
+
+    def hook(module, inputs, output):
+        module.__flops__ += int(module.macs(tuple(inputs[0].shape[2:])) * inputs[0].shape[0])
+
+    macs, params = ptflops.get_model_complexity_info(
+        model.cpu().float(), (3, res, res), as_strings=False, print_per_layer_stat=False, verbose=False,
+        backend="pytorch", backend_specific_config={"count_functional": False},
+        custom_modules_hooks={tdconv.FactorizedConv2d: hook})
+    return macs, params
+
+
+def layer_rows(args, device, res, stem, cl):
+    model = resnet18(stem).eval()
+    x = torch.randn(1, 3, res, res)
+    shapes = {}
+
+    def record(name):
+        def h(mod, inp, out):
+            key = (mod.in_channels, mod.out_channels, mod.stride, tuple(inp[0].shape[2:]))
+            shapes.setdefault(key, (name, mod))
+        return h
+    hooks = [mod.register_forward_hook(record(n)) for n, mod in model.named_modules()
+             if isinstance(mod, nn.Conv2d) and mod.kernel_size == (3, 3)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for (cin, cout, stride, hw), (name, conv) in shapes.items():
+        conv = conv.to(device)
+        cp = tdconv.FactorizedConv2d.from_conv(conv, method="cp", rank=0.5, n_iter_max=3, seed=0)
+        tk = tdconv.FactorizedConv2d.from_conv(conv, method="tucker", rank=0.5, n_iter_max=3)
+        for batch in args.batches:
+            xi = torch.randn(batch, cin, *hw, device=device)
+            if cl:
+                xi = xi.to(memory_format=torch.channels_last)
+            row = {"layer": name, "shape": f"{cout}x{cin}x3x3/s{stride[0]}", "input": f"{hw[0]}x{hw[1]}",
+                   "batch": batch}
+            cands = {"dense": conv, "cp_unfused": set_implementation(cp, "unfused")}
+            t = {}
+            with torch.inference_mode():
+                for k, m in cands.items():
+                    t[k] = median_latency(lambda: m(xi), device, args.min_time / 4)
+                set_implementation(cp, "auto")
+                reasons = cp.fused_unsupported_reasons(xi)
+                t["cp_fused"] = None if reasons else median_latency(lambda: cp(xi), device, args.min_time / 4)
+                t["tucker_unfused"] = median_latency(lambda: tk(xi), device, args.min_time / 4)
+            macs = cp.macs(hw) * batch
+            row.update({f"{k}_ms": (v * 1e3 if v is not None else None) for k, v in t.items()})
+            if t["cp_fused"]:
+                row["fused_vs_unfused"] = t["cp_unfused"] / t["cp_fused"]
+                row["fused_vs_dense"] = t["dense"] / t["cp_fused"]
+                row["fused_gflops"] = 2 * macs / t["cp_fused"] / 1e9
+            else:
+                row["fused_reasons"] = reasons
+            rows.append(row)
+    return rows
+
+
+def model_rows(args, device, input_name, cl):
+    stem, res = INPUTS[input_name]
+    dense = resnet18(stem).eval()
+    variants = {"dense": dense}
+    for config in args.configs:
+        names = select(dense, config)
+        variants[f"cp-{config}"] = factorise(dense, names, "cp").eval()
+        variants[f"tucker-{config}"] = factorise(dense, names, "tucker").eval()
+    info = {k: complexity(m, res) for k, m in variants.items()}
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
+        times = {}
+        with torch.inference_mode():
+            for k, m in variants.items():
+                m = m.to(device=device, memory_format=fmt)
+                impls = ["auto", "unfused"] if k.startswith("cp") else ["unfused"] if k != "dense" else [None]
+                for impl in impls:
+                    if impl:
+                        set_implementation(m, impl)
+                    label = k if impl in (None, "unfused") and not k.startswith("cp") else f"{k}/{'fused' if impl == 'auto' else 'unfused'}"
+                    times[label] = (median_latency(lambda: m(x), device, args.min_time), k)
+        base = times["dense"][0]
+        for label, (t, k) in times.items():
+            macs, params = info[k]
+            rows.append({"input": input_name, "batch": batch, "model": label, "ms": t * 1e3,
+                         "ratio_to_dense": t / base, "mmacs": macs / 1e6 if macs else None, "mparams": params / 1e6})
+    return rows
+
+
+def print_table(rows, cols):
+    widths = [max(len(c), *(len(fmt_cell(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(fmt_cell(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+def fmt_cell(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cl = not args.no_channels_last
+    env = tdconv.info.collect()
+    env.update(cpu=platform.processor() or platform.machine(), channels_last=cl)
+    print("== environment ==")
+    for k in ("tdconv", "torch", "torch_cuda", "cpu_threads", "gpus", "extension_loaded", "cpu_kernels",
+              "cuda_kernels_usable"):
+        print(f"{k:<20} {env[k]}")
+    print(f"{'channels_last':<20} {cl}")
+    result = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "layers": [], "models": []}
+    for input_name in args.inputs:
+        stem, res = INPUTS[input_name]
+        print(f"\n== per layer: distinct 3x3 convs of resnet18 at {input_name}, rank C/2 ==")
+        rows = layer_rows(args, device, res, stem, cl)
+        print_table(rows, ["layer", "shape", "input", "batch", "dense_ms", "cp_unfused_ms", "cp_fused_ms",
+                           "tucker_unfused_ms", "fused_vs_unfused", "fused_vs_dense", "fused_gflops"])
+        result["layers"] += [dict(r, input_set=input_name) for r in rows]
+        print(f"\n== whole models at {input_name} (ratio to dense measured in the same run) ==")
+        rows = model_rows(args, device, input_name, cl)
+        print_table(rows, ["input", "batch", "model", "ms", "ratio_to_dense", "mmacs", "mparams"])
+        result["models"] += rows
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nmedians of 7 rounds; results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
