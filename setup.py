@@ -153,7 +153,8 @@ setup(
     # The extension is compiled against exactly this torch; pinning it at install time makes a
     # mismatched build/runtime pair impossible (pip upgrades or downgrades torch to match).
     install_requires=[f"torch=={torch_base_version()}", "numpy"],
-    extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy"]},
+    extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy", "torchvision", "ptflops"],
+                    "bench": ["tensorly==0.10.*", "torchvision", "ptflops"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if os.environ.get("TDCONV_LIMITED_API", "1") != "0" else {},
