@@ -87,3 +87,36 @@ if _ext.has_ext():
         return g_x, g_first, g_spatial[:, 0], g_last, g_bias, None, None, None
 
     torch.library.register_autograd("tdconv::cp_conv2d", _backward, setup_context=_setup_context)
+
+    # ---- fake kernels of the decomposition engine (shapes only), so that the ops can be traced.
+    @torch.library.register_fake("tdconv::cp_als")
+    def _cp_als_fake(x, init, n_iter_max, tol, l2_reg, check_every):
+        b, rank = x.shape[0], init[0].shape[-1]
+        return (x.new_empty((b, rank)), [f.new_empty(f.shape) for f in init],
+                x.new_empty((b, n_iter_max), dtype=torch.float64), x.new_empty((b,), dtype=torch.int64))
+
+    @torch.library.register_fake("tdconv::cp_init_svd")
+    def _cp_init_svd_fake(x, rank, random_fill):
+        return [x.new_empty((x.shape[0], x.shape[n + 1], rank)) for n in range(x.dim() - 1)]
+
+    def _tucker_core_shape(x, ranks, modes):
+        shape = list(x.shape)
+        for r, m in zip(ranks, modes):
+            shape[m + 1] = r
+        return shape
+
+    @torch.library.register_fake("tdconv::tucker_hosvd")
+    def _tucker_hosvd_fake(x, ranks, modes):
+        return (x.new_empty(_tucker_core_shape(x, ranks, modes)),
+                [x.new_empty((x.shape[0], x.shape[m + 1], r)) for r, m in zip(ranks, modes)])
+
+    @torch.library.register_fake("tdconv::tucker_hooi")
+    def _tucker_hooi_fake(x, init, modes, n_iter_max, tol, check_every):
+        ranks = [f.shape[-1] for f in init]
+        return (x.new_empty(_tucker_core_shape(x, ranks, modes)), [f.new_empty(f.shape) for f in init],
+                x.new_empty((x.shape[0], n_iter_max), dtype=torch.float64),
+                x.new_empty((x.shape[0],), dtype=torch.int64))
+
+    @torch.library.register_fake("tdconv::mode_contract")
+    def _mode_contract_fake(y, u, dim):
+        return y.new_empty([s for i, s in enumerate(y.shape) if i != dim])

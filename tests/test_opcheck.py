@@ -1,0 +1,47 @@
+"""torch.library.opcheck on every registered tdconv op; an op without a sample here fails the suite."""
+import pytest
+import torch
+
+import tdconv
+from tdconv.decompose import _cp_init
+
+
+def _samples(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64, generator=g).to(device)
+    init = _cp_init(x, 3, "random", 0, True)
+    fill = [torch.randn(2, s, max(7 - s, 0), dtype=torch.float64, generator=g).to(device) for s in x.shape[1:]]
+    _, factors = torch.ops.tdconv.tucker_hosvd(x, [3, 2], [0, 1])
+    y = torch.randn(2, 4, 5, 3, generator=g).to(device)
+    u = torch.randn(2, 5, 3, generator=g).to(device)
+    xc = torch.randn(2, 4, 6, 7, generator=g).to(device)
+    conv = [torch.randn(s, generator=g).to(device) for s in [(3, 4), (3, 3, 3), (5, 3), (5,)]]
+    return {
+        "cp_als": [(x, init, 5, 0.0, 0.0, 1)],
+        "cp_init_svd": [(x, 7, fill)],
+        "tucker_hosvd": [(x, [3, 2], [0, 1])],
+        "tucker_hooi": [(x, factors, [0, 1], 3, 0.0, 1)],
+        "mode_contract": [(y, u, 2)],
+        "cp_conv2d": [(xc, *conv, [1, 1], [1, 1], [1, 1]), (xc, *conv[:3], None, [2, 1], [0, 1], [1, 2])],
+    }
+
+
+def _registered_ops():
+    return sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("tdconv::"))
+
+
+def test_every_op_has_a_sample(require_ext):
+    assert _registered_ops() == sorted(_samples("cpu"))
+
+
+@pytest.mark.parametrize("op", ["cp_als", "cp_init_svd", "tucker_hosvd", "tucker_hooi", "mode_contract", "cp_conv2d"])
+def test_opcheck(require_ext, device, op):
+    samples = _samples(device)[op]
+    if op == "cp_conv2d" and device.type != "cpu":
+        pytest.skip("cp_conv2d has no CUDA kernel yet")
+    # The engine ops are not differentiable: their schema and fake kernels are what is checked.
+    tests = (("test_schema", "test_faketensor") if op != "cp_conv2d"
+             else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for args in samples:
+        torch.library.opcheck(getattr(torch.ops.tdconv, op).default, args, test_utils=tests)
