@@ -221,8 +221,9 @@ def _rel_error(x: torch.Tensor, approx: torch.Tensor) -> float:
 def _trim_errors(row: torch.Tensor, n: int, what: str) -> list:
     errs = row[:n].tolist()
     if n < row.numel() and row[n].item() == math.inf:
-        warnings.warn(f"tdconv: {what} stopped after {n} sweeps: the normal equations became singular; the last "
-                      "good iterate is returned (a small l2_reg helps)", RuntimeWarning, stacklevel=4)
+        hint = " (a small l2_reg helps)" if what == "cp_als" else ""
+        warnings.warn(f"tdconv: {what} stopped after {n} sweeps: a sweep produced a non-finite error (a singular "
+                      f"system); the last good iterate is returned{hint}", RuntimeWarning, stacklevel=4)
     return errs
 
 
@@ -491,34 +492,33 @@ def decompose_batch(tensors: Sequence[torch.Tensor], method: str, rank, *, paral
     per_tensor = isinstance(rank, list)
     if per_tensor and len(rank) != n:
         raise ValueError(f"rank is a list of {len(rank)} entries for {n} tensors")
-    xs, keys = [], []
-    for i, t in enumerate(tensors):
-        x = _check_tensor(t, f"tensors[{i}]")
-        r = rank[i] if per_tensor else rank
-        if method == "cp":
-            r, n_iter_max, tol, l2_reg = _check_cp_args(
-                r, options.get("n_iter_max", 100), options.get("tol", 1e-7), options.get("init", "svd"),
-                options.get("l2_reg", 0.0), tuple(x.shape))
-        else:
-            modes = _check_modes(options.get("modes"), x.ndim)
-            r = (_check_tucker_ranks(r, tuple(x.shape), modes), modes)
-        xs.append(x)
-        keys.append((tuple(x.shape), x.dtype, x.device, r))
     allowed = {"cp": {"n_iter_max", "tol", "init", "l2_reg", "seed"}, "hosvd": {"modes"},
                "hooi": {"modes", "n_iter_max", "tol"}}[method]
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"unexpected options for method {method!r}: {sorted(unknown)} (allowed: {sorted(allowed)})")
+    n_iter_max = _check_int(options.get("n_iter_max", 100), "n_iter_max")
+    tol = _check_float(options.get("tol", 1e-7), "tol")
+    l2_reg = _check_float(options.get("l2_reg", 0.0), "l2_reg")
+    init = options.get("init", "svd")
+    xs, keys = [], []
+    for i, t in enumerate(tensors):
+        x = _check_tensor(t, f"tensors[{i}]")
+        r = rank[i] if per_tensor else rank
+        if method == "cp":
+            r = _check_cp_args(r, n_iter_max, tol, init, l2_reg, tuple(x.shape))[0]
+        else:
+            modes = _check_modes(options.get("modes"), x.ndim)
+            r = (_check_tucker_ranks(r, tuple(x.shape), modes), modes)
+        xs.append(x)
+        keys.append((tuple(x.shape), x.dtype, x.device, r))
     groups: dict = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)
-    n_iter_max = _check_int(options.get("n_iter_max", 100), "n_iter_max")
-    tol = _check_float(options.get("tol", 1e-7), "tol")
 
     def job(key, x):
         if method == "cp":
-            return lambda: _cp_als_group(x, key[3], n_iter_max, tol, options.get("init", "svd"),
-                                         _check_float(options.get("l2_reg", 0.0), "l2_reg"), options.get("seed"))
+            return lambda: _cp_als_group(x, key[3], n_iter_max, tol, init, l2_reg, options.get("seed"))
         ranks, modes = key[3]
         return lambda: _tucker_group(x, ranks, modes, method == "hooi", n_iter_max, tol)
 

@@ -253,29 +253,27 @@ class FactorizedConv2d(nn.Module):
             reasons += _ops.cp_conv2d_unsupported_reasons(x, self.first)
         return reasons
 
-    def _symmetric_padding(self):
-        """The (ph, pw) zero padding of the spatial conv, or None when it is asymmetric."""
+    def _pads(self) -> tuple:
+        """((top, bottom), (left, right)) zero-or-mode padding of the spatial conv."""
         if self.padding == "valid":
-            return (0, 0)
-        if self.padding == "same":
+            return (0, 0), (0, 0)
+        if self.padding == "same":  # as nn.Conv2d: the odd pixel goes after
             totals = [d * (k - 1) for k, d in zip(self.kernel_size, self.dilation)]
-            return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
-        return self.padding
+            return tuple((t // 2, t - t // 2) for t in totals)
+        return tuple((p, p) for p in self.padding)
+
+    def _symmetric_padding(self):
+        """The (ph, pw) padding of the spatial conv, or None when it is asymmetric."""
+        (top, bottom), (left, right) = self._pads()
+        return (top, left) if top == bottom and left == right else None
 
     def _spatial_padding(self):
         """(padding for F.conv2d, explicit F.pad tuple or None) of the spatial conv."""
-        if self.padding == "valid":
-            return (0, 0), None
-        if self.padding == "same":
-            pads = []
-            for k, d in zip(self.kernel_size[::-1], self.dilation[::-1]):  # F.pad order: last dim first
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-            return (0, 0), tuple(pads)
-        if self.padding_mode == "zeros":
-            return self.padding, None
-        ph, pw = self.padding
-        return (0, 0), (pw, pw, ph, ph)
+        symmetric = self._symmetric_padding()
+        if self.padding_mode == "zeros" and symmetric is not None:
+            return symmetric, None
+        (top, bottom), (left, right) = self._pads()
+        return (0, 0), (left, right, top, bottom)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -310,18 +308,15 @@ class FactorizedConv2d(nn.Module):
         """Multiply-accumulates of one image through the chain (counted as ptflops counts the three
         convolutions: input-resolution 1x1, output-resolution spatial conv and 1x1, plus the bias)."""
         h, w = in_hw
-        padding = self._symmetric_padding() or (0, 0)
-        if self.padding == "same":
-            ho, wo = h, w
-        else:
-            ho, wo = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-                      for n, p, d, k, s in zip((h, w), padding, self.dilation, self.kernel_size, self.stride)]
+        pads = self._pads()
+        ho, wo = [(n + sum(p) - d * (k - 1) - 1) // s + 1
+                  for n, p, d, k, s in zip((h, w), pads, self.dilation, self.kernel_size, self.stride)]
         kh, kw = self.kernel_size
         r_out, r_in = self.rank if self.method == "tucker" else (self.rank, self.rank)
         spatial = {"cp": r_in * kh * kw, "cp4": 0, "tucker": r_out * r_in * kh * kw}[self.method]
         macs = self.in_channels * r_in * h * w + spatial * ho * wo + r_out * self.out_channels * ho * wo
         if self.method == "cp4":  # kh x 1 at (Ho, W), then 1 x kw at (Ho, Wo)
-            wi = w + 2 * padding[1]
+            wi = w + sum(pads[1])
             macs += r_in * kh * ho * wi + r_in * kw * ho * wo
         if self.bias is not None:
             macs += self.out_channels * ho * wo

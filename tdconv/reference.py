@@ -9,6 +9,7 @@ All functions take a single (unbatched) tensor.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "unfold", "khatri_rao", "cp_to_tensor", "tucker_to_tensor", "mode_dot", "fix_signs",
@@ -152,7 +153,6 @@ def cp_conv2d(x: torch.Tensor, first: torch.Tensor, spatial: torch.Tensor, last:
     ``first`` [R, C_in] (1x1 conv), ``spatial`` [R, kh, kw] (depthwise conv with ``stride``, zero
     ``padding`` and ``dilation``), ``last`` [C_out, R] (1x1 conv), ``bias`` [C_out] or None.
     """
-    import torch.nn.functional as F
     y = F.conv2d(x, first[:, :, None, None])
     y = F.conv2d(y, spatial[:, None], None, tuple(stride), tuple(padding), tuple(dilation), groups=first.shape[0])
     return F.conv2d(y, last[:, :, None, None], bias)

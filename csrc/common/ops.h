@@ -104,4 +104,30 @@ at::Tensor mode_dot_t(const at::Tensor& x, const at::Tensor& u, int64_t mode);
 // Make the largest-magnitude entry of every column of U [B, n, r] positive.
 at::Tensor fix_signs(const at::Tensor& u);
 
+// Per-member progress of an iterative decomposition of a batch: the error history, sweep counts and
+// which members still run. Convergence (|e_{k-1} - e_k| < tol) is decided on the device; a member
+// whose error is not finite stops (the caller keeps its last iterate) and is marked +inf in the
+// history. The only host synchronisation is keep_going(), every check_every sweeps.
+class SweepTracker {
+ public:
+  SweepTracker(int64_t batch, int64_t n_iter_max, double tol, int64_t check_every, const at::TensorOptions& opts);
+  // Records sweep `it`'s relative errors [B] (float64); returns the members whose sweep is accepted.
+  at::Tensor record(int64_t it, const at::Tensor& err);
+  // Whether the caller must restore the previous iterate of the members not in `step`. Where the
+  // stop flag is read every sweep anyway (check_every == 1, the CPU) the common case where every
+  // member stepped is read too, saving the restoring launches.
+  bool must_freeze(const at::Tensor& step) const;
+  // At every check_every-th sweep: false once every member has stopped. `extra` (a bool scalar
+  // tensor) is read in the same transfer into *extra_out.
+  bool keep_going(int64_t it, const at::Tensor& extra = at::Tensor(), bool* extra_out = nullptr);
+  bool is_check(int64_t it) const { return (it + 1) % check_every_ == 0; }
+  const at::Tensor& active() const { return active_; }
+  at::Tensor errors, n_iter;
+
+ private:
+  at::Tensor active_;
+  double tol_;
+  int64_t check_every_;
+};
+
 }  // namespace tdconv

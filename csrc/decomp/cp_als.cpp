@@ -46,6 +46,13 @@ at::Tensor hadamard_grams(const std::vector<at::Tensor>& grams, int64_t skip) {
   return v.is_same(grams[skip == 0 ? 1 : 0]) ? v.clone() : v;
 }
 
+// U [B, I, R] with unit columns, and the column norms [B, R]; a zero column stays zero (0 / tiny).
+std::pair<at::Tensor, at::Tensor> normalise_columns(const at::Tensor& u) {
+  auto lam = at::linalg_vector_norm(u, 2, {1}, false, c10::nullopt);
+  auto scale = lam.clamp_min(std::numeric_limits<float>::min()).unsqueeze(1);
+  return {(u / scale).contiguous(), lam};
+}
+
 // Solve U V = M (V [B, R, R] symmetric positive semi-definite, M [B, I, R]) by Cholesky on
 // V + (l2_reg + 10 eps max diag V) I: the ridge, plus a jitter of a few ulps so that a V that is
 // semi-definite only up to rounding still factors. Returns U with unit columns and their norms.
@@ -56,10 +63,7 @@ std::pair<at::Tensor, at::Tensor> solve_normalised(at::Tensor v, const at::Tenso
   diag.add_((diag.amax(-1, true) * (10.0 * eps)).add_(l2_reg));
   auto chol = at::linalg_cholesky_ex(v);
   auto u = at::cholesky_solve(m.transpose(1, 2), std::get<0>(chol)).transpose(1, 2);
-  auto lam = at::linalg_vector_norm(u, 2, {1}, false, c10::nullopt);  // [B, R]
-  // A zero column stays zero (0 / tiny); its weight is 0.
-  auto scale = lam.clamp_min(std::numeric_limits<float>::min()).unsqueeze(1);
-  return {(u / scale).contiguous(), lam};
+  return normalise_columns(u);
 }
 
 at::Tensor gram(const at::Tensor& u) { return at::bmm(u.transpose(1, 2), u); }
@@ -110,18 +114,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
 
   std::vector<at::Tensor> U(N), G(N);
   for (int64_t k = 0; k < N; ++k) {
-    auto f = init[k];
-    auto nrm = at::linalg_vector_norm(f, 2, {1}, true, c10::nullopt);
-    U[k] = (f / at::where(nrm > 0, nrm, at::ones_like(nrm))).contiguous();
+    U[k] = normalise_columns(init[k]).first;
     G[k] = gram(U[k]);
   }
-  const auto dopt = x.options().dtype(at::kDouble);
+  // The Khatri-Rao product of the modes other than the root, rows in xp's order.
+  auto khatri_rao_of_others = [&](const std::vector<at::Tensor>& U) {
+    std::vector<at::Tensor> others;
+    for (int64_t m = 0; m < N; ++m)
+      if (m != root) others.push_back(U[m]);
+    return khatri_rao(others);
+  };
   const auto norm_x2 = X0.to(at::kDouble).square().sum({1, 2});  // [B]
   auto weights = at::ones({B, R}, x.options());
-  auto errors = at::full({B, n_iter_max}, std::numeric_limits<double>::quiet_NaN(), dopt);
-  auto active = at::ones({B}, x.options().dtype(at::kBool));
-  auto n_iter = at::zeros({B}, x.options().dtype(at::kLong));
-  const auto inf = at::full({}, std::numeric_limits<double>::infinity(), dopt);
+  SweepTracker tracker(B, n_iter_max, tol, check_every, x.options());
+  const auto inf = at::full({}, std::numeric_limits<double>::infinity(), x.options().dtype(at::kDouble));
   const double exact_below = 150.0 * std::sqrt(x.scalar_type() == at::kDouble
                                                    ? std::numeric_limits<double>::epsilon()
                                                    : std::numeric_limits<float>::epsilon());
@@ -134,10 +140,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
     for (int64_t k = 0; k < N; ++k) {
       if (k == root) {
         // The root's MTTKRP: one GEMM against the Khatri-Rao product of the other (small) modes.
-        std::vector<at::Tensor> others;
-        for (int64_t m = 0; m < N; ++m)
-          if (m != root) others.push_back(U[m]);
-        M = at::bmm(X0, khatri_rao(others));
+        M = at::bmm(X0, khatri_rao_of_others(U));
       } else {
         if (k == 0 || k == root + 1) shared = at::bmm(X0t, U[root]).view(ysizes);  // Z, then Y
         M = shared;
@@ -148,31 +151,26 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
       G[k] = gram(U[k]);
     }
 
-    // ||X - X^||^2 = ||X||^2 - 2 <X, X^> + ||X^||^2, with <X, X^> from the last mode's MTTKRP.
-    auto lam = weights.to(at::kDouble);
-    auto inner = ((M.to(at::kDouble) * U[N - 1].to(at::kDouble)).sum(1) * lam).sum(-1);
-    auto vall = hadamard_grams(G, -1).to(at::kDouble);
-    auto norm_hat2 = (at::bmm(lam.unsqueeze(1), vall).squeeze(1) * lam).sum(-1);
-    auto err = ((norm_x2 - 2 * inner + norm_hat2).clamp_min(0) / norm_x2).sqrt();
+    at::Tensor err;
     if (exact_error) {
-      // Near convergence the cancellation in the formula above leaves only ~sqrt(eps) of accuracy;
+      // Near convergence the cancellation in the norm formula leaves only ~sqrt(eps) of accuracy;
       // from then on the residual is formed explicitly (one GEMM more per sweep).
-      std::vector<at::Tensor> others;
-      for (int64_t m = 0; m < N; ++m)
-        if (m != root) others.push_back(U[m]);
-      auto xhat = at::bmm(U[root] * weights.unsqueeze(1), khatri_rao(others).transpose(1, 2));
+      auto xhat = at::bmm(U[root] * weights.unsqueeze(1), khatri_rao_of_others(U).transpose(1, 2));
       err = (at::linalg_vector_norm(X0 - xhat, 2, {1, 2}, false, c10::nullopt).to(at::kDouble).square() / norm_x2)
                 .sqrt();
+    } else {
+      // ||X - X^||^2 = ||X||^2 - 2 <X, X^> + ||X^||^2, with <X, X^> from the last mode's MTTKRP.
+      auto lam = weights.to(at::kDouble);
+      auto inner = ((M.to(at::kDouble) * U[N - 1].to(at::kDouble)).sum(1) * lam).sum(-1);
+      auto vall = hadamard_grams(G, -1).to(at::kDouble);
+      auto norm_hat2 = (at::bmm(lam.unsqueeze(1), vall).squeeze(1) * lam).sum(-1);
+      err = ((norm_x2 - 2 * inner + norm_hat2).clamp_min(0) / norm_x2).sqrt();
     }
 
-    // Members whose sweep produced a non-finite error (a singular system) keep their last good
-    // iterate and stop; the error history marks them with +inf.
-    auto finite = at::isfinite(err);
-    auto step = active & finite;
-    auto failed_now = active & finite.logical_not();
-    // Where the stop flag is read every sweep anyway (check_every == 1, the CPU), reading this one
-    // too saves the freezing launches in the common case where every member stepped.
-    if (check_every != 1 || !step.all().item<bool>()) {
+    // Members whose sweep was not accepted (converged earlier, or a non-finite error from a singular
+    // system) keep their previous iterate.
+    const auto step = tracker.record(it, err);
+    if (tracker.must_freeze(step)) {
       auto s3 = step.view({-1, 1, 1});
       for (int64_t k = 0; k < N; ++k) {
         U[k] = at::where(s3, U[k], U_old[k]);
@@ -180,24 +178,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
       }
       weights = at::where(step.view({-1, 1}), weights, w_old);
     }
-    auto col = errors.select(1, it);
-    col.copy_(at::where(step, err, at::where(failed_now, inf, col)));
-    n_iter.add_(step.to(at::kLong));
-    if (it > 0) {
-      auto converged = (errors.select(1, it - 1) - err).abs() < tol;
-      active = step & converged.logical_not();
-    } else {
-      active = step;
-    }
-    if ((it + 1) % check_every == 0) {
-      // The one host synchronisation: is anybody still running, and is anybody close enough to
-      // convergence that the norm-based error has become too coarse?
-      auto flags = at::stack({active.any(), (at::where(active, err, inf) < exact_below).any()}).cpu();
-      if (!flags[0].item<bool>()) break;
-      exact_error = exact_error || flags[1].item<bool>();
-    }
+    // Is anybody still running, and is anybody close enough to convergence that the norm-based
+    // error has become too coarse?
+    bool near = false;
+    const bool ask = !exact_error && tracker.is_check(it);
+    if (!tracker.keep_going(it, ask ? (at::where(tracker.active(), err, inf) < exact_below).any() : at::Tensor(),
+                            &near))
+      break;
+    exact_error = exact_error || near;
   }
-  return {weights, U, errors, n_iter};
+  return {weights, U, tracker.errors, tracker.n_iter};
 }
 
 std::vector<at::Tensor> cp_init_svd(const at::Tensor& x, int64_t rank, at::TensorList random_fill) {

@@ -5,6 +5,8 @@
 
 #include "../common/ops.h"
 
+#include <limits>
+
 namespace tdconv {
 
 ContractShape check_mode_contract(const at::Tensor& y, const at::Tensor& u, int64_t dim) {
@@ -66,6 +68,42 @@ at::Tensor mode_dot_t(const at::Tensor& x, const at::Tensor& u, int64_t mode) {
   auto y = at::bmm(xm.reshape({B, -1, n}), u);
   sizes.back() = r;
   return y.view(sizes).movedim(-1, mode + 1).contiguous();
+}
+
+SweepTracker::SweepTracker(int64_t batch, int64_t n_iter_max, double tol, int64_t check_every,
+                           const at::TensorOptions& opts)
+    : errors(at::full({batch, n_iter_max}, std::numeric_limits<double>::quiet_NaN(), opts.dtype(at::kDouble))),
+      n_iter(at::zeros({batch}, opts.dtype(at::kLong))),
+      active_(at::ones({batch}, opts.dtype(at::kBool))),
+      tol_(tol),
+      check_every_(check_every) {}
+
+at::Tensor SweepTracker::record(int64_t it, const at::Tensor& err) {
+  const auto finite = at::isfinite(err);
+  const auto step = active_ & finite;
+  const auto failed_now = active_ & finite.logical_not();
+  auto col = errors.select(1, it);
+  const auto inf = at::full({}, std::numeric_limits<double>::infinity(), col.options());
+  col.copy_(at::where(step, err, at::where(failed_now, inf, col)));
+  n_iter.add_(step.to(at::kLong));
+  if (it > 0) {
+    active_ = step & ((errors.select(1, it - 1) - err).abs() < tol_).logical_not();
+  } else {
+    active_ = step;
+  }
+  return step;
+}
+
+bool SweepTracker::must_freeze(const at::Tensor& step) const {
+  return check_every_ != 1 || !step.all().item<bool>();
+}
+
+bool SweepTracker::keep_going(int64_t it, const at::Tensor& extra, bool* extra_out) {
+  if (!is_check(it)) return true;
+  if (!extra.defined()) return active_.any().item<bool>();
+  const auto flags = at::stack({active_.any(), extra}).cpu();
+  *extra_out = flags[1].item<bool>();
+  return flags[0].item<bool>();
 }
 
 }  // namespace tdconv

@@ -77,11 +77,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> tucker_h
   TDCONV_CHECK(tol >= 0, "tdconv::tucker_hooi: tol must be >= 0, got ", tol);
   TDCONV_CHECK(check_every >= 1, "tdconv::tucker_hooi: check_every must be >= 1, got ", check_every);
 
-  const auto dopt = x.options().dtype(at::kDouble);
   const auto norm_x2 = x.to(at::kDouble).reshape({B, -1}).square().sum(1);
-  auto errors = at::full({B, n_iter_max}, std::numeric_limits<double>::quiet_NaN(), dopt);
-  auto active = at::ones({B}, x.options().dtype(at::kBool));
-  auto n_iter = at::zeros({B}, x.options().dtype(at::kLong));
+  SweepTracker tracker(B, n_iter_max, tol, check_every, x.options());
   for (int64_t it = 0; it < n_iter_max; ++it) {
     const auto U_old = U;
     at::Tensor core2;
@@ -95,22 +92,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> tucker_h
       if (i == K - 1) core2 = (at::bmm(gram, U[i]) * U[i]).sum({1, 2}).to(at::kDouble);
     }
     auto err = ((norm_x2 - core2).clamp_min(0) / norm_x2).sqrt();
-    auto step = active & at::isfinite(err);
-    auto s3 = step.view({-1, 1, 1});
-    for (int64_t i = 0; i < K; ++i) U[i] = at::where(s3, U[i], U_old[i]);
-    auto col = errors.select(1, it);
-    col.copy_(at::where(step, err, col));
-    n_iter.add_(step.to(at::kLong));
-    if (it > 0) {
-      active = step & ((errors.select(1, it - 1) - err).abs() < tol).logical_not();
-    } else {
-      active = step;
+    const auto step = tracker.record(it, err);
+    if (tracker.must_freeze(step)) {
+      auto s3 = step.view({-1, 1, 1});
+      for (int64_t i = 0; i < K; ++i) U[i] = at::where(s3, U[i], U_old[i]);
     }
-    if ((it + 1) % check_every == 0 && !active.any().item<bool>()) break;
+    if (!tracker.keep_going(it)) break;
   }
   at::Tensor core = x;
   for (int64_t i = 0; i < K; ++i) core = mode_dot_t(core, U[i], modes[i]);
-  return {core, U, errors, n_iter};
+  return {core, U, tracker.errors, tracker.n_iter};
 }
 
 }  // namespace tdconv
