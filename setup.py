@@ -117,6 +117,14 @@ def make_extension():
     # TDCONV_LIMITED_API=0 builds against the full Python C API instead of the stable ABI.
     limited = os.environ.get("TDCONV_LIMITED_API", "1") != "0"
     cxx_flags = opt + ["-fdiagnostics-color=always", "-Wno-unused-parameter"]
+    link_flags = []
+    # at::parallel_for is an inline OpenMP loop in the headers of an OpenMP build of torch: without
+    # -fopenmp it silently runs on one thread. The libgomp.so.1 it links is the one torch has
+    # already loaded (same soname), so there is one thread pool.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+        log("OpenMP: on (at::parallel_for runs multi-threaded)")
     log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {sys.version.split()[0]}")
     if build_cuda:
         cpp_extension.CUDA_HOME = root
@@ -129,11 +137,12 @@ def make_extension():
         return cpp_extension.CUDAExtension(
             "tdconv._C", sources, define_macros=define_macros, py_limited_api=limited,
             extra_compile_args={"cxx": cxx_flags, "nvcc": opt + ["-lineinfo", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     log(f"building CPU only: {reason}")
     return cpp_extension.CppExtension(
         "tdconv._C", sources, define_macros=define_macros, py_limited_api=limited,
-        extra_compile_args={"cxx": cxx_flags},
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
     )
 
 

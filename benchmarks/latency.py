@@ -4,14 +4,20 @@ Runs with no data and no downloads (random weights; latency does not depend on t
 a GPU. Two parts:
 
 1. Per layer: every distinct 3x3 conv shape of resnet18 at the chosen input resolution, as a dense
-   ``nn.Conv2d``, as the unfused CP chain and as the fused op (``torch.ops.tdconv.cp_conv2d``), plus
-   Tucker-2 (unfused); median latency, speed-up over the chain and over dense, achieved GFLOP/s.
+   ``nn.Conv2d``, and at rank C/2 as the unfused CP and Tucker-2 chains and as the fused ops
+   (``torch.ops.tdconv.cp_conv2d``, ``tucker_conv2d``); median latency, speed-up over the chain and
+   over dense, achieved GFLOP/s.
 2. Whole models: dense torchvision resnet18 (10 classes) against its CP and Tucker versions, for the
    seed's configuration (``conv2`` of each BasicBlock at rank C/2) and for every 3x3 conv but the stem
-   at rank C/2; input 3x32x32 with the ImageNet stem (the seed's model), 3x32x32 with the CIFAR stem
-   (3x3 stride-1 stem, no max-pool) and 3x224x224; median latency, ratio to dense measured in the same
-   run, parameters and MACs (ptflops, ``backend="pytorch"``, functional calls not counted, as the seed
-   counted them).
+   at rank C/2, each with the fused ops and with the unfused chains; input 3x32x32 with the ImageNet
+   stem (the seed's model), 3x32x32 with the CIFAR stem (3x3 stride-1 stem, no max-pool) and
+   3x224x224; median latency, ratio to dense measured in the same run, parameters and MACs (ptflops,
+   ``backend="pytorch"``, functional calls not counted, as the seed counted them). The ``floor`` rows
+   are the same models with the factorised layers replaced by free stand-ins: the latency of
+   everything else, which bounds what any kernel for the factorised layers can reach.
+
+The candidates of one table row are timed in interleaved rounds (7 rounds, median), so that the slow
+phases of a noisy machine hit all of them alike.
 
 Usage::
 
@@ -25,6 +31,7 @@ Results go to ``--json`` (default ``bench_results/latency-<device>.json``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -69,25 +76,57 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_latency(fn, device, min_time: float) -> float:
-    """Median seconds per call over 7 timed rounds, each at least min_time / 7 long, after warm-up."""
-    for _ in range(3):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    once = max(time.perf_counter() - t0, 1e-6)
-    reps = max(1, int(min_time / 7 / once))
-    rounds = []
-    for _ in range(7):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(reps):
+def median_latencies(fns: dict, device, min_time: float) -> dict:
+    """Median seconds per call of each function, over 7 rounds that each time every function in turn
+    (interleaved, so that a slow phase of a noisy machine hits all candidates alike), after warm-up."""
+    reps = {}
+    for k, fn in fns.items():
+        for _ in range(3):
             fn()
         sync(device)
-        rounds.append((time.perf_counter() - t) / reps)
-    return statistics.median(rounds)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        reps[k] = max(1, int(min_time / 7 / max(time.perf_counter() - t0, 1e-6)))
+    rounds = {k: [] for k in fns}
+    for _ in range(7):
+        for k, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(reps[k]):
+                fn()
+            sync(device)
+            rounds[k].append((time.perf_counter() - t) / reps[k])
+    return {k: statistics.median(v) for k, v in rounds.items()}
+
+
+class _Free(nn.Module):
+    """Stands in for a factorised layer at no cost (returns a preallocated output of its shape): the
+    model's latency with it is the floor that no kernel for the factorised layers can go below."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out
+
+
+def floor_model(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``model`` with every FactorizedConv2d replaced by a free stand-in of the same output."""
+    import copy
+    model = copy.deepcopy(model)
+    outs = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=n: outs.__setitem__(name, out))
+             for n, m in model.named_modules() if isinstance(m, tdconv.FactorizedConv2d)]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for name, out in outs.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, _Free(out))
+    return model
 
 
 def resnet18(stem: str) -> nn.Module:
@@ -112,7 +151,6 @@ def select(model: nn.Module, config: str) -> list:
 
 
 def factorise(model: nn.Module, names: list, method: str) -> nn.Module:
-    import copy
     model = copy.deepcopy(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -166,31 +204,32 @@ def layer_rows(args, device, res, stem, cl):
     rows = []
     for (cin, cout, stride, hw), (name, conv) in shapes.items():
         conv = conv.to(device)
-        cp = tdconv.FactorizedConv2d.from_conv(conv, method="cp", rank=0.5, n_iter_max=3, seed=0)
-        tk = tdconv.FactorizedConv2d.from_conv(conv, method="tucker", rank=0.5, n_iter_max=3)
+        layers = {"cp": tdconv.FactorizedConv2d.from_conv(conv, method="cp", rank=0.5, n_iter_max=3, seed=0),
+                  "tucker": tdconv.FactorizedConv2d.from_conv(conv, method="tucker", rank=0.5, n_iter_max=3)}
         for batch in args.batches:
             xi = torch.randn(batch, cin, *hw, device=device)
             if cl:
                 xi = xi.to(memory_format=torch.channels_last)
             row = {"layer": name, "shape": f"{cout}x{cin}x3x3/s{stride[0]}", "input": f"{hw[0]}x{hw[1]}",
                    "batch": batch}
-            cands = {"dense": conv, "cp_unfused": set_implementation(cp, "unfused")}
-            t = {}
+            fns = {"dense": lambda: conv(xi)}
+            for method, layer in layers.items():
+                unfused = set_implementation(copy.deepcopy(layer), "unfused")
+                fns[f"{method}_unfused"] = lambda m=unfused: m(xi)
+                reasons = layer.fused_unsupported_reasons(xi)
+                if reasons:
+                    row[f"{method}_fused_reasons"] = reasons
+                else:
+                    fused = set_implementation(layer, "fused")
+                    fns[f"{method}_fused"] = lambda m=fused: m(xi)
             with torch.inference_mode():
-                for k, m in cands.items():
-                    t[k] = median_latency(lambda: m(xi), device, args.min_time / 4)
-                set_implementation(cp, "auto")
-                reasons = cp.fused_unsupported_reasons(xi)
-                t["cp_fused"] = None if reasons else median_latency(lambda: cp(xi), device, args.min_time / 4)
-                t["tucker_unfused"] = median_latency(lambda: tk(xi), device, args.min_time / 4)
-            macs = cp.macs(hw) * batch
-            row.update({f"{k}_ms": (v * 1e3 if v is not None else None) for k, v in t.items()})
-            if t["cp_fused"]:
-                row["fused_vs_unfused"] = t["cp_unfused"] / t["cp_fused"]
-                row["fused_vs_dense"] = t["dense"] / t["cp_fused"]
-                row["fused_gflops"] = 2 * macs / t["cp_fused"] / 1e9
-            else:
-                row["fused_reasons"] = reasons
+                t = median_latencies(fns, device, args.min_time / 2)
+            row.update({f"{k}_ms": v * 1e3 for k, v in t.items()})
+            for method, layer in layers.items():
+                if f"{method}_fused" in t:
+                    row[f"{method}_fused_vs_unfused"] = t[f"{method}_unfused"] / t[f"{method}_fused"]
+                    row[f"{method}_fused_vs_dense"] = t["dense"] / t[f"{method}_fused"]
+                    row[f"{method}_fused_gflops"] = 2 * layer.macs(hw) * batch / t[f"{method}_fused"] / 1e9
             rows.append(row)
     return rows
 
@@ -198,31 +237,34 @@ def layer_rows(args, device, res, stem, cl):
 def model_rows(args, device, input_name, cl):
     stem, res = INPUTS[input_name]
     dense = resnet18(stem).eval()
+    fmt = torch.channels_last if cl else torch.contiguous_format
     variants = {"dense": dense}
     for config in args.configs:
         names = select(dense, config)
-        variants[f"cp-{config}"] = factorise(dense, names, "cp").eval()
-        variants[f"tucker-{config}"] = factorise(dense, names, "tucker").eval()
+        for method in ("cp", "tucker"):
+            variants[f"{method}-{config}"] = factorise(dense, names, method).eval()
     info = {k: complexity(m, res) for k, m in variants.items()}
-    fmt = torch.channels_last if cl else torch.contiguous_format
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
-        times = {}
+        fns, base_of = {}, {}
+        for k, m in variants.items():
+            m = m.to(device=device, memory_format=fmt)
+            if k == "dense":
+                fns[k], base_of[k] = (lambda m=m: m(x)), k
+                continue
+            for impl in ("fused", "unfused"):
+                mi = set_implementation(copy.deepcopy(m), impl if impl == "unfused" else "auto")
+                fns[f"{k}/{impl}"], base_of[f"{k}/{impl}"] = (lambda m=mi: m(x)), k
+            free = floor_model(m, x)
+            fns[f"{k}/floor"], base_of[f"{k}/floor"] = (lambda m=free: m(x)), k
         with torch.inference_mode():
-            for k, m in variants.items():
-                m = m.to(device=device, memory_format=fmt)
-                impls = ["auto", "unfused"] if k.startswith("cp") else ["unfused"] if k != "dense" else [None]
-                for impl in impls:
-                    if impl:
-                        set_implementation(m, impl)
-                    label = k if impl in (None, "unfused") and not k.startswith("cp") else f"{k}/{'fused' if impl == 'auto' else 'unfused'}"
-                    times[label] = (median_latency(lambda: m(x), device, args.min_time), k)
-        base = times["dense"][0]
-        for label, (t, k) in times.items():
-            macs, params = info[k]
+            times = median_latencies(fns, device, args.min_time)
+        for label, t in times.items():
+            macs, params = info[base_of[label]]
             rows.append({"input": input_name, "batch": batch, "model": label, "ms": t * 1e3,
-                         "ratio_to_dense": t / base, "mmacs": macs / 1e6 if macs else None, "mparams": params / 1e6})
+                         "ratio_to_dense": t / times["dense"], "mmacs": macs / 1e6 if macs else None,
+                         "mparams": params / 1e6})
     return rows
 
 
@@ -259,7 +301,8 @@ def main(argv=None) -> int:
         print(f"\n== per layer: distinct 3x3 convs of resnet18 at {input_name}, rank C/2 ==")
         rows = layer_rows(args, device, res, stem, cl)
         print_table(rows, ["layer", "shape", "input", "batch", "dense_ms", "cp_unfused_ms", "cp_fused_ms",
-                           "tucker_unfused_ms", "fused_vs_unfused", "fused_vs_dense", "fused_gflops"])
+                           "cp_fused_vs_unfused", "cp_fused_vs_dense", "cp_fused_gflops", "tucker_unfused_ms",
+                           "tucker_fused_ms", "tucker_fused_vs_unfused", "tucker_fused_vs_dense"])
         result["layers"] += [dict(r, input_set=input_name) for r in rows]
         print(f"\n== whole models at {input_name} (ratio to dense measured in the same run) ==")
         rows = model_rows(args, device, input_name, cl)

@@ -36,8 +36,12 @@ TORCH_LIBRARY(tdconv, m) {
         " -> (Tensor core, Tensor[] factors, Tensor errors, Tensor n_iter)");
   // Kernel: contract one mode of y [B, ..., R] with a factor u [B, J, R], keeping the rank index.
   m.def("mode_contract(Tensor y, Tensor u, int dim) -> Tensor");
-  // Factorised convolution (CP: 1x1 -> depthwise kh x kw -> 1x1 + bias) in one op; zero padding.
+  // Factorised convolutions in one op each, zero padding, channels_last output.
+  // CP: 1x1 conv -> depthwise kh x kw conv -> 1x1 conv + bias.
   m.def("cp_conv2d(Tensor x, Tensor first, Tensor spatial, Tensor last, Tensor? bias, int[2] stride,"
+        " int[2] padding, int[2] dilation) -> Tensor");
+  // Tucker-2: 1x1 conv -> kh x kw core conv -> 1x1 conv + bias.
+  m.def("tucker_conv2d(Tensor x, Tensor first, Tensor core, Tensor last, Tensor? bias, int[2] stride,"
         " int[2] padding, int[2] dilation) -> Tensor");
 }
 

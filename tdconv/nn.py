@@ -8,9 +8,12 @@ For a kernel ``W[C_out, C_in, kh, kw]`` (Lebedev et al., ICLR 2015; Kim et al., 
 - ``method="tucker"``: Tucker-2 on the channel modes at ranks (R_out, R_in): 1x1 conv C_in->R_in,
   kh x kw core conv R_in->R_out, 1x1 conv R_out->C_out.
 
-``implementation="auto"`` computes a CP layer with the fused op ``torch.ops.tdconv.cp_conv2d`` when it
-can run the input (today: on the CPU, zero padding) and with the unfused chain of convolutions
-otherwise; ``"fused"`` raises with the reasons when it cannot; ``"unfused"`` always takes the chain.
+``implementation="auto"`` computes the layer with a fused op when it can run the input (today: on the
+CPU, zero padding) and with the unfused chain of convolutions otherwise; ``"fused"`` raises with the
+reasons when it cannot; ``"unfused"`` always takes the chain. The fused ops are
+``torch.ops.tdconv.cp_conv2d`` (CP; also cp4, whose two 1-D depthwise filters it applies as their
+kh x kw outer product: the same function, with kh * kw instead of kh + kw multiply-adds per factor
+channel, a small part of the layer's cost) and ``torch.ops.tdconv.tucker_conv2d`` (Tucker-2).
 Grouped convolutions are refused (``groups`` must be 1): a per-group decomposition changes the
 layer's structure and is left to a later release.
 """
@@ -242,15 +245,13 @@ class FactorizedConv2d(nn.Module):
     def fused_unsupported_reasons(self, x: torch.Tensor | None = None) -> list:
         """Why the fused op cannot compute this layer (on the input ``x``, when given); empty when it can."""
         reasons = []
-        if self.method != "cp":
-            reasons.append(f"the fused op exists for method='cp' only, not {self.method!r} yet")
         if self.padding_mode != "zeros":
             reasons.append(f"the fused op pads with zeros only, not padding_mode={self.padding_mode!r}")
         if self._symmetric_padding() is None:
             reasons.append("padding='same' with an even dilated kernel pads asymmetrically; the fused op pads "
                            "symmetrically")
         if x is not None:
-            reasons += _ops.cp_conv2d_unsupported_reasons(x, self.first)
+            reasons += _ops.fused_unsupported_reasons(x, self.first)
         return reasons
 
     def _pads(self) -> tuple:
@@ -285,8 +286,7 @@ class FactorizedConv2d(nn.Module):
         if self.implementation != "unfused":
             reasons = self.fused_unsupported_reasons(x)
             if not reasons:
-                return _ops.cp_conv2d(x, self.first.flatten(1), self.spatial[:, 0], self.last.flatten(1), self.bias,
-                                      self.stride, self._symmetric_padding(), self.dilation)
+                return self._fused(x)
             if self.implementation == "fused":
                 raise ValueError("implementation='fused' cannot run this input: " + "; ".join(reasons))
         y = F.conv2d(x, self.first)
@@ -303,6 +303,16 @@ class FactorizedConv2d(nn.Module):
             y = F.conv2d(y, self.spatial, None, (sh, 1), (padding[0], 0), (dh, 1), groups=self.rank)
             y = F.conv2d(y, self.spatial_w, None, (1, sw), (0, padding[1]), (1, dw), groups=self.rank)
         return F.conv2d(y, self.last, self.bias)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        first, last = self.first.flatten(1), self.last.flatten(1)
+        conv = (self.stride, self._symmetric_padding(), self.dilation)
+        if self.method == "tucker":
+            return _ops.tucker_conv2d(x, first, self.spatial, last, self.bias, *conv)
+        spatial = self.spatial[:, 0]
+        if self.method == "cp4":
+            spatial = spatial * self.spatial_w[:, 0]  # [R, kh, 1] * [R, 1, kw]
+        return _ops.cp_conv2d(x, first, spatial, last, self.bias, *conv)
 
     def macs(self, in_hw: tuple) -> int:
         """Multiply-accumulates of one image through the chain (counted as ptflops counts the three

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from . import _ext
 from . import reference as _ref
 
-__all__ = ["cp_conv2d", "cp_conv2d_unsupported_reasons"]
+__all__ = ["cp_conv2d", "tucker_conv2d", "fused_unsupported_reasons"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -19,16 +19,20 @@ def _out_hw(h, w, k, stride, padding, dilation):
             (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1)
 
 
-def cp_conv2d_unsupported_reasons(x: torch.Tensor, first: torch.Tensor) -> list:
-    """Why ``torch.ops.tdconv.cp_conv2d`` cannot run on ``x`` (empty when it can)."""
+def fused_unsupported_reasons(x: torch.Tensor, first: torch.Tensor) -> list:
+    """Why ``cp_conv2d`` / ``tucker_conv2d`` cannot run on ``x`` (empty when they can)."""
     reasons = list(_ext.unavailable_reasons(x.device))
     if x.device.type != "cpu":
-        reasons.append(f"cp_conv2d has no {x.device.type} kernel yet (CPU only)")
+        reasons.append(f"the fused ops have no {x.device.type} kernel yet (CPU only)")
     if x.dtype not in _FUSED_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported (float32, float64, float16, bfloat16)")
     if first.dtype != x.dtype:
         reasons.append(f"the factors are {first.dtype} but the input is {x.dtype}")
     return reasons
+
+
+def _int_lists(stride, padding, dilation):
+    return [int(v) for v in stride], [int(v) for v in padding], [int(v) for v in dilation]
 
 
 def cp_conv2d(x, first, spatial, last, bias, stride, padding, dilation) -> torch.Tensor:
@@ -49,44 +53,76 @@ def cp_conv2d(x, first, spatial, last, bias, stride, padding, dilation) -> torch
     Tensor [N, C_out, Ho, Wo] in channels_last memory format.
     """
     if _ext.has_ext():
-        return torch.ops.tdconv.cp_conv2d(x, first, spatial, last, bias, list(stride), list(padding), list(dilation))
+        return torch.ops.tdconv.cp_conv2d(x, first, spatial, last, bias, *_int_lists(stride, padding, dilation))
     return _ref.cp_conv2d(x, first, spatial, last, bias, stride, padding, dilation)
 
 
+def tucker_conv2d(x, first, core, last, bias, stride, padding, dilation) -> torch.Tensor:
+    """Tucker-2-factorised convolution in one op: ``last * conv(core, first * x) + bias``.
+
+    Parameters
+    ----------
+    x : Tensor [N, C_in, H, W]
+    first : Tensor [R_in, C_in]
+    core : Tensor [R_out, R_in, kh, kw]
+    last : Tensor [C_out, R_out]
+    bias : Tensor [C_out] or None
+    stride, padding, dilation : (int, int)
+        Of the core conv; padding is zero padding.
+
+    Returns
+    -------
+    Tensor [N, C_out, Ho, Wo] in channels_last memory format.
+    """
+    if _ext.has_ext():
+        return torch.ops.tdconv.tucker_conv2d(x, first, core, last, bias, *_int_lists(stride, padding, dilation))
+    return _ref.tucker_conv2d(x, first, core, last, bias, stride, padding, dilation)
+
+
 if _ext.has_ext():
-    @torch.library.register_fake("tdconv::cp_conv2d")
-    def _cp_conv2d_fake(x, first, spatial, last, bias, stride, padding, dilation):
-        torch._check(x.dim() == 4, lambda: "tdconv::cp_conv2d: x must be 4-D")
-        torch._check(first.shape[1] == x.shape[1], lambda: "tdconv::cp_conv2d: channel mismatch")
-        ho, wo = _out_hw(x.shape[2], x.shape[3], spatial.shape[1:], stride, padding, dilation)
+    def _conv_fake(x, first, spatial, last, bias, stride, padding, dilation):
+        torch._check(x.dim() == 4, lambda: "the input must be 4-D")
+        torch._check(first.shape[1] == x.shape[1], lambda: "channel mismatch between x and first")
+        ho, wo = _out_hw(x.shape[2], x.shape[3], spatial.shape[-2:], stride, padding, dilation)
         return torch.empty((x.shape[0], last.shape[0], ho, wo), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
+
+    torch.library.register_fake("tdconv::cp_conv2d")(_conv_fake)
+    torch.library.register_fake("tdconv::tucker_conv2d")(_conv_fake)
 
     def _setup_context(ctx, inputs, output):
         x, first, spatial, last, bias, stride, padding, dilation = inputs
         ctx.save_for_backward(x, first, spatial, last)
         ctx.has_bias = bias is not None
-        ctx.conv = (tuple(stride), tuple(padding), tuple(dilation))
+        ctx.conv = (list(stride), list(padding), list(dilation))
 
-    def _backward(ctx, grad):
-        x, first, spatial, last = ctx.saved_tensors
+    def _backward_chain(ctx, grad, weight, groups):
+        """Gradients of ``last * conv_{weight, groups}(first * x) + bias`` through ATen ops. The two
+        intermediates are recomputed (cheap next to the convolutions' backward) in the input's layout."""
+        x, first, _, last = ctx.saved_tensors
         stride, padding, dilation = ctx.conv
-        rank = first.shape[0]
-        # Recompute the two intermediates (cheap next to the convolutions' backward) in the
-        # input's layout, then the chain rule through 1x1 -> depthwise -> 1x1 with ATen ops.
         y1 = F.conv2d(x, first[:, :, None, None])
-        y2 = F.conv2d(y1, spatial[:, None], None, stride, padding, dilation, groups=rank)
+        y2 = F.conv2d(y1, weight, None, stride, padding, dilation, groups=groups)
         g_bias = grad.sum((0, 2, 3)) if ctx.has_bias else None
         g_last = torch.einsum("nohw,nrhw->or", grad, y2)
         g_y2 = F.conv2d(grad, last.t()[:, :, None, None])
-        g_y1, g_spatial, _ = torch.ops.aten.convolution_backward(
-            g_y2, y1, spatial[:, None], None, list(stride), list(padding), list(dilation), False, [0, 0], rank,
-            [True, True, False])
+        g_y1, g_weight, _ = torch.ops.aten.convolution_backward(
+            g_y2, y1, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, True, False])
         g_first = torch.einsum("nrhw,nihw->ri", g_y1, x)
         g_x = F.conv2d(g_y1, first.t()[:, :, None, None])
+        return g_x, g_first, g_weight, g_last, g_bias
+
+    def _cp_backward(ctx, grad):
+        spatial = ctx.saved_tensors[2]
+        g_x, g_first, g_spatial, g_last, g_bias = _backward_chain(ctx, grad, spatial[:, None], spatial.shape[0])
         return g_x, g_first, g_spatial[:, 0], g_last, g_bias, None, None, None
 
-    torch.library.register_autograd("tdconv::cp_conv2d", _backward, setup_context=_setup_context)
+    def _tucker_backward(ctx, grad):
+        core = ctx.saved_tensors[2]
+        return (*_backward_chain(ctx, grad, core, 1), None, None, None)
+
+    torch.library.register_autograd("tdconv::cp_conv2d", _cp_backward, setup_context=_setup_context)
+    torch.library.register_autograd("tdconv::tucker_conv2d", _tucker_backward, setup_context=_setup_context)
 
     # ---- fake kernels of the decomposition engine (shapes only), so that the ops can be traced.
     @torch.library.register_fake("tdconv::cp_als")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 __all__ = [
     "unfold", "khatri_rao", "cp_to_tensor", "tucker_to_tensor", "mode_dot", "fix_signs",
     "cp_init_svd", "cp_als", "tucker_hosvd", "tucker_hooi", "mode_contract", "cp_conv2d",
+    "tucker_conv2d",
 ]
 
 
@@ -155,4 +156,16 @@ def cp_conv2d(x: torch.Tensor, first: torch.Tensor, spatial: torch.Tensor, last:
     """
     y = F.conv2d(x, first[:, :, None, None])
     y = F.conv2d(y, spatial[:, None], None, tuple(stride), tuple(padding), tuple(dilation), groups=first.shape[0])
+    return F.conv2d(y, last[:, :, None, None], bias)
+
+
+def tucker_conv2d(x: torch.Tensor, first: torch.Tensor, core: torch.Tensor, last: torch.Tensor, bias,
+                  stride, padding, dilation) -> torch.Tensor:
+    """The Tucker-2-factorised convolution as the chain of three convolutions.
+
+    ``first`` [R_in, C_in] (1x1 conv), ``core`` [R_out, R_in, kh, kw] (conv with ``stride``, zero
+    ``padding`` and ``dilation``), ``last`` [C_out, R_out] (1x1 conv), ``bias`` [C_out] or None.
+    """
+    y = F.conv2d(x, first[:, :, None, None])
+    y = F.conv2d(y, core, None, tuple(stride), tuple(padding), tuple(dilation))
     return F.conv2d(y, last[:, :, None, None], bias)

@@ -134,7 +134,6 @@ def test_init_variance_like_conv2d():
     (dict(padding="full"), "padding must be"),
     (dict(padding="same", stride=2), "not supported for strided"),
     (dict(padding_mode="mirror"), "padding_mode must be one of"),
-    (dict(method="tucker", implementation="fused"), "cannot run: the fused op exists for method='cp' only"),
     (dict(padding_mode="reflect", implementation="fused"), "zeros only"),
     (dict(implementation="magic"), "implementation must be one of"),
     (dict(stride=0), "stride must be"),
@@ -156,12 +155,16 @@ def test_bad_inputs():
         tdconv.FactorizedConv2d.from_conv(nn.Linear(3, 4))
 
 
-# ---------------------------------------------------------------------------------------------- fused op
-def _fused_pair(cfg, dtype=torch.float64, device="cpu", cin=5, cout=7, rank=3):
+# ---------------------------------------------------------------------------------------------- fused ops
+METHOD_RANKS = {"cp": 3, "cp4": 3, "tucker": (4, 3)}
+
+
+def _fused_pair(cfg, method="cp", dtype=torch.float64, device="cpu", cin=5, cout=7, rank=None):
     torch.manual_seed(0)
-    unfused = tdconv.FactorizedConv2d(cin, cout, method="cp", rank=rank, dtype=dtype, device=device,
+    rank = rank or METHOD_RANKS[method]
+    unfused = tdconv.FactorizedConv2d(cin, cout, method=method, rank=rank, dtype=dtype, device=device,
                                       implementation="unfused", **cfg)
-    fused = tdconv.FactorizedConv2d(cin, cout, method="cp", rank=rank, dtype=dtype, device=device,
+    fused = tdconv.FactorizedConv2d(cin, cout, method=method, rank=rank, dtype=dtype, device=device,
                                     implementation="fused", **cfg)
     fused.load_state_dict(unfused.state_dict())
     return fused, unfused
@@ -174,64 +177,95 @@ FUSED_CONFIGS = [
 ]
 
 
-def test_fused_equals_unfused(require_ext):
+@pytest.mark.parametrize("method", ["cp", "cp4", "tucker"])
+def test_fused_equals_unfused(require_ext, method):
     g = torch.Generator().manual_seed(0)
     for cfg in FUSED_CONFIGS:
-        fused, unfused = _fused_pair(cfg)
+        fused, unfused = _fused_pair(cfg, method)
         for batch in (0, 1, 7):
             x = torch.randn(batch, 5, 15, 17, dtype=torch.float64, generator=g)
-            torch.testing.assert_close(fused(x), unfused(x), atol=1e-12, rtol=1e-10, msg=str(cfg))
+            out = fused(x)
+            assert out.is_contiguous(memory_format=torch.channels_last) or out.numel() == 0
+            torch.testing.assert_close(out, unfused(x), atol=1e-12, rtol=1e-10, msg=f"{method} {cfg}")
     # odd sizes, channels_last and non-contiguous inputs
-    fused, unfused = _fused_pair(dict(kernel_size=3, stride=2, padding=1))
+    fused, unfused = _fused_pair(dict(kernel_size=3, stride=2, padding=1), method)
     x = torch.randn(3, 5, 7, 9, dtype=torch.float64, generator=g)
-    for xi in (x, x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
-        torch.testing.assert_close(fused(xi), unfused(x), atol=1e-12, rtol=1e-10)
+    for xi in (x, x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3),
+               torch.randn(3, 5, 14, 9, dtype=torch.float64, generator=g)[:, :, ::2]):
+        torch.testing.assert_close(fused(xi), unfused(xi), atol=1e-12, rtol=1e-10)
 
 
+def test_fused_tiles_cover_large_images(require_ext):
+    # Images large enough to be cut into tiles of a few rows (each thread's scratch is bounded), and
+    # padding wide enough that whole rows of taps read only zeros at the borders.
+    for method, cfg in [("cp", dict(kernel_size=3, padding=1)), ("tucker", dict(kernel_size=5, padding=4, dilation=2)),
+                        ("tucker", dict(kernel_size=3, stride=2, padding=1))]:
+        fused, unfused = _fused_pair(cfg, method, cin=32, cout=48, rank=16 if method == "cp" else (24, 16))
+        x = torch.randn(2, 32, 67, 45, dtype=torch.float64)
+        torch.testing.assert_close(fused(x), unfused(x), atol=1e-11, rtol=1e-10, msg=f"{method} {cfg}")
+    # A 1x1 image under a padded 3x3 kernel: only the centre tap is live.
+    fused, unfused = _fused_pair(dict(kernel_size=3, padding=1), "tucker", cin=16, cout=16, rank=(8, 8))
+    x = torch.randn(5, 16, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), unfused(x), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
-def test_fused_low_precision(require_ext, dtype, tol):
-    # Judged against the float64 result, relative to the unfused chain's own error at that precision.
-    fused, unfused = _fused_pair(dict(kernel_size=3, padding=1), dtype=torch.float64, cin=16, cout=24, rank=8)
+def test_fused_low_precision(require_ext, method, dtype, tol):
+    # Judged against the float64 result: float16 / bfloat16 inputs and factors are computed in float32,
+    # so the error is the rounding of the inputs and of the output (a few ulps of the dtype).
+    fused, unfused = _fused_pair(dict(kernel_size=3, padding=1), method, cin=16, cout=24,
+                                 rank=8 if method == "cp" else (12, 8))
     x = torch.randn(4, 16, 9, 9, dtype=torch.float64)
     exact = unfused(x)
-    got = fused.to(dtype)(x.to(dtype)).double()
-    assert got.dtype == torch.float64 and fused.first.dtype == dtype
-    err = (got - exact).abs().max().item() / exact.abs().max().item()
+    got = fused.to(dtype)(x.to(dtype))
+    assert got.dtype == dtype and fused.first.dtype == dtype
+    err = (got.double() - exact).abs().max().item() / exact.abs().max().item()
     chain_err = (unfused.to(torch.float32)(x.float()).double() - exact).abs().max().item() / exact.abs().max().item()
     assert err < tol and (dtype != torch.float32 or err <= 10 * chain_err + 1e-7)
 
 
-def test_fused_gradcheck_and_opcheck(require_ext):
+@pytest.mark.parametrize("op", ["cp_conv2d", "tucker_conv2d"])
+def test_fused_gradcheck_and_opcheck(require_ext, op):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    spatial = (3, 3, 3) if op == "cp_conv2d" else (2, 3, 3, 2)
     params = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True)
-              for s in [(3, 4), (3, 3, 3), (5, 3), (5,)]]
+              for s in [(3, 4), spatial, (5, 3 if op == "cp_conv2d" else 2), (5,)]]
+    fn = getattr(tdconv.ops, op)
     for stride, padding, dilation in [((1, 1), (1, 1), (1, 1)), ((2, 1), (0, 2), (1, 2))]:
-        assert torch.autograd.gradcheck(
-            lambda *t: tdconv.ops.cp_conv2d(*t, stride, padding, dilation), (x, *params))
-        torch.library.opcheck(torch.ops.tdconv.cp_conv2d.default, (x, *params, list(stride), list(padding),
-                                                                   list(dilation)))
-    torch.library.opcheck(torch.ops.tdconv.cp_conv2d.default,
-                          (x.detach().float(), *[p.detach().float() for p in params[:3]], None, [1, 1], [0, 0],
-                           [1, 1]))
+        assert torch.autograd.gradcheck(lambda *t: fn(*t, stride, padding, dilation), (x, *params))
+        torch.library.opcheck(getattr(torch.ops.tdconv, op).default,
+                              (x, *params, list(stride), list(padding), list(dilation)))
+    # without bias
+    assert torch.autograd.gradcheck(lambda *t: fn(*t, None, (1, 1), (1, 1), (1, 1)), (x, *params[:3]))
 
 
-def test_fused_under_torch_compile(require_ext):
+@pytest.mark.parametrize("method", ["cp", "cp4", "tucker"])
+def test_fused_under_torch_compile_and_export(require_ext, method):
     torch.manual_seed(0)
-    model = nn.Sequential(tdconv.FactorizedConv2d(8, 16, 3, padding=1, method="cp", rank=4), nn.ReLU(),
-                          tdconv.FactorizedConv2d(16, 8, 3, stride=2, padding=1, method="cp", rank=4))
+    model = nn.Sequential(tdconv.FactorizedConv2d(8, 16, 3, padding=1, method=method, rank=4), nn.ReLU(),
+                          tdconv.FactorizedConv2d(16, 8, 3, stride=2, padding=1, method=method, rank=4))
     x = torch.randn(2, 8, 9, 9)
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), eager)
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), eager)
+    # training through the fused op under torch.compile gives the eager gradients
+    eager_grads = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    compiled_grads = torch.autograd.grad(compiled(x).square().sum(), list(model.parameters()))
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_bad_input(require_ext):
     f = tdconv.FactorizedConv2d(4, 6, 3, method="cp", rank=2, implementation="fused")
     with pytest.raises(ValueError, match="expects 4 input channels"):
         f(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="cannot run this input: the factors are torch.float32 but the input is "
+                                         "torch.float64"):
+        f(torch.ones(1, 4, 8, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"x has 3 channels but first expects 4"):
         torch.ops.tdconv.cp_conv2d(torch.randn(1, 3, 8, 8), torch.randn(2, 4), torch.randn(2, 3, 3),
                                    torch.randn(6, 2), None, [1, 1], [1, 1], [1, 1])
@@ -241,3 +275,18 @@ def test_fused_bad_input(require_ext):
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         torch.ops.tdconv.cp_conv2d(torch.ones(1, 4, 4, 4, dtype=torch.int32), torch.randn(2, 4),
                                    torch.randn(2, 3, 3), torch.randn(6, 2), None, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match=r"tucker_conv2d: rank mismatch.*core is \[3, 2, 3, 3\]"):
+        torch.ops.tdconv.tucker_conv2d(torch.randn(1, 4, 8, 8), torch.randn(2, 4), torch.randn(3, 2, 3, 3),
+                                       torch.randn(6, 2), None, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match=r"tucker_conv2d: core must be \[R_out, R_in, kh, kw\]"):
+        torch.ops.tdconv.tucker_conv2d(torch.randn(1, 4, 8, 8), torch.randn(2, 4), torch.randn(2, 3, 3),
+                                       torch.randn(6, 2), None, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="bias must be \\[6\\]"):
+        torch.ops.tdconv.tucker_conv2d(torch.randn(1, 4, 8, 8), torch.randn(2, 4), torch.randn(2, 2, 3, 3),
+                                       torch.randn(6, 2), torch.randn(5), [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="stride and dilation must be >= 1"):
+        torch.ops.tdconv.tucker_conv2d(torch.randn(1, 4, 8, 8), torch.randn(2, 4), torch.randn(2, 2, 3, 3),
+                                       torch.randn(6, 2), None, [0, 1], [1, 1], [1, 1])
+    # an asymmetric 'same' padding cannot be fused
+    with pytest.raises(ValueError, match="asymmetrically"):
+        tdconv.FactorizedConv2d(4, 6, 4, padding="same", implementation="fused")

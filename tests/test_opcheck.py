@@ -16,6 +16,7 @@ def _samples(device):
     u = torch.randn(2, 5, 3, generator=g).to(device)
     xc = torch.randn(2, 4, 6, 7, generator=g).to(device)
     conv = [torch.randn(s, generator=g).to(device) for s in [(3, 4), (3, 3, 3), (5, 3), (5,)]]
+    tucker = [torch.randn(s, generator=g).to(device) for s in [(3, 4), (2, 3, 3, 1), (5, 2), (5,)]]
     return {
         "cp_als": [(x, init, 5, 0.0, 0.0, 1)],
         "cp_init_svd": [(x, 7, fill)],
@@ -23,6 +24,8 @@ def _samples(device):
         "tucker_hooi": [(x, factors, [0, 1], 3, 0.0, 1)],
         "mode_contract": [(y, u, 2)],
         "cp_conv2d": [(xc, *conv, [1, 1], [1, 1], [1, 1]), (xc, *conv[:3], None, [2, 1], [0, 1], [1, 2])],
+        "tucker_conv2d": [(xc, *tucker, [1, 1], [1, 0], [1, 1]),
+                          (xc, *tucker[:3], None, [2, 1], [0, 1], [2, 1])],
     }
 
 
@@ -35,13 +38,16 @@ def test_every_op_has_a_sample(require_ext):
     assert _registered_ops() == sorted(_samples("cpu"))
 
 
-@pytest.mark.parametrize("op", ["cp_als", "cp_init_svd", "tucker_hosvd", "tucker_hooi", "mode_contract", "cp_conv2d"])
+CONV_OPS = ("cp_conv2d", "tucker_conv2d")
+
+
+@pytest.mark.parametrize("op", ["cp_als", "cp_init_svd", "tucker_hosvd", "tucker_hooi", "mode_contract", *CONV_OPS])
 def test_opcheck(require_ext, device, op):
     samples = _samples(device)[op]
-    if op == "cp_conv2d" and device.type != "cpu":
-        pytest.skip("cp_conv2d has no CUDA kernel yet")
+    if op in CONV_OPS and device.type != "cpu":
+        pytest.skip(f"{op} has no CUDA kernel yet")
     # The engine ops are not differentiable: their schema and fake kernels are what is checked.
-    tests = (("test_schema", "test_faketensor") if op != "cp_conv2d"
+    tests = (("test_schema", "test_faketensor") if op not in CONV_OPS
              else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
     for args in samples:
         torch.library.opcheck(getattr(torch.ops.tdconv, op).default, args, test_utils=tests)

@@ -70,14 +70,17 @@ struct ContractShape {
 };
 ContractShape check_mode_contract(const at::Tensor& y, const at::Tensor& u, int64_t dim);
 
-// Shapes of a factorised convolution: x [N, C_in, H, W] -> y [N, C_out, Ho, Wo] through R channels.
+// Shapes of a factorised convolution x [N, C_in, H, W] -> y [N, C_out, Ho, Wo] through R_in channels
+// after the first 1x1 conv and R_out channels before the last one (CP: R_in == R_out == R).
 struct ConvShape {
-  int64_t N, C_in, H, W, R, C_out, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+  int64_t N, C_in, H, W, R_in, R_out, C_out, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
 };
-// Checks of cp_conv2d's arguments (csrc/common/conv_checks.cpp).
-ConvShape check_cp_conv2d(const at::Tensor& x, const at::Tensor& first, const at::Tensor& spatial,
-                          const at::Tensor& last, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation);
+// Checks of the arguments of cp_conv2d (spatial [R, kh, kw]) and tucker_conv2d (spatial = the core
+// [R_out, R_in, kh, kw]); `op` names the op in the messages (csrc/common/conv_checks.cpp).
+ConvShape check_factorized_conv2d(const char* op, bool tucker, const at::Tensor& x, const at::Tensor& first,
+                                  const at::Tensor& spatial, const at::Tensor& last,
+                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation);
 
 // ---- decomposition drivers (csrc/decomp), batched over dim 0 ------------------------------------
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
