@@ -9,7 +9,8 @@ For a kernel ``W[C_out, C_in, kh, kw]`` (Lebedev et al., ICLR 2015; Kim et al., 
   kh x kw core conv R_in->R_out, 1x1 conv R_out->C_out.
 
 ``implementation="auto"`` computes the layer with a fused op when it can run the input (today: on the
-CPU, zero padding) and with the unfused chain of convolutions otherwise; ``"fused"`` raises with the
+CPU, zero padding; the CUDA kernel of ``cp_conv2d`` exists but is only used when asked for with
+``"fused"`` until it has been validated on a GPU) and with the unfused chain of convolutions otherwise; ``"fused"`` raises with the
 reasons when it cannot; ``"unfused"`` always takes the chain. The fused ops are
 ``torch.ops.tdconv.cp_conv2d`` (CP; also cp4, whose two 1-D depthwise filters it applies as their
 kh x kw outer product: the same function, with kh * kw instead of kh + kw multiply-adds per factor
@@ -251,7 +252,8 @@ class FactorizedConv2d(nn.Module):
             reasons.append("padding='same' with an even dilated kernel pads asymmetrically; the fused op pads "
                            "symmetrically")
         if x is not None:
-            reasons += _ops.fused_unsupported_reasons(x, self.first)
+            op = "tucker_conv2d" if self.method == "tucker" else "cp_conv2d"
+            reasons += _ops.fused_unsupported_reasons(x, self.first, op, explicit=self.implementation == "fused")
         return reasons
 
     def _pads(self) -> tuple:

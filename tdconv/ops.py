@@ -19,11 +19,25 @@ def _out_hw(h, w, k, stride, padding, dilation):
             (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1)
 
 
-def fused_unsupported_reasons(x: torch.Tensor, first: torch.Tensor) -> list:
-    """Why ``cp_conv2d`` / ``tucker_conv2d`` cannot run on ``x`` (empty when they can)."""
+# Which fused ops have a kernel for which device type.
+FUSED_KERNELS = {"cp_conv2d": ("cpu", "cuda"), "tucker_conv2d": ("cpu",)}
+# Fused kernels that have not run on hardware yet: ``implementation="auto"`` does not pick them (the
+# unfused chain is known to be right); ``implementation="fused"`` runs them.
+UNVALIDATED_KERNELS = {("cp_conv2d", "cuda")}
+
+
+def fused_unsupported_reasons(x: torch.Tensor, first: torch.Tensor, op: str = "cp_conv2d",
+                              explicit: bool = True) -> list:
+    """Why the fused op ``op`` (``"cp_conv2d"`` or ``"tucker_conv2d"``) cannot run on ``x`` (empty
+    when it can). With ``explicit=False`` (the choice of ``implementation="auto"``), a kernel that has
+    not run on hardware yet also counts as a reason."""
     reasons = list(_ext.unavailable_reasons(x.device))
-    if x.device.type != "cpu":
-        reasons.append(f"the fused ops have no {x.device.type} kernel yet (CPU only)")
+    devices = FUSED_KERNELS[op]
+    if x.device.type not in devices:
+        reasons.append(f"{op} has no {x.device.type} kernel yet ({', '.join(devices)} only)")
+    elif not explicit and (op, x.device.type) in UNVALIDATED_KERNELS:
+        reasons.append(f"the {x.device.type} kernel of {op} has not been validated on hardware yet; "
+                       "implementation='fused' runs it")
     if x.dtype not in _FUSED_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported (float32, float64, float16, bfloat16)")
     if first.dtype != x.dtype:

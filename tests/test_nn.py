@@ -177,31 +177,41 @@ FUSED_CONFIGS = [
 ]
 
 
+def _skip_without_kernel(method, device):
+    if method == "tucker" and device.type != "cpu":
+        pytest.skip("tucker_conv2d has no CUDA kernel yet")
+
+
 @pytest.mark.parametrize("method", ["cp", "cp4", "tucker"])
-def test_fused_equals_unfused(require_ext, method):
+def test_fused_equals_unfused(require_ext, device, method):
+    _skip_without_kernel(method, device)
     g = torch.Generator().manual_seed(0)
     for cfg in FUSED_CONFIGS:
-        fused, unfused = _fused_pair(cfg, method)
+        fused, unfused = _fused_pair(cfg, method, device=device)
         for batch in (0, 1, 7):
-            x = torch.randn(batch, 5, 15, 17, dtype=torch.float64, generator=g)
+            x = torch.randn(batch, 5, 15, 17, dtype=torch.float64, generator=g).to(device)
             out = fused(x)
             assert out.is_contiguous(memory_format=torch.channels_last) or out.numel() == 0
             torch.testing.assert_close(out, unfused(x), atol=1e-12, rtol=1e-10, msg=f"{method} {cfg}")
     # odd sizes, channels_last and non-contiguous inputs
-    fused, unfused = _fused_pair(dict(kernel_size=3, stride=2, padding=1), method)
-    x = torch.randn(3, 5, 7, 9, dtype=torch.float64, generator=g)
+    fused, unfused = _fused_pair(dict(kernel_size=3, stride=2, padding=1), method, device=device)
+    x = torch.randn(3, 5, 7, 9, dtype=torch.float64, generator=g).to(device)
     for xi in (x, x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3),
-               torch.randn(3, 5, 14, 9, dtype=torch.float64, generator=g)[:, :, ::2]):
+               torch.randn(3, 5, 14, 9, dtype=torch.float64, generator=g).to(device)[:, :, ::2]):
         torch.testing.assert_close(fused(xi), unfused(xi), atol=1e-12, rtol=1e-10)
 
 
-def test_fused_tiles_cover_large_images(require_ext):
+def test_fused_tiles_cover_large_images(require_ext, device):
     # Images large enough to be cut into tiles of a few rows (each thread's scratch is bounded), and
-    # padding wide enough that whole rows of taps read only zeros at the borders.
+    # padding wide enough that whole rows of taps read only zeros at the borders; more channels than
+    # one CUDA block's tile.
     for method, cfg in [("cp", dict(kernel_size=3, padding=1)), ("tucker", dict(kernel_size=5, padding=4, dilation=2)),
-                        ("tucker", dict(kernel_size=3, stride=2, padding=1))]:
-        fused, unfused = _fused_pair(cfg, method, cin=32, cout=48, rank=16 if method == "cp" else (24, 16))
-        x = torch.randn(2, 32, 67, 45, dtype=torch.float64)
+                        ("tucker", dict(kernel_size=3, stride=2, padding=1)), ("cp", dict(kernel_size=5, padding=4))]:
+        if method == "tucker" and device.type != "cpu":
+            continue
+        fused, unfused = _fused_pair(cfg, method, cin=32, cout=80, rank=20 if method == "cp" else (24, 16),
+                                     device=device)
+        x = torch.randn(2, 32, 67, 45, dtype=torch.float64).to(device)
         torch.testing.assert_close(fused(x), unfused(x), atol=1e-11, rtol=1e-10, msg=f"{method} {cfg}")
     # A 1x1 image under a padded 3x3 kernel: only the centre tap is live.
     fused, unfused = _fused_pair(dict(kernel_size=3, padding=1), "tucker", cin=16, cout=16, rank=(8, 8))
@@ -211,12 +221,14 @@ def test_fused_tiles_cover_large_images(require_ext):
 
 @pytest.mark.parametrize("method", ["cp", "tucker"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
-def test_fused_low_precision(require_ext, method, dtype, tol):
-    # Judged against the float64 result: float16 / bfloat16 inputs and factors are computed in float32,
-    # so the error is the rounding of the inputs and of the output (a few ulps of the dtype).
+def test_fused_low_precision(require_ext, device, method, dtype, tol):
+    # Judged against the float64 result: float16 / bfloat16 inputs and factors accumulate in float32,
+    # so the error is the rounding of the inputs, of the output (and, on CUDA, of the first
+    # intermediate): a few ulps of the dtype.
+    _skip_without_kernel(method, device)
     fused, unfused = _fused_pair(dict(kernel_size=3, padding=1), method, cin=16, cout=24,
-                                 rank=8 if method == "cp" else (12, 8))
-    x = torch.randn(4, 16, 9, 9, dtype=torch.float64)
+                                 rank=8 if method == "cp" else (12, 8), device=device)
+    x = torch.randn(4, 16, 9, 9, dtype=torch.float64).to(device)
     exact = unfused(x)
     got = fused.to(dtype)(x.to(dtype))
     assert got.dtype == dtype and fused.first.dtype == dtype
@@ -225,12 +237,23 @@ def test_fused_low_precision(require_ext, method, dtype, tol):
     assert err < tol and (dtype != torch.float32 or err <= 10 * chain_err + 1e-7)
 
 
+def test_auto_skips_unvalidated_kernels(require_ext, monkeypatch):
+    # A kernel that has not run on hardware is used only when asked for explicitly.
+    monkeypatch.setattr(tdconv.ops, "UNVALIDATED_KERNELS", {("cp_conv2d", "cpu")})
+    layer = tdconv.FactorizedConv2d(4, 6, 3, padding=1, method="cp", rank=2)
+    x = torch.randn(1, 4, 5, 5)
+    assert any("not been validated" in r for r in layer.fused_unsupported_reasons(x))
+    layer.implementation = "fused"
+    assert layer.fused_unsupported_reasons(x) == []
+
+
 @pytest.mark.parametrize("op", ["cp_conv2d", "tucker_conv2d"])
-def test_fused_gradcheck_and_opcheck(require_ext, op):
+def test_fused_gradcheck_and_opcheck(require_ext, device, op):
+    _skip_without_kernel("tucker" if op == "tucker_conv2d" else "cp", device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, generator=g).to(device).requires_grad_()
     spatial = (3, 3, 3) if op == "cp_conv2d" else (2, 3, 3, 2)
-    params = [torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True)
+    params = [torch.randn(s, dtype=torch.float64, generator=g).to(device).requires_grad_()
               for s in [(3, 4), spatial, (5, 3 if op == "cp_conv2d" else 2), (5,)]]
     fn = getattr(tdconv.ops, op)
     for stride, padding, dilation in [((1, 1), (1, 1), (1, 1)), ((2, 1), (0, 2), (1, 2))]:
