@@ -12,7 +12,9 @@ a GPU. Two parts:
    at rank C/2, each with the fused ops and with the unfused chains; input 3x32x32 with the ImageNet
    stem (the seed's model), 3x32x32 with the CIFAR stem (3x3 stride-1 stem, no max-pool) and
    3x224x224; median latency, ratio to dense measured in the same run, parameters and MACs (ptflops,
-   ``backend="pytorch"``, functional calls not counted, as the seed counted them). The ``floor`` rows
+   ``backend="pytorch"``, functional calls not counted, as the seed counted them). The ``auto`` rows
+   are what a user gets by default: per layer and input shape, the faster of the fused op and the
+   chain, timed once (``tdconv.set_autotune``). The ``floor`` rows
    are the same models with the factorised layers replaced by free stand-ins: the latency of
    everything else, which bounds what any kernel for the factorised layers can reach.
 
@@ -264,8 +266,8 @@ def model_rows(args, device, input_name, cl):
             if k == "dense":
                 fns[k], base_of[k] = (lambda m=m: m(x)), k
                 continue
-            for impl in ("fused", "unfused"):
-                mi = set_implementation(copy.deepcopy(m), impl if impl == "unfused" else fused_or_auto(m, x))
+            for impl in ("fused", "unfused", "auto"):
+                mi = set_implementation(copy.deepcopy(m), fused_or_auto(m, x) if impl == "fused" else impl)
                 fns[f"{k}/{impl}"], base_of[f"{k}/{impl}"] = (lambda m=mi: m(x)), k
             free = floor_model(m, x)
             fns[f"{k}/floor"], base_of[f"{k}/floor"] = (lambda m=free: m(x)), k

@@ -10,7 +10,8 @@ For a kernel ``W[C_out, C_in, kh, kw]`` (Lebedev et al., ICLR 2015; Kim et al., 
 
 ``implementation="auto"`` computes the layer with a fused op when it can run the input (today: on the
 CPU, zero padding; the CUDA kernel of ``cp_conv2d`` exists but is only used when asked for with
-``"fused"`` until it has been validated on a GPU) and with the unfused chain of convolutions otherwise; ``"fused"`` raises with the
+``"fused"`` until it has been validated on a GPU) and is the faster of the two for that input (timed
+once per configuration, see :func:`set_autotune`), and with the unfused chain of convolutions otherwise; ``"fused"`` raises with the
 reasons when it cannot; ``"unfused"`` always takes the chain. The fused ops are
 ``torch.ops.tdconv.cp_conv2d`` (CP; also cp4, whose two 1-D depthwise filters it applies as their
 kh x kw outer product: the same function, with kh * kw instead of kh + kw multiply-adds per factor
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +34,28 @@ from torch.nn.modules.utils import _pair
 from . import ops as _ops
 from .decompose import cp_als, tucker_hooi
 
-__all__ = ["FactorizedConv2d", "resolve_rank"]
+__all__ = ["FactorizedConv2d", "resolve_rank", "set_autotune"]
 
 METHODS = ("cp", "cp4", "tucker")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 IMPLEMENTATIONS = ("auto", "fused", "unfused")
+
+_AUTOTUNE = {"enabled": True}
+_AUTOTUNE_CHOICES: dict = {}
+
+
+def set_autotune(enabled: bool) -> None:
+    """Whether ``implementation="auto"`` times the fused op against the unfused chain the first time
+    it meets a layer configuration and input shape (and layout, dtype, device, thread count), then
+    keeps the faster one for them (default: on; like ``torch.backends.cudnn.benchmark``). The fused op
+    is not faster everywhere: on large feature maps the CPU's own convolutions often win. When off,
+    and always while tracing (``torch.compile``, ``torch.export``), ``"auto"`` takes the fused op
+    whenever it can run. ``implementation="fused"`` / ``"unfused"`` pin the choice (and the exact
+    rounding of the result)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _AUTOTUNE["enabled"] = enabled
+    _AUTOTUNE_CHOICES.clear()
 
 
 def _positive_int(value, name: str) -> int:
@@ -288,9 +308,45 @@ class FactorizedConv2d(nn.Module):
         if self.implementation != "unfused":
             reasons = self.fused_unsupported_reasons(x)
             if not reasons:
-                return self._fused(x)
-            if self.implementation == "fused":
+                if self.implementation == "fused" or self._auto_picks_fused(x):
+                    return self._fused(x)
+            elif self.implementation == "fused":
                 raise ValueError("implementation='fused' cannot run this input: " + "; ".join(reasons))
+        return self._unfused(x)
+
+    def _auto_picks_fused(self, x: torch.Tensor) -> bool:
+        """implementation="auto" where both can run: the faster one for this configuration, timed once."""
+        if not _AUTOTUNE["enabled"] or torch.compiler.is_compiling():
+            return True
+        key = (self.method, self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride,
+               self._pads(), self.dilation, self.bias is not None, tuple(x.shape), x.stride(), x.dtype, x.device,
+               torch.get_num_threads())
+        choice = _AUTOTUNE_CHOICES.get(key)
+        if choice is None:
+            choice = _AUTOTUNE_CHOICES[key] = self._fused_is_faster(x)
+        return choice
+
+    def _fused_is_faster(self, x: torch.Tensor, rounds: int = 5) -> bool:
+        """Median of `rounds` interleaved timings of each implementation on ``x`` (after a warm-up)."""
+        def sync():
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+
+        times = {self._fused: [], self._unfused: []}
+        with torch.no_grad():
+            for fn in times:
+                fn(x)
+            for _ in range(rounds):
+                for fn, t in times.items():
+                    sync()
+                    start = time.perf_counter()
+                    fn(x)
+                    sync()
+                    t.append(time.perf_counter() - start)
+        fused, unfused = (statistics.median(t) for t in times.values())
+        return fused <= unfused
+
+    def _unfused(self, x: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(x, self.first)
         padding, pad = self._spatial_padding()
         if pad is not None:

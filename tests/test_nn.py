@@ -237,6 +237,38 @@ def test_fused_low_precision(require_ext, device, method, dtype, tol):
     assert err < tol and (dtype != torch.float32 or err <= 10 * chain_err + 1e-7)
 
 
+def test_auto_times_both_once_and_keeps_the_faster(require_ext, monkeypatch):
+    from tdconv import nn as tnn
+    tdconv.set_autotune(True)
+    layer = tdconv.FactorizedConv2d(8, 8, 3, padding=1, method="cp", rank=4)
+    x = torch.randn(2, 8, 6, 6)
+    calls = []
+    monkeypatch.setattr(tnn.FactorizedConv2d, "_fused_is_faster", lambda self, x: calls.append(1) or False)
+    expected = layer._unfused(x)
+    torch.testing.assert_close(layer(x), expected)  # timed: the chain "won"
+    layer(x)
+    assert len(calls) == 1  # cached per configuration
+    layer(torch.randn(3, 8, 6, 6))
+    assert len(calls) == 2  # a new input shape is timed again
+    fused_calls = []
+    monkeypatch.setattr(tnn.FactorizedConv2d, "_fused", lambda self, x: fused_calls.append(1) or expected)
+    layer(x)
+    assert not fused_calls
+    tdconv.set_autotune(False)  # off: the fused op whenever it can run
+    try:
+        layer(x)
+        assert fused_calls == [1]
+    finally:
+        tdconv.set_autotune(True)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        tdconv.set_autotune(1)
+
+
+def test_autotune_timing_runs(require_ext):
+    layer = tdconv.FactorizedConv2d(8, 8, 3, padding=1, method="tucker", rank=4)
+    assert layer._fused_is_faster(torch.randn(2, 8, 6, 6)) in (True, False)
+
+
 def test_auto_skips_unvalidated_kernels(require_ext, monkeypatch):
     # A kernel that has not run on hardware is used only when asked for explicitly.
     monkeypatch.setattr(tdconv.ops, "UNVALIDATED_KERNELS", {("cp_conv2d", "cpu")})
