@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One check of everything CUDA in tdconv, for any Linux machine with an NVIDIA GPU and PyTorch (no
 # package registry needed): build the extension in place against this machine's torch, run the test
-# suite (the CUDA tests included), run compute-sanitizer on a small CUDA test where it exists, run the
+# suite (the CUDA tests included), run compute-sanitizer on the small CUDA kernel tests where it exists, run the
 # benchmarks on the GPU, and write logs and JSON into OUT_DIR (8 files at most). The stage limits add up
 # to under 8 minutes; a typical run on one H200 takes about 3.
 #
@@ -60,7 +60,8 @@ fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$SAN" ]; then
   stage sanitizer 45 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 9 \
-    $PY -m pytest -q -p no:cacheprovider tests/test_cp.py -k "mode_contract and cuda"
+    $PY -m pytest -q -p no:cacheprovider tests/test_cp.py tests/test_nn.py \
+    -k "cuda and (mode_contract or fused_tiles or (fused_low_precision and not tucker))"
 else
   say "sanitizer    skipped: compute-sanitizer not found"
 fi
