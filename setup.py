@@ -161,7 +161,7 @@ setup(
     python_requires=">=3.9",
     # The extension is compiled against exactly this torch; pinning it at install time makes a
     # mismatched build/runtime pair impossible (pip upgrades or downgrades torch to match).
-    install_requires=[f"torch=={torch_base_version()}", "numpy"],
+    install_requires=[f"torch=={torch_base_version()}", "numpy", "ptflops"],
     extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy", "torchvision", "ptflops"],
                     "bench": ["tensorly==0.10.*", "torchvision", "ptflops"]},
     ext_modules=[make_extension()],

@@ -198,23 +198,30 @@ class FactorizedConv2d(nn.Module):
     # ------------------------------------------------------------------------------------------ conversions
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, method: str = "cp", rank=0.5, *, implementation: str = "auto",
-                  **decomposition_options) -> "FactorizedConv2d":
+                  bias: bool | None = None, **decomposition_options) -> "FactorizedConv2d":
         """Decompose ``conv``'s kernel with the engine (no gradient tracking) and keep its bias.
 
         ``decomposition_options`` go to :func:`tdconv.cp_als` (cp, cp4) or :func:`tdconv.tucker_hooi`
         (tucker). The same defaults as the constructor. Each CP component's norm is spread equally
         over its factors (the function is unchanged; SGD on such factors is well conditioned).
+        ``bias``: None keeps the conv's (or its lack of one); True gives the layer a bias even where
+        the conv has none, initialised to zero (the function is unchanged; the seed's factorised
+        layers had one).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
             raise ValueError(f"grouped convolutions are not supported (conv.groups={conv.groups}); "
                              "only groups=1 convolutions can be factorised")
+        if bias not in (None, True, False):
+            raise ValueError(f"bias must be None (keep the conv's), True or False, got {bias!r}")
+        if bias is False and conv.bias is not None:
+            raise ValueError("bias=False would drop the conv's bias and change its function; use bias=None")
         w = conv.weight.detach()
         c_out, c_in, kh, kw = w.shape
         layer = cls(c_in, c_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.bias is not None, method=method, rank=rank, padding_mode=conv.padding_mode,
-                    implementation=implementation, device=w.device, dtype=w.dtype)
+                    conv.bias is not None or bias is True, method=method, rank=rank,
+                    padding_mode=conv.padding_mode, implementation=implementation, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             if method in ("cp", "cp4"):
                 x = w.reshape(c_out, c_in, kh * kw) if method == "cp" else w
@@ -237,7 +244,28 @@ class FactorizedConv2d(nn.Module):
                 layer.spatial.copy_(t.core)
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias.detach())
+            elif layer.bias is not None:
+                layer.bias.zero_()
         return layer
+
+    def spec(self) -> dict:
+        """The constructor arguments that rebuild this layer (plain values, for saving)."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "bias": self.bias is not None, "method": self.method,
+                "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank,
+                "padding_mode": self.padding_mode, "implementation": self.implementation}
+
+    def component_norms(self) -> torch.Tensor:
+        """CP (cp, cp4): the norm of each rank-1 term of the kernel, the product of its factors' norms."""
+        if self.method == "tucker":
+            raise ValueError("component norms are defined for CP layers (method 'cp' or 'cp4'), not 'tucker'")
+        norms = self.first.flatten(1).norm(dim=1) * self.spatial.flatten(1).norm(dim=1) * \
+            self.last.flatten(1).norm(dim=0)
+        if self.method == "cp4":
+            norms = norms * self.spatial_w.flatten(1).norm(dim=1)
+        return norms.detach()
 
     def kernel(self) -> torch.Tensor:
         """The dense kernel ``[C_out, C_in, kh, kw]`` this layer computes with."""

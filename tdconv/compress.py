@@ -1,0 +1,368 @@
+"""Whole-model compression: replace a model's convolutions by :class:`FactorizedConv2d` layers, and
+report what it cost and what it saved.
+
+>>> import torchvision, tdconv
+>>> model = torchvision.models.resnet18(num_classes=10)
+>>> small, report = tdconv.compress(model, "cp", rank=0.5, layers="seed", seed=0)
+>>> print(report)                      # per layer and totals (ptflops at 3x32x32)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import numbers
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .nn import METHODS, FactorizedConv2d, resolve_rank
+
+__all__ = ["compress", "CompressionReport", "LayerReport", "select_layers", "count_complexity"]
+
+# Convolutions with at most this many input channels are the input ("stem") convs of image models;
+# layers=None leaves them dense (see select_layers).
+STEM_MAX_IN_CHANNELS = 4
+
+
+def _is_seed_layer(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    """The seed's choice: ``conv2`` of every ResNet BasicBlock."""
+    return name.rpartition(".")[2] == "conv2" and parent is not None and type(parent).__name__ == "BasicBlock"
+
+
+def _why_not(module: nn.Module) -> str | None:
+    """Why a conv cannot be factorised at all (None when it can)."""
+    if module.groups != 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return f"{kind} convolution (groups={module.groups}); only groups=1 convolutions are factorised"
+    return None
+
+
+def select_layers(model: nn.Module, layers=None) -> tuple[list, list]:
+    """The convs of ``model`` that ``layers`` selects: ``(selected names, [(name, reason), ...] skipped)``.
+
+    ``layers``:
+
+    - ``None``: every ``nn.Conv2d`` with ``groups == 1`` and a kernel larger than 1x1, except input
+      convs (at most 4 input channels, e.g. the RGB stem): factorising a 3-channel conv saves almost
+      nothing and it is the most accuracy-sensitive layer (Kim et al., 2016, leave it dense);
+    - a list of module names (each must name an ``nn.Conv2d``);
+    - a callable ``(module, name) -> bool`` over the ``nn.Conv2d`` modules;
+    - ``"seed"``: ``conv2`` of every ResNet BasicBlock, the seed's choice.
+
+    Selected convs that cannot be factorised (grouped, depthwise) are skipped with the reason.
+    """
+    parents = {}
+    convs = {}
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            parents[f"{name}.{child_name}" if name else child_name] = module
+        if isinstance(module, nn.Conv2d):
+            convs[name] = module
+    if layers is None:
+        wanted = []
+        skipped = []
+        for name, m in convs.items():
+            if m.kernel_size == (1, 1):
+                continue
+            if m.in_channels <= STEM_MAX_IN_CHANNELS:
+                skipped.append((name, f"input conv ({m.in_channels} input channels) left dense"))
+                continue
+            wanted.append(name)
+    elif isinstance(layers, str):
+        if layers != "seed":
+            raise ValueError(f"layers must be None, 'seed', a list of module names or a callable, got {layers!r}")
+        wanted = [n for n, m in convs.items() if _is_seed_layer(n, m, parents.get(n))]
+        skipped = []
+    elif callable(layers):
+        wanted = [n for n, m in convs.items() if layers(m, n)]
+        skipped = []
+    else:
+        try:
+            names = list(layers)
+        except TypeError:
+            raise TypeError(f"layers must be None, 'seed', a list of module names or a callable, got "
+                            f"{type(layers).__name__}") from None
+        modules = dict(model.named_modules())
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            raise ValueError(f"layers names modules that the model does not have: {unknown}")
+        not_conv = [n for n in names if not isinstance(modules[n], nn.Conv2d)]
+        if not_conv:
+            raise ValueError(f"layers names modules that are not nn.Conv2d: "
+                             f"{[(n, type(modules[n]).__name__) for n in not_conv]}")
+        wanted = list(dict.fromkeys(names))
+        skipped = []
+    selected = []
+    for name in wanted:
+        reason = _why_not(convs[name])
+        if reason:
+            skipped.append((name, reason))
+        else:
+            selected.append(name)
+    return selected, skipped
+
+
+def _input_sizes(model: nn.Module, names: list, input_size: tuple) -> dict:
+    """The (H, W) each named module sees for one input of ``input_size`` (a forward pass with hooks)."""
+    sizes = {}
+    modules = dict(model.named_modules())
+    def record(name):
+        def hook(module, inputs, output):  # returns None: the output is left alone
+            sizes.setdefault(name, tuple(inputs[0].shape[2:]))
+        return hook
+
+    hooks = [modules[n].register_forward_hook(record(n)) for n in names]
+    p = next(model.parameters(), None)
+    x = torch.zeros(1, *input_size, device=p.device if p is not None else "cpu",
+                    dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def _conv_macs(conv: nn.Conv2d, hw: tuple) -> int:
+    """MACs of one image through a conv, as ptflops counts them (output elements x kernel x C_in/groups,
+    plus the bias)."""
+    if conv.padding == "same":
+        ho, wo = hw
+    else:
+        pads = (0, 0) if conv.padding == "valid" else conv.padding
+        ho, wo = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+                  for n, p, d, k, s in zip(hw, pads, conv.dilation, conv.kernel_size, conv.stride)]
+    kh, kw = conv.kernel_size
+    macs = conv.out_channels * ho * wo * (conv.in_channels // conv.groups) * kh * kw
+    return int(macs + (conv.out_channels * ho * wo if conv.bias is not None else 0))
+
+
+def count_complexity(model: nn.Module, input_size=(3, 32, 32)) -> tuple[int, int]:
+    """(MACs, parameters) of one input of ``input_size``, counted by ptflops (``backend="pytorch"``,
+    functional calls not counted, as the seed counted them), with :class:`FactorizedConv2d` counted as
+    its three convolutions."""
+    try:
+        import ptflops
+    except ImportError as exc:
+        raise ImportError("counting MACs needs ptflops: pip install ptflops") from exc
+
+    def hook(module, inputs, output):
+        module.__flops__ += int(module.macs(tuple(inputs[0].shape[2:])) * inputs[0].shape[0])
+
+    model = copy.deepcopy(model).cpu().float()
+    macs, params = ptflops.get_model_complexity_info(
+        model, tuple(input_size), as_strings=False, print_per_layer_stat=False, verbose=False, backend="pytorch",
+        backend_specific_config={"count_functional": False}, custom_modules_hooks={FactorizedConv2d: hook})
+    return int(macs), int(params)
+
+
+@dataclass
+class LayerReport:
+    """What factorising one conv did."""
+    name: str
+    kernel_shape: list
+    method: str
+    rank: object
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    rel_error: float
+    # CP only: largest / smallest component norm, and sum of squared component norms / ||W||^2
+    # (large values flag a degenerate decomposition: terms that cancel each other).
+    max_component_norm: float | None = None
+    min_component_norm: float | None = None
+    norm_ratio: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer and whole-model figures of a compression; ``print(report)`` shows a table."""
+    method: str
+    input_size: tuple
+    layers: list = field(default_factory=list)   # LayerReport per factorised conv
+    skipped: list = field(default_factory=list)  # (name, reason)
+    macs_before: int | None = None               # whole model, ptflops
+    macs_after: int | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["skipped"] = [list(s) for s in self.skipped]
+        return d
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def _rows(self):
+        cols = ["layer", "kernel", "rank", "params", "MMac", "rel. error", "max/min comp.", "sum comp^2/|W|^2"]
+        rows = []
+        for r in self.layers:
+            ratio = (f"{r.max_component_norm / r.min_component_norm:.3g}"
+                     if r.max_component_norm is not None and r.min_component_norm else "-")
+            rows.append([r.name, "x".join(map(str, r.kernel_shape)), str(r.rank),
+                         f"{r.params_before} -> {r.params_after}",
+                         f"{r.macs_before / 1e6:.3f} -> {r.macs_after / 1e6:.3f}", f"{r.rel_error:.4f}", ratio,
+                         f"{r.norm_ratio:.3g}" if r.norm_ratio is not None else "-"])
+        return cols, rows
+
+    def _totals(self) -> list:
+        lines = []
+        if self.macs_before is not None:
+            lines.append(f"MACs ({'x'.join(map(str, self.input_size))}, ptflops): {self.macs_before / 1e6:.2f} M -> "
+                         f"{self.macs_after / 1e6:.2f} M ({self.macs_after / self.macs_before:.1%})")
+            lines.append(f"parameters: {self.params_before / 1e6:.2f} M -> {self.params_after / 1e6:.2f} M "
+                         f"({self.params_after / self.params_before:.1%})")
+        return lines
+
+    def __str__(self) -> str:
+        cols, rows = self._rows()
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+        out = [f"tdconv.compress: method={self.method}, {len(self.layers)} conv(s) factorised"]
+        out.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+        out.append("  ".join("-" * w for w in widths))
+        out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+        out += [f"skipped {n}: {why}" for n, why in self.skipped]
+        out += self._totals()
+        return "\n".join(out)
+
+    def to_markdown(self) -> str:
+        cols, rows = self._rows()
+        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        out += ["", *[f"- skipped `{n}`: {why}" for n, why in self.skipped]]
+        out += ["", *[f"- {line}" for line in self._totals()]]
+        return "\n".join(out).rstrip() + "\n"
+
+
+def _layer_report(name, conv, layer, hw, seconds) -> LayerReport:
+    w = conv.weight.detach()
+    wn = float(w.double().norm())
+    with torch.no_grad():
+        err = float((layer.kernel().double() - w.double()).norm()) / wn if wn > 0 else float("nan")
+    rep = LayerReport(name=name, kernel_shape=list(w.shape), method=layer.method,
+                      rank=list(layer.rank) if isinstance(layer.rank, tuple) else layer.rank,
+                      params_before=sum(p.numel() for p in conv.parameters()),
+                      params_after=sum(p.numel() for p in layer.parameters()),
+                      macs_before=_conv_macs(conv, hw), macs_after=layer.macs(hw), rel_error=err, seconds=seconds)
+    if layer.method in ("cp", "cp4"):
+        norms = layer.component_norms().double()
+        rep.max_component_norm = float(norms.max())
+        rep.min_component_norm = float(norms.min())
+        rep.norm_ratio = float(norms.square().sum()) / wn ** 2 if wn > 0 else float("nan")
+    return rep
+
+
+def _progress(enabled, i, n, name, t0):
+    if enabled:
+        bar = "#" * int(20 * i / n)
+        sys.stderr.write(f"\rtdconv.compress [{bar:<20}] {i}/{n} {name[:40]:<40} {time.perf_counter() - t0:6.1f}s")
+        if i == n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, overrides: dict | None = None,
+             inplace: bool = False, bias: bool | None = None, input_size=(3, 32, 32), progress: bool | None = None,
+             **decomposition_options):
+    """Replace convolutions of ``model`` by :class:`FactorizedConv2d` layers.
+
+    Parameters
+    ----------
+    model : nn.Module
+    method : {"cp", "cp4", "tucker"}
+    rank : int, (int, int) or float
+        For every selected conv: a CP rank, Tucker ranks ``(R_out, R_in)``, or a fraction of the
+        channels (0.5: the seed's rank C/2). Must fit every selected layer (a CP rank is any positive
+        int; a Tucker rank at most the layer's channels).
+    layers : None, "seed", list of names, or callable ``(module, name) -> bool``
+        Which convs; see :func:`select_layers`. Selected convs that cannot be factorised are skipped
+        and listed in the report with the reason.
+    overrides : dict, optional
+        Module name -> rank, for those layers instead of ``rank``.
+    inplace : bool
+        Modify ``model`` itself instead of a deep copy.
+    bias : None or True
+        None keeps each conv's bias (or its lack); True gives every factorised layer a bias
+        (zero-initialised; the function is unchanged). The seed's factorised layers had one, and its
+        complexity figures count it.
+    input_size : (C, H, W)
+        Input of the MAC counts in the report (the seed's 3x32x32 by default).
+    progress : bool, optional
+        A progress line on stderr (default: when stderr is a terminal and more than 4 layers).
+    **decomposition_options
+        Passed to :meth:`FactorizedConv2d.from_conv` (``n_iter_max``, ``tol``, ``init``, ``seed``, ...).
+        ``seed`` is accepted for every method; Tucker (HOSVD-initialised HOOI) does not use it.
+
+    Returns
+    -------
+    (nn.Module, CompressionReport)
+        The compressed model, on the original device and dtype, and the report.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a dict from module name to rank, got {type(overrides).__name__}")
+    if not (isinstance(input_size, (tuple, list)) and len(input_size) == 3
+            and all(isinstance(v, numbers.Integral) and v >= 1 for v in input_size)):
+        raise ValueError(f"input_size must be (C, H, W) of positive ints, got {input_size!r}")
+    if method == "tucker":
+        decomposition_options.pop("seed", None)  # deterministic: nothing to seed
+    selected, skipped = select_layers(model, layers)
+    if overrides:
+        unknown = sorted(set(overrides) - set(selected))
+        if unknown:
+            raise ValueError(f"overrides names layers that are not selected for factorisation: {unknown} "
+                             f"(selected: {selected})")
+    if not selected:
+        raise ValueError("the model has no convolution to factorise with layers="
+                         f"{layers!r}" + (f" (skipped: {skipped})" if skipped else ""))
+    modules = dict(model.named_modules())
+    # Every rank is checked before any decomposition runs.
+    ranks = {}
+    for name in selected:
+        conv = modules[name]
+        r = overrides.get(name, rank) if overrides else rank
+        try:
+            ranks[name] = resolve_rank(r, method, conv.out_channels, conv.in_channels)
+        except ValueError as exc:
+            raise ValueError(f"rank for layer {name!r} ({conv.out_channels}x{conv.in_channels}): {exc}") from None
+    sizes = _input_sizes(model, selected, input_size)
+    before = count_complexity(model, input_size)
+    out = model if inplace else copy.deepcopy(model)
+    out_modules = dict(out.named_modules())
+    show = progress if progress is not None else (sys.stderr.isatty() and len(selected) > 4)
+    report = CompressionReport(method=method, input_size=tuple(input_size), skipped=skipped)
+    t0 = time.perf_counter()
+    for i, name in enumerate(selected):
+        _progress(show, i, len(selected), name, t0)
+        conv = out_modules[name]
+        t = time.perf_counter()
+        layer = FactorizedConv2d.from_conv(conv, method=method, rank=ranks[name], bias=bias, **decomposition_options)
+        layer.train(conv.training)
+        hw = sizes.get(name)
+        if hw is not None:
+            report.layers.append(_layer_report(name, conv, layer, hw, time.perf_counter() - t))
+        else:
+            report.skipped.append((name, "not reached by a forward pass at input_size; factorised, not reported"))
+        parent_name, _, child = name.rpartition(".")
+        setattr(out_modules[parent_name] if parent_name else out, child, layer)
+    _progress(show, len(selected), len(selected), "done", t0)
+    report.macs_before, report.params_before = before
+    report.macs_after, report.params_after = count_complexity(out, input_size)
+    if not math.isfinite(sum(r.rel_error for r in report.layers)):
+        raise RuntimeError("a decomposition produced a non-finite kernel; see the report's rel_error column")
+    return out, report

@@ -1,0 +1,153 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import tdconv
+from tdconv.compress import count_complexity, select_layers
+
+FAST = dict(n_iter_max=2, seed=0)
+
+
+def _resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def test_seed_complexity_figures(require_ext):
+    # The seed's figures (ptflops at 3x32x32): 37.18 MMac / 11.18 M dense; 20.49 MMac / 5.62 M with
+    # conv2 of every BasicBlock CP-factorised at rank C/2, each factorised layer with a bias.
+    model = _resnet18()
+    macs, params = count_complexity(model, (3, 32, 32))
+    assert (f"{macs / 1e6:.2f}", f"{params / 1e6:.2f}") == ("37.18", "11.18")
+    small, report = tdconv.compress(model, "cp", 0.5, layers="seed", bias=True, **FAST)
+    assert (f"{report.macs_after / 1e6:.2f}", f"{report.params_after / 1e6:.2f}") == ("20.49", "5.62")
+    assert (report.macs_before, report.params_before) == (macs, params)
+    assert [r.rank for r in report.layers] == [32, 32, 64, 64, 128, 128, 256, 256]
+    # Without the added bias: 15360 MACs and 1920 parameters fewer.
+    _, plain = tdconv.compress(model, "cp", 0.5, layers="seed", **FAST)
+    assert (report.macs_after - plain.macs_after, report.params_after - plain.params_after) == (15360, 1920)
+    # The per-layer figures add up to the totals.
+    assert sum(r.macs_before - r.macs_after for r in report.layers) == report.macs_before - report.macs_after
+    assert sum(r.params_before - r.params_after for r in report.layers) == report.params_before - report.params_after
+
+
+def test_compressed_model_computes_its_reconstructed_kernels(require_ext):
+    model = _resnet18()
+    small, report = tdconv.compress(model, "tucker", (64, 64), layers=["layer4.1.conv2"], **FAST)
+    f = small.get_submodule("layer4.1.conv2")
+    assert isinstance(f, tdconv.FactorizedConv2d) and f.rank == (64, 64)
+    ref = _resnet18()
+    ref.get_submodule("layer4.1").conv2 = f.to_conv()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(small(x), ref(x), rtol=1e-4, atol=1e-5)
+    # the report's error is the kernel's
+    w = model.get_submodule("layer4.1.conv2").weight.detach().double()
+    k = f.kernel().detach().double()
+    assert abs(report.layers[0].rel_error - float((k - w).norm() / w.norm())) < 1e-12
+
+
+def test_layer_selection_forms():
+    model = _resnet18()
+    selected, skipped = select_layers(model)
+    assert len(selected) == 16 and all(n.endswith(("conv1", "conv2")) and n != "conv1" for n in selected)
+    assert skipped == [("conv1", "input conv (3 input channels) left dense")]
+    assert select_layers(model, "seed")[0] == [f"layer{i}.{j}.conv2" for i in (1, 2, 3, 4) for j in (0, 1)]
+    assert select_layers(model, ["layer1.0.conv1", "layer2.0.downsample.0"])[0] == \
+        ["layer1.0.conv1", "layer2.0.downsample.0"]
+    assert select_layers(model, lambda m, n: m.out_channels == 512)[0] == \
+        ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2"]
+    with pytest.raises(ValueError, match=r"does not have: \['layer9.conv'\]"):
+        select_layers(model, ["layer9.conv"])
+    with pytest.raises(ValueError, match="not nn.Conv2d"):
+        select_layers(model, ["layer1.0.bn1"])
+    with pytest.raises(ValueError, match="layers must be"):
+        select_layers(model, "all")
+    with pytest.raises(TypeError, match="layers must be"):
+        select_layers(model, 3)
+
+
+def test_inplace_overrides_and_options(require_ext):
+    model = _resnet18()
+    small, report = tdconv.compress(model, "cp", 0.5, layers="seed", overrides={"layer4.1.conv2": 100}, **FAST)
+    assert isinstance(model.layer4[1].conv2, nn.Conv2d)  # the original is untouched
+    assert small.layer4[1].conv2.rank == 100 and small.layer4[0].conv2.rank == 256
+    out, _ = tdconv.compress(model, "cp4", 8, layers=["layer1.0.conv2"], inplace=True, **FAST)
+    assert out is model and model.layer1[0].conv2.method == "cp4"
+    assert "layer" in str(report) and report.to_json().startswith("{") and report.to_markdown().startswith("|")
+
+
+@pytest.mark.parametrize("name,kwargs,expected_skips", [
+    ("resnet50", dict(method="tucker", rank=0.25), 1),
+    ("vgg11_bn", dict(method="cp", rank=0.25), 1),
+    ("mobilenet_v2", dict(method="cp", rank=4, layers=lambda m, n: m.kernel_size != (1, 1)), 17),
+])
+def test_torchvision_models(require_ext, name, kwargs, expected_skips):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    small, report = tdconv.compress(model, n_iter_max=1, **kwargs)
+    assert small(x).shape == model(x).shape
+    assert report.params_after < report.params_before and report.macs_after < report.macs_before
+    assert len(report.skipped) == expected_skips
+    if name == "mobilenet_v2":
+        assert all("depthwise" in why for _, why in report.skipped)
+
+
+def test_bad_input(require_ext):
+    model = _resnet18()
+    with pytest.raises(ValueError, match="method must be one of"):
+        tdconv.compress(model, "svd")
+    with pytest.raises(ValueError, match="no convolution to factorise"):
+        tdconv.compress(nn.Sequential(nn.Linear(3, 4)))
+    with pytest.raises(ValueError, match=r"rank for layer 'layer1.0.conv2' \(64x64\).*out of range"):
+        tdconv.compress(model, "tucker", (128, 128), layers="seed")
+    with pytest.raises(ValueError, match="overrides names layers that are not selected"):
+        tdconv.compress(model, "cp", 0.5, layers="seed", overrides={"layer1.0.conv1": 3})
+    with pytest.raises(ValueError, match="input_size must be"):
+        tdconv.compress(model, "cp", 0.5, layers="seed", input_size=(32, 32))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        tdconv.compress("resnet18")
+
+
+def test_save_load_round_trip(require_ext, tmp_path):
+    model = _resnet18()
+    small, _ = tdconv.compress(model, "tucker", 0.5, layers="seed", **FAST)
+    small.layer1[0].conv2.implementation = "unfused"
+    path = tmp_path / "small.pt"
+    tdconv.save(small, path)
+    rebuilt = tdconv.load(path, _resnet18())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(rebuilt(x), small(x))
+    assert rebuilt.layer1[0].conv2.implementation == "unfused"
+    for a, b in zip(rebuilt.state_dict().values(), small.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_load_bad_files(require_ext, tmp_path):
+    model = _resnet18()
+    small, _ = tdconv.compress(model, "cp", 0.5, layers="seed", **FAST)
+    good = tmp_path / "good.pt"
+    tdconv.save(small, good)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tdconv.load(tmp_path / "missing.pt", _resnet18())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable tdconv file"):
+        tdconv.load(truncated, _resnet18())
+    foreign = tmp_path / "foreign.pt"
+    torch.save(model.state_dict(), foreign)
+    with pytest.raises(ValueError, match="not a file written by tdconv.save"):
+        tdconv.load(foreign, _resnet18())
+    with pytest.raises(ValueError, match="model has no modules named"):
+        tdconv.load(good, nn.Sequential(nn.Conv2d(3, 3, 3)))
+
+
+def test_load_never_runs_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code from a file ran",))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "tdconv.compressed", "version": 1, "layers": {}, "state_dict": {"x": Payload()}}, path)
+    with pytest.raises(ValueError, match="not a readable tdconv file"):
+        tdconv.load(path, nn.Linear(2, 2))
