@@ -246,6 +246,52 @@ class CompressionReport:
         return "\n".join(out).rstrip() + "\n"
 
 
+def _budget_ranks(model, method, selected, fixed_ranks, overrides, sizes, before, metric, target, bias) -> dict:
+    """Ranks of the selected layers not in ``overrides`` that fit the whole model into ``target``."""
+    from .ranks import allocate_budget, mode_tails
+
+    modules = dict(model.named_modules())
+    total = before[0] if metric == "macs" else before[1]
+    budget = int(math.floor(target * total))
+    spent_elsewhere = total
+    free = []
+    for name in selected:
+        conv = modules[name]
+        hw = sizes.get(name)
+        if hw is None:
+            raise ValueError(f"layer {name!r} is not reached by a forward pass at input_size; a budget needs "
+                             "every selected layer's input size")
+        dense = _conv_macs(conv, hw) if metric == "macs" else sum(p.numel() for p in conv.parameters())
+        probe = FactorizedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                 conv.dilation, conv.bias is not None or bias is True, method=method,
+                                 rank=(1, 1) if method == "tucker" else 1, padding_mode=conv.padding_mode,
+                                 device="meta")
+        spent_elsewhere -= dense
+        if name in overrides:
+            r = fixed_ranks[name]
+            spent_elsewhere += probe.macs(hw, r) if metric == "macs" else probe.num_params(r)
+            continue
+        free.append({"name": name, "probe": probe, "hw": hw, "dense_cost": dense, "tails": mode_tails(conv.weight)})
+    if not free:
+        return {}
+    try:
+        ranks = allocate_budget(free, method, budget - spent_elsewhere, metric)
+    except ValueError as exc:
+        low = spent_elsewhere + sum(f["probe"].macs(f["hw"], f["probe"].rank) if metric == "macs"
+                                    else f["probe"].num_params() for f in free)
+        raise ValueError(f"target_{metric}={target} is unreachable by factorising these layers: the smallest "
+                         f"achievable is {low / total:.4f} of the model's {metric} (every selected layer at rank 1)"
+                         ) from exc
+    achieved = spent_elsewhere + sum(
+        f["probe"].macs(f["hw"], ranks[f["name"]]) if metric == "macs" else f["probe"].num_params(ranks[f["name"]])
+        for f in free)
+    if achieved < 0.98 * budget:
+        raise ValueError(f"target_{metric}={target} is above what factorising these layers can use: at most "
+                         f"{achieved / total:.4f} of the model's {metric} (each layer up to its dense cost); "
+                         "select more layers or leave the layers dense")
+    return ranks
+
+
 def _layer_report(name, conv, layer, hw, seconds) -> LayerReport:
     w = conv.weight.detach()
     wn = float(w.double().norm())
@@ -274,7 +320,8 @@ def _progress(enabled, i, n, name, t0):
 
 
 def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, overrides: dict | None = None,
-             inplace: bool = False, bias: bool | None = None, input_size=(3, 32, 32), progress: bool | None = None,
+             target_macs: float | None = None, target_params: float | None = None, inplace: bool = False,
+             bias: bool | None = None, input_size=(3, 32, 32), progress: bool | None = None,
              **decomposition_options):
     """Replace convolutions of ``model`` by :class:`FactorizedConv2d` layers.
 
@@ -290,7 +337,12 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
         Which convs; see :func:`select_layers`. Selected convs that cannot be factorised are skipped
         and listed in the report with the reason.
     overrides : dict, optional
-        Module name -> rank, for those layers instead of ``rank``.
+        Module name -> rank, for those layers instead of ``rank`` (or of the budget's choice).
+    target_macs, target_params : float in (0, 1], optional
+        A whole-model budget, as a fraction of the model's MACs at ``input_size`` or of its
+        parameters: per-layer ranks are chosen to meet it (at or under, within 2 %) while keeping the
+        sum of the layers' normalised errors small (see :mod:`tdconv.ranks`); ``rank`` is then not
+        used. At most one of the two.
     inplace : bool
         Modify ``model`` itself instead of a deep copy.
     bias : None or True
@@ -321,6 +373,12 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
         raise ValueError(f"input_size must be (C, H, W) of positive ints, got {input_size!r}")
     if method == "tucker":
         decomposition_options.pop("seed", None)  # deterministic: nothing to seed
+    if target_macs is not None and target_params is not None:
+        raise ValueError("give at most one of target_macs and target_params")
+    metric, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
+    if target is not None and (isinstance(target, bool) or not isinstance(target, numbers.Real)
+                               or not 0.0 < target <= 1.0):
+        raise ValueError(f"target_{metric} must be a fraction in (0, 1] of the model's {metric}, got {target!r}")
     selected, skipped = select_layers(model, layers)
     if overrides:
         unknown = sorted(set(overrides) - set(selected))
@@ -335,6 +393,8 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     ranks = {}
     for name in selected:
         conv = modules[name]
+        if target is not None and name not in (overrides or {}):
+            continue  # chosen by the budget below
         r = overrides.get(name, rank) if overrides else rank
         try:
             ranks[name] = resolve_rank(r, method, conv.out_channels, conv.in_channels)
@@ -342,6 +402,9 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
             raise ValueError(f"rank for layer {name!r} ({conv.out_channels}x{conv.in_channels}): {exc}") from None
     sizes = _input_sizes(model, selected, input_size)
     before = count_complexity(model, input_size)
+    if target is not None:
+        ranks.update(_budget_ranks(model, method, selected, ranks, overrides or {}, sizes, before, metric, target,
+                                   bias))
     out = model if inplace else copy.deepcopy(model)
     out_modules = dict(out.named_modules())
     show = progress if progress is not None else (sys.stderr.isatty() and len(selected) > 4)

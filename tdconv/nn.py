@@ -400,15 +400,29 @@ class FactorizedConv2d(nn.Module):
             spatial = spatial * self.spatial_w[:, 0]  # [R, kh, 1] * [R, 1, kw]
         return _ops.cp_conv2d(x, first, spatial, last, self.bias, *conv)
 
-    def macs(self, in_hw: tuple) -> int:
+    def num_params(self, rank=None) -> int:
+        """Parameters of this layer, or of the same layer at another ``rank`` (an int for CP, a pair for
+        Tucker)."""
+        kh, kw = self.kernel_size
+        r_out, r_in = self._rank_pair(rank)
+        spatial = {"cp": r_in * kh * kw, "cp4": r_in * (kh + kw), "tucker": r_out * r_in * kh * kw}[self.method]
+        return int(r_in * self.in_channels + spatial + self.out_channels * r_out
+                   + (self.out_channels if self.bias is not None else 0))
+
+    def _rank_pair(self, rank=None) -> tuple:
+        rank = self.rank if rank is None else rank
+        return tuple(rank) if self.method == "tucker" else (rank, rank)
+
+    def macs(self, in_hw: tuple, rank=None) -> int:
         """Multiply-accumulates of one image through the chain (counted as ptflops counts the three
-        convolutions: input-resolution 1x1, output-resolution spatial conv and 1x1, plus the bias)."""
+        convolutions: input-resolution 1x1, output-resolution spatial conv and 1x1, plus the bias); of
+        the same layer at another ``rank`` when given."""
         h, w = in_hw
         pads = self._pads()
         ho, wo = [(n + sum(p) - d * (k - 1) - 1) // s + 1
                   for n, p, d, k, s in zip((h, w), pads, self.dilation, self.kernel_size, self.stride)]
         kh, kw = self.kernel_size
-        r_out, r_in = self.rank if self.method == "tucker" else (self.rank, self.rank)
+        r_out, r_in = self._rank_pair(rank)
         spatial = {"cp": r_in * kh * kw, "cp4": 0, "tucker": r_out * r_in * kh * kw}[self.method]
         macs = self.in_channels * r_in * h * w + spatial * ho * wo + r_out * self.out_channels * ho * wo
         if self.method == "cp4":  # kh x 1 at (Ho, W), then 1 x kw at (Ho, Wo)

@@ -151,3 +151,43 @@ def test_load_never_runs_code(tmp_path):
     torch.save({"format": "tdconv.compressed", "version": 1, "layers": {}, "state_dict": {"x": Payload()}}, path)
     with pytest.raises(ValueError, match="not a readable tdconv file"):
         tdconv.load(path, nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+@pytest.mark.parametrize("method,kind,target", [("cp", "macs", 0.5), ("tucker", "macs", 0.5), ("cp", "params", 0.3),
+                                                ("tucker", "params", 0.3)])
+def test_budget_is_met_within_two_percent(require_ext, method, kind, target):
+    model = _resnet18()
+    _, report = tdconv.compress(model, method, **{f"target_{kind}": target}, n_iter_max=1)
+    before, after = ((report.macs_before, report.macs_after) if kind == "macs"
+                     else (report.params_before, report.params_after))
+    assert 0.98 * target * before <= after <= target * before
+
+
+def test_budget_spends_where_the_error_drops(require_ext):
+    # A kernel of exact Tucker rank (8, 8) next to a random one: the budget gives the first about its
+    # true ranks (beyond them its error is already zero) and the rest to the second.
+    from conftest import planted_tucker
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(planted_tucker((64, 64, 3, 3), (8, 8), (0, 1), dtype=torch.float32))
+    _, report = tdconv.compress(model, "tucker", target_params=0.5, input_size=(64, 8, 8))
+    low, rand = report.layers
+    assert low.rank[0] >= 8 and low.rank[1] >= 8 and low.rel_error < 1e-3
+    assert rand.params_after > 4 * low.params_after
+
+
+def test_budget_errors(require_ext):
+    model = _resnet18()
+    with pytest.raises(ValueError, match=r"unreachable.*smallest achievable is 0\.49"):
+        tdconv.compress(model, "cp", target_macs=0.3, layers="seed")
+    with pytest.raises(ValueError, match=r"above what factorising these layers can use: at most 0\.96"):
+        # an 8x8 conv: Tucker ranks (7, 7) cost 553 of its 576 parameters, (8, 8) more than it
+        tdconv.compress(nn.Sequential(nn.Conv2d(8, 8, 3, bias=False)), "tucker", target_params=1.0,
+                        input_size=(8, 8, 8))
+    with pytest.raises(ValueError, match=r"target_macs must be a fraction in \(0, 1\]"):
+        tdconv.compress(model, "cp", target_macs=1.5)
+    with pytest.raises(ValueError, match="at most one of target_macs and target_params"):
+        tdconv.compress(model, "cp", target_macs=0.5, target_params=0.5)
