@@ -164,6 +164,7 @@ setup(
     install_requires=[f"torch=={torch_base_version()}", "numpy", "ptflops"],
     extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy", "torchvision", "ptflops"],
                     "bench": ["tensorly==0.10.*", "torchvision", "ptflops"]},
+    entry_points={"console_scripts": ["tdconv=tdconv.cli:main"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if os.environ.get("TDCONV_LIMITED_API", "1") != "0" else {},

@@ -25,14 +25,17 @@ def _layer_specs(model: nn.Module) -> dict:
     return {name: m.spec() for name, m in model.named_modules() if isinstance(m, FactorizedConv2d)}
 
 
-def save(model: nn.Module, path) -> None:
+def save(model: nn.Module, path, meta: dict | None = None) -> None:
     """Write ``model``'s factorised layers (names and constructor arguments) and its state dict to
-    ``path``, atomically (a temporary file, then a rename)."""
+    ``path``, atomically (a temporary file, then a rename). ``meta``: plain values (str, numbers, lists,
+    dicts) kept with them, e.g. the base model's name and the compression report."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict of plain values, got {type(meta).__name__}")
     path = os.fspath(path)
     payload = {"format": FORMAT, "version": VERSION, "layers": _layer_specs(model),
-               "state_dict": model.state_dict()}
+               "state_dict": model.state_dict(), "meta": meta or {}}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(payload, tmp)

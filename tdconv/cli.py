@@ -1,0 +1,169 @@
+"""The ``tdconv`` command line (also ``python -m tdconv``).
+
+    tdconv info
+    tdconv compress --model resnet18 --num-classes 10 --method cp --rank 0.5 --layers seed --out small.pt
+    tdconv compress --model resnet18 --method tucker --target-macs 0.5 --weights dense.pt --out small.pt
+    tdconv report small.pt
+
+Models are torchvision models by name, built with random weights (``--weights`` loads a state dict;
+nothing is ever downloaded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main"]
+
+
+def _rank(text: str):
+    """'0.5' -> 0.5 (fraction), '64' -> 64, '64,32' -> (64, 32)."""
+    try:
+        if "," in text:
+            a, b = text.split(",")
+            return (int(a), int(b))
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rank must be an int, a pair 'R_out,R_in' or a fraction like 0.5, "
+                                         f"got {text!r}") from None
+
+
+def _input_size(text: str):
+    try:
+        size = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"--input-size must be C,H,W (e.g. 3,32,32), got {text!r}")
+    return size
+
+
+def _fraction(text: str):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"a budget must be a fraction in (0, 1], got {text!r}")
+    return v
+
+
+def build_model(name: str, num_classes: int):
+    import torchvision
+    builder = getattr(torchvision.models, name, None)
+    if builder is None or not callable(builder) or name.startswith("_"):
+        raise SystemExit(f"error: --model {name!r} is not a torchvision model (e.g. resnet18, resnet50, vgg11_bn, "
+                         "mobilenet_v2)")
+    return builder(weights=None, num_classes=num_classes)
+
+
+def load_weights(model, path: str) -> None:
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: --weights {path!r} does not exist") from None
+    except Exception as exc:
+        raise SystemExit(f"error: --weights {path!r} is not a readable state dict: {type(exc).__name__}: {exc}") \
+            from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise SystemExit(f"error: --weights {path!r} does not fit the model: {exc}") from None
+
+
+def cmd_compress(args) -> int:
+    import tdconv
+    model = build_model(args.model, args.num_classes)
+    if args.weights:
+        load_weights(model, args.weights)
+    model = model.to(args.device).eval()
+    layers = None if args.layers == "all" else "seed" if args.layers == "seed" else args.layers.split(",")
+    options = {"n_iter_max": args.n_iter_max}
+    if args.seed is not None:
+        options["seed"] = args.seed
+    try:
+        small, report = tdconv.compress(model, args.method, args.rank, layers=layers, target_macs=args.target_macs,
+                                        target_params=args.target_params, bias=True if args.bias else None,
+                                        input_size=args.input_size, inplace=True, progress=not args.quiet,
+                                        **options)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(report)
+    if args.out:
+        tdconv.save(small, args.out, meta={"model": args.model, "num_classes": args.num_classes,
+                                          "report": report.to_dict()})
+        print(f"saved to {args.out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+    return 0
+
+
+def cmd_report(args) -> int:
+    import tdconv
+    from tdconv.compress import CompressionReport, LayerReport, count_complexity
+    from tdconv.serialization import read
+    try:
+        payload = read(args.path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    meta = payload.get("meta") or {}
+    saved = meta.get("report")
+    if isinstance(saved, dict):
+        report = CompressionReport(method=saved["method"], input_size=tuple(saved["input_size"]),
+                                   layers=[LayerReport(**r) for r in saved["layers"]],
+                                   skipped=[tuple(s) for s in saved["skipped"]],
+                                   **{k: saved[k] for k in ("macs_before", "macs_after", "params_before",
+                                                            "params_after")})
+        print(report)
+    else:
+        print(f"{args.path}: {len(payload['layers'])} factorised layer(s): " + ", ".join(payload["layers"]))
+    if "model" in meta:  # rebuild it and count again: the figures are those of the file's weights
+        model = tdconv.load(args.path, build_model(meta["model"], int(meta.get("num_classes", 1000))))
+        size = tuple(saved["input_size"]) if isinstance(saved, dict) else (3, 32, 32)
+        macs, params = count_complexity(model, size)
+        print(f"rebuilt {meta['model']} from the file: {macs / 1e6:.2f} MMac, {params / 1e6:.2f} M parameters at "
+              f"{'x'.join(map(str, size))}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tdconv", description="Tensor-decomposed convolutions that are actually faster.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, what was built, the GPU, and why anything is unavailable")
+    c = sub.add_parser("compress", help="factorise a torchvision model's convolutions and print the report")
+    c.add_argument("--model", required=True, help="torchvision model name, e.g. resnet18")
+    c.add_argument("--num-classes", type=int, default=10)
+    c.add_argument("--weights", help="state dict to load into the model before compressing")
+    c.add_argument("--method", choices=("cp", "cp4", "tucker"), default="cp")
+    c.add_argument("--rank", type=_rank, default=0.5, help="int, 'R_out,R_in' or a fraction of the channels")
+    c.add_argument("--target-macs", type=_fraction, help="whole-model MAC budget, a fraction of the model's")
+    c.add_argument("--target-params", type=_fraction, help="whole-model parameter budget, a fraction")
+    c.add_argument("--layers", default="all", help="all (every eligible conv), seed, or comma-separated names")
+    c.add_argument("--bias", action="store_true", help="give every factorised layer a bias (as the seed did)")
+    c.add_argument("--input-size", type=_input_size, default=(3, 32, 32), help="C,H,W of the MAC counts")
+    c.add_argument("--n-iter-max", type=int, default=100, help="decomposition sweeps per layer")
+    c.add_argument("--seed", type=int, default=0, help="seed of the CP initialisation")
+    c.add_argument("--device", default="cpu", help="where to decompose (cpu, cuda)")
+    c.add_argument("--out", help="write the compressed model (tdconv.save format)")
+    c.add_argument("--json", help="write the report as JSON")
+    c.add_argument("--quiet", action="store_true", help="no progress line")
+    r = sub.add_parser("report", help="print the report of a model saved by 'tdconv compress --out'")
+    r.add_argument("path")
+    args = p.parse_args(argv)
+    if args.command == "info":
+        from tdconv import info
+        return info.main()
+    if args.command == "compress":
+        return cmd_compress(args)
+    return cmd_report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+import torchvision
+
+import tdconv
+from tdconv.cli import main
+
+
+def test_compress_and_report(require_ext, tmp_path, capsys):
+    out, js = tmp_path / "small.pt", tmp_path / "report.json"
+    assert main(["compress", "--model", "resnet18", "--num-classes", "10", "--method", "cp", "--rank", "0.5",
+                 "--layers", "seed", "--bias", "--n-iter-max", "2", "--out", str(out), "--json", str(js),
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "37.18 M -> 20.49 M" in text and "11.18 M -> 5.62 M" in text and "layer4.1.conv2" in text
+    assert json.loads(js.read_text())["macs_after"] == 20489226
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "rebuilt resnet18 from the file: 20.49 MMac, 5.62 M parameters" in text
+    rebuilt = tdconv.load(out, torchvision.models.resnet18(num_classes=10))
+    assert isinstance(rebuilt.layer1[0].conv2, tdconv.FactorizedConv2d)
+
+
+def test_compress_budget_and_weights(require_ext, tmp_path, capsys):
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18(num_classes=10)
+    weights = tmp_path / "dense.pt"
+    torch.save({"state_dict": dense.state_dict()}, weights)
+    assert main(["compress", "--model", "resnet18", "--weights", str(weights), "--method", "tucker",
+                 "--target-macs", "0.5", "--n-iter-max", "1", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "37.18 M -> 18." in text  # at or under half, within 2 %
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "--model", "resnet999"], "not a torchvision model"),
+    (["compress", "--model", "resnet18", "--weights", "missing.pt"], "does not exist"),
+    (["compress", "--model", "resnet18", "--layers", "nope.conv"], "does not have"),
+    (["report", "missing.pt"], "does not exist"),
+])
+def test_bad_arguments(require_ext, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("argv", [["compress", "--model", "resnet18", "--rank", "half"],
+                                  ["compress", "--model", "resnet18", "--target-macs", "2"]])
+def test_bad_values_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--rank must be" in err or "budget must be a fraction" in err
