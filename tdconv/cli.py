@@ -18,14 +18,17 @@ __all__ = ["main"]
 
 
 def _rank(text: str):
-    """'0.5' -> 0.5 (fraction), '64' -> 64, '64,32' -> (64, 32)."""
+    """'0.5' -> 0.5 (fraction), '64' -> 64, '64,32' -> (64, 32); 'evbmf' and 'energy=F' as they are."""
+    if text == "evbmf" or text.startswith("energy="):
+        return text
     try:
         if "," in text:
             a, b = text.split(",")
             return (int(a), int(b))
         return float(text) if "." in text else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--rank must be an int, a pair 'R_out,R_in' or a fraction like 0.5, "
+        raise argparse.ArgumentTypeError(f"--rank must be an int, a pair 'R_out,R_in', a fraction like 0.5, "
+                                         f"evbmf or energy=F, "
                                          f"got {text!r}") from None
 
 
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
     c.add_argument("--num-classes", type=int, default=10)
     c.add_argument("--weights", help="state dict to load into the model before compressing")
     c.add_argument("--method", choices=("cp", "cp4", "tucker"), default="cp")
-    c.add_argument("--rank", type=_rank, default=0.5, help="int, 'R_out,R_in' or a fraction of the channels")
+    c.add_argument("--rank", type=_rank, default=0.5, help="int, 'R_out,R_in', a fraction of the channels, evbmf or energy=F")
     c.add_argument("--target-macs", type=_fraction, help="whole-model MAC budget, a fraction of the model's")
     c.add_argument("--target-params", type=_fraction, help="whole-model parameter budget, a fraction")
     c.add_argument("--layers", default="all", help="all (every eligible conv), seed, or comma-separated names")

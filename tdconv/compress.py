@@ -329,10 +329,13 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     ----------
     model : nn.Module
     method : {"cp", "cp4", "tucker"}
-    rank : int, (int, int) or float
-        For every selected conv: a CP rank, Tucker ranks ``(R_out, R_in)``, or a fraction of the
-        channels (0.5: the seed's rank C/2). Must fit every selected layer (a CP rank is any positive
-        int; a Tucker rank at most the layer's channels).
+    rank : int, (int, int), float or str
+        For every selected conv: a CP rank, Tucker ranks ``(R_out, R_in)``, a fraction of the
+        channels (0.5: the seed's rank C/2), ``"evbmf"`` (the analytic EVBMF rank of the mode-0 and
+        mode-1 unfoldings, as Kim et al. 2016 and the seed chose Tucker ranks; CP takes the larger),
+        or ``"energy=0.9"`` (the smallest ranks whose mode singular values keep that fraction of the
+        energy). Must fit every selected layer (a CP rank is any positive int; a Tucker rank at most
+        the layer's channels).
     layers : None, "seed", list of names, or callable ``(module, name) -> bool``
         Which convs; see :func:`select_layers`. Selected convs that cannot be factorised are skipped
         and listed in the report with the reason.
@@ -397,6 +400,9 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
             continue  # chosen by the budget below
         r = overrides.get(name, rank) if overrides else rank
         try:
+            if isinstance(r, str):
+                from .ranks import data_rank
+                r = data_rank(r, conv.weight, method)
             ranks[name] = resolve_rank(r, method, conv.out_channels, conv.in_channels)
         except ValueError as exc:
             raise ValueError(f"rank for layer {name!r} ({conv.out_channels}x{conv.in_channels}): {exc}") from None

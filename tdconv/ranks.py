@@ -126,3 +126,103 @@ def allocate_budget(layers: list, method: str, budget: int, metric: str) -> dict
                 pos[name] = i + 1
                 grew = True
     return {name: paths[name][pos[name]] for name in paths}
+
+
+# ---------------------------------------------------------------------------------------------- data-driven ranks
+def _tau(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The VB shrinkage factor of Nakajima et al. (2013) for normalised squared singular values x."""
+    b = x - (1.0 + alpha)
+    return 0.5 * (b + torch.sqrt((b * b - 4.0 * alpha).clamp_min(0.0)))
+
+
+def evbmf_rank(y: torch.Tensor) -> int:
+    """Rank of the analytic empirical variational Bayesian matrix factorisation (Nakajima, Sugiyama,
+    Babacan, Tomioka, "Global analytic solution of fully-observed variational Bayesian matrix
+    factorization", JMLR 2013), with the noise variance estimated by minimising the free energy.
+
+    Robust where simple ports are not: any shape (the matrix is transposed so that L <= M), a 1 x M or
+    all-zero matrix, and a noise-only matrix, for which it returns 1 (the smallest usable rank) instead
+    of 0 or an index error. Computed in float64; the 1-D minimisation is a golden-section search over
+    log sigma^2 inside the paper's bounds.
+    """
+    y = y.detach().to(torch.float64).cpu()
+    if y.dim() != 2:
+        raise ValueError(f"evbmf_rank expects a matrix, got shape {tuple(y.shape)}")
+    if y.shape[0] > y.shape[1]:
+        y = y.T
+    L, M = y.shape
+    s = torch.linalg.svdvals(y)
+    if L < 2 or float(s[0]) == 0.0:
+        return 1
+    alpha = L / M
+    tau_bar = 2.5129 * math.sqrt(alpha)
+    x_bar = (1.0 + tau_bar) * (1.0 + alpha / tau_bar)
+    s2 = s * s
+    total = float(s2.sum())
+    # Bounds of sigma^2 (Nakajima et al. 2013, section 4): the largest H with enough noise components.
+    h_ub = max(0, min(math.ceil(L / (1.0 + alpha)) - 1, L - 1))
+    upper = total / (L * M)
+    lower = max(float(s2[h_ub]) / (M * x_bar), float(s2[h_ub:].mean()) / M) if h_ub < L else upper * 1e-6
+    lower = min(max(lower, upper * 1e-12), upper)
+
+    def free_energy(log_sigma2: float) -> float:
+        sigma2 = math.exp(log_sigma2)
+        x = s2 / (M * sigma2)
+        big = x > x_bar
+        z1, z2 = x[big], x[~big]
+        t1 = _tau(z1, alpha)
+        value = float((z2 - torch.log(z2.clamp_min(1e-300))).sum())
+        value += float((z1 - t1).sum() + torch.log((t1 + 1.0) / z1).sum() + alpha * torch.log(t1 / alpha + 1.0).sum())
+        return value
+
+    a, b = math.log(lower), math.log(upper)
+    if b - a > 1e-12:
+        g = (math.sqrt(5.0) - 1.0) / 2.0
+        c, d = b - g * (b - a), a + g * (b - a)
+        fc, fd = free_energy(c), free_energy(d)
+        for _ in range(100):
+            if fc < fd:
+                b, d, fd = d, c, fc
+                c = b - g * (b - a)
+                fc = free_energy(c)
+            else:
+                a, c, fc = c, d, fd
+                d = a + g * (b - a)
+                fd = free_energy(d)
+        sigma2 = math.exp((a + b) / 2.0)
+    else:
+        sigma2 = upper
+    threshold = math.sqrt(M * sigma2 * x_bar)
+    return max(1, int((s > threshold).sum()))
+
+
+def energy_rank(y: torch.Tensor, energy: float) -> int:
+    """The smallest r whose r leading singular values of the matrix keep ``energy`` of its squared norm."""
+    s2 = torch.linalg.svdvals(y.detach().to(torch.float64).cpu()).square()
+    total = float(s2.sum())
+    if total == 0.0:
+        return 1
+    kept = torch.cumsum(s2, 0) / total
+    return max(1, min(int((kept < energy - 1e-12).sum()) + 1, len(s2)))
+
+
+def data_rank(spec: str, weight: torch.Tensor, method: str):
+    """The rank a string ``spec`` ("evbmf", "energy=0.9") gives for the kernel ``weight``
+    [C_out, C_in, kh, kw]: from its mode-0 and mode-1 unfoldings, a pair (R_out, R_in) for Tucker and
+    their maximum for CP."""
+    if spec == "evbmf":
+        fn = evbmf_rank
+    elif spec.startswith("energy="):
+        try:
+            energy = float(spec.split("=", 1)[1])
+        except ValueError:
+            energy = -1.0
+        if not 0.0 < energy <= 1.0:
+            raise ValueError(f"rank {spec!r}: the energy must be a fraction in (0, 1]")
+        fn = lambda m: energy_rank(m, energy)  # noqa: E731
+    else:
+        raise ValueError(f"rank must be an int, a pair, a fraction, 'evbmf' or 'energy=F', got {spec!r}")
+    w = weight.detach()
+    r_out = fn(w.reshape(w.shape[0], -1))
+    r_in = fn(w.transpose(0, 1).reshape(w.shape[1], -1))
+    return (r_out, r_in) if method == "tucker" else max(r_out, r_in)

@@ -191,3 +191,44 @@ def test_budget_errors(require_ext):
         tdconv.compress(model, "cp", target_macs=1.5)
     with pytest.raises(ValueError, match="at most one of target_macs and target_params"):
         tdconv.compress(model, "cp", target_macs=0.5, target_params=0.5)
+
+
+# ---------------------------------------------------------------------------------------------- data-driven ranks
+@pytest.mark.parametrize("shape,rank,noise", [((64, 576), 8, 0.1), ((512, 4608), 40, 0.05), ((100, 100), 10, 0.01),
+                                              ((576, 64), 8, 0.1)])
+def test_evbmf_recovers_planted_ranks(shape, rank, noise):
+    from tdconv.ranks import evbmf_rank
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(shape[0], rank, generator=g, dtype=torch.float64) @ \
+        torch.randn(rank, shape[1], generator=g, dtype=torch.float64)
+    y = a + noise * a.std() * torch.randn(*shape, generator=g, dtype=torch.float64)
+    assert evbmf_rank(y) == rank
+
+
+def test_evbmf_on_degenerate_matrices():
+    from tdconv.ranks import energy_rank, evbmf_rank
+    g = torch.Generator().manual_seed(0)
+    assert evbmf_rank(torch.randn(64, 576, generator=g)) == 1  # noise only: the smallest usable rank
+    assert evbmf_rank(torch.zeros(8, 8)) == 1
+    assert evbmf_rank(torch.randn(1, 9, generator=g)) == 1
+    assert evbmf_rank(torch.randn(2, 3, generator=g)) >= 1
+    assert energy_rank(torch.diag(torch.tensor([3.0, 2.0, 1.0])), 0.9) == 2  # 9+4 of 14 >= 0.9
+    assert energy_rank(torch.diag(torch.tensor([3.0, 2.0, 1.0])), 1.0) == 3
+    with pytest.raises(ValueError, match="expects a matrix"):
+        evbmf_rank(torch.zeros(2, 2, 2))
+
+
+def test_compress_with_data_driven_ranks(require_ext):
+    from conftest import planted_tucker
+    model = nn.Sequential(nn.Conv2d(32, 48, 3, padding=1, bias=False))
+    with torch.no_grad():
+        w = planted_tucker((48, 32, 3, 3), (6, 5), (0, 1), dtype=torch.float32)
+        model[0].weight.copy_(w + 1e-3 * w.std() * torch.randn_like(w))
+    _, report = tdconv.compress(model, "tucker", "evbmf", input_size=(32, 8, 8))
+    assert report.layers[0].rank == [6, 5] and report.layers[0].rel_error < 1e-2
+    _, report = tdconv.compress(model, "cp", "energy=0.999", input_size=(32, 8, 8), seed=0)
+    assert report.layers[0].rank == 6
+    with pytest.raises(ValueError, match="rank must be an int, a pair, a fraction, 'evbmf' or 'energy=F'"):
+        tdconv.compress(model, "cp", "vbmf", input_size=(32, 8, 8))
+    with pytest.raises(ValueError, match=r"energy must be a fraction in \(0, 1\]"):
+        tdconv.compress(model, "cp", "energy=2", input_size=(32, 8, 8))
