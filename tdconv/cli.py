@@ -92,7 +92,8 @@ def cmd_compress(args) -> int:
         options["seed"] = args.seed
     try:
         small, report = tdconv.compress(model, args.method, args.rank, layers=layers, target_macs=args.target_macs,
-                                        target_params=args.target_params, bias=True if args.bias else None,
+                                        target_params=args.target_params, min_rank=args.min_rank,
+                                        bias=True if args.bias else None,
                                         input_size=args.input_size, inplace=True, progress=not args.quiet,
                                         **options)
     except (ValueError, TypeError) as exc:
@@ -148,6 +149,8 @@ def main(argv=None) -> int:
     c.add_argument("--rank", type=_rank, default=0.5, help="int, 'R_out,R_in', a fraction of the channels, evbmf or energy=F")
     c.add_argument("--target-macs", type=_fraction, help="whole-model MAC budget, a fraction of the model's")
     c.add_argument("--target-params", type=_fraction, help="whole-model parameter budget, a fraction")
+    c.add_argument("--min-rank", type=float, default=0.0,
+                   help="with a budget: no layer below this fraction of its channels (e.g. 0.125)")
     c.add_argument("--layers", default="all", help="all (every eligible conv), seed, or comma-separated names")
     c.add_argument("--bias", action="store_true", help="give every factorised layer a bias (as the seed did)")
     c.add_argument("--input-size", type=_input_size, default=(3, 32, 32), help="C,H,W of the MAC counts")

@@ -246,9 +246,10 @@ class CompressionReport:
         return "\n".join(out).rstrip() + "\n"
 
 
-def _budget_ranks(model, method, selected, fixed_ranks, overrides, sizes, before, metric, target, bias) -> dict:
+def _budget_ranks(model, method, selected, fixed_ranks, overrides, sizes, before, metric, target, bias,
+                  min_rank) -> dict:
     """Ranks of the selected layers not in ``overrides`` that fit the whole model into ``target``."""
-    from .ranks import allocate_budget, mode_tails
+    from .ranks import allocate_budget, floor_rank, mode_tails
 
     modules = dict(model.named_modules())
     total = before[0] if metric == "macs" else before[1]
@@ -275,12 +276,14 @@ def _budget_ranks(model, method, selected, fixed_ranks, overrides, sizes, before
     if not free:
         return {}
     try:
-        ranks = allocate_budget(free, method, budget - spent_elsewhere, metric)
+        ranks = allocate_budget(free, method, budget - spent_elsewhere, metric, min_rank)
     except ValueError as exc:
-        low = spent_elsewhere + sum(f["probe"].macs(f["hw"], f["probe"].rank) if metric == "macs"
-                                    else f["probe"].num_params() for f in free)
+        floors = [floor_rank(f["probe"], method, min_rank) for f in free]
+        low = spent_elsewhere + sum(f["probe"].macs(f["hw"], r) if metric == "macs" else f["probe"].num_params(r)
+                                    for f, r in zip(free, floors))
+        where = "at rank 1" if min_rank == 0 else f"at min_rank={min_rank}"
         raise ValueError(f"target_{metric}={target} is unreachable by factorising these layers: the smallest "
-                         f"achievable is {low / total:.4f} of the model's {metric} (every selected layer at rank 1)"
+                         f"achievable is {low / total:.4f} of the model's {metric} (every selected layer {where})"
                          ) from exc
     achieved = spent_elsewhere + sum(
         f["probe"].macs(f["hw"], ranks[f["name"]]) if metric == "macs" else f["probe"].num_params(ranks[f["name"]])
@@ -320,7 +323,8 @@ def _progress(enabled, i, n, name, t0):
 
 
 def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, overrides: dict | None = None,
-             target_macs: float | None = None, target_params: float | None = None, inplace: bool = False,
+             target_macs: float | None = None, target_params: float | None = None, min_rank: float = 0.0,
+             inplace: bool = False,
              bias: bool | None = None, input_size=(3, 32, 32), progress: bool | None = None,
              **decomposition_options):
     """Replace convolutions of ``model`` by :class:`FactorizedConv2d` layers.
@@ -346,6 +350,11 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
         parameters: per-layer ranks are chosen to meet it (at or under, within 2 %) while keeping the
         sum of the layers' normalised errors small (see :mod:`tdconv.ranks`); ``rank`` is then not
         used. At most one of the two.
+    min_rank : float in [0, 1)
+        With a budget: no layer gets ranks below this fraction of its channels. The budget objective
+        (the sum of the layers' estimated normalised errors) is concave along a layer whose singular
+        values are flat (untrained or barely trained weights), and is then met by factorising some
+        layers well and leaving others at rank 1; a floor such as 0.125 prevents that.
     inplace : bool
         Modify ``model`` itself instead of a deep copy.
     bias : None or True
@@ -382,6 +391,8 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     if target is not None and (isinstance(target, bool) or not isinstance(target, numbers.Real)
                                or not 0.0 < target <= 1.0):
         raise ValueError(f"target_{metric} must be a fraction in (0, 1] of the model's {metric}, got {target!r}")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, numbers.Real) or not 0.0 <= min_rank < 1.0:
+        raise ValueError(f"min_rank must be a fraction in [0, 1) of the channels, got {min_rank!r}")
     selected, skipped = select_layers(model, layers)
     if overrides:
         unknown = sorted(set(overrides) - set(selected))
@@ -410,7 +421,7 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     before = count_complexity(model, input_size)
     if target is not None:
         ranks.update(_budget_ranks(model, method, selected, ranks, overrides or {}, sizes, before, metric, target,
-                                   bias))
+                                   bias, min_rank))
     out = model if inplace else copy.deepcopy(model)
     out_modules = dict(out.named_modules())
     show = progress if progress is not None else (sys.stderr.isatty() and len(selected) > 4)

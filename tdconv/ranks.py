@@ -50,13 +50,20 @@ def _error(tails, method, rank) -> float:
     return math.sqrt(min(1.0, max(a, b, 1.0 - (1.0 - a) * (1.0 - b))))
 
 
-def _path(layer, method, cost) -> list:
+def floor_rank(probe, method: str, min_rank: float):
+    """The smallest rank a layer may take: ``min_rank`` of its channels, at least 1."""
+    r_out = max(1, math.ceil(min_rank * probe.out_channels))
+    r_in = max(1, math.ceil(min_rank * probe.in_channels))
+    return (r_out, r_in) if method == "tucker" else r_out
+
+
+def _path(layer, method, cost, min_rank) -> list:
     """Ranks a layer may take, in steps of 1/64 of its channels (Tucker: both ranks together, in
-    proportion to their channels), from rank 1 up to where the factorised form would cost more than the
-    dense conv."""
+    proportion to their channels), from its floor up to where the factorised form would cost more than
+    the dense conv."""
     p = layer["probe"]
     so, si = max(1, p.out_channels // 64), max(1, p.in_channels // 64)
-    path = [(1, 1) if method == "tucker" else 1]
+    path = [floor_rank(p, method, min_rank)]
     while True:
         r = path[-1]
         if method == "tucker":
@@ -71,12 +78,13 @@ def _path(layer, method, cost) -> list:
     return path
 
 
-def allocate_budget(layers: list, method: str, budget: int, metric: str) -> dict:
+def allocate_budget(layers: list, method: str, budget: int, metric: str, min_rank: float = 0.0) -> dict:
     """Ranks for ``layers`` whose total cost is at most ``budget`` and as close to it as rank steps allow.
 
     ``layers``: dicts with ``name``, ``probe`` (a FactorizedConv2d of the layer's geometry: its
     ``macs(hw, rank)`` / ``num_params(rank)`` price any rank), ``hw`` (the layer's input size), ``tails``
-    (:func:`mode_tails`) and ``dense_cost``. Returns ``{name: rank}``.
+    (:func:`mode_tails`) and ``dense_cost``. No layer goes below ``min_rank`` of its channels.
+    Returns ``{name: rank}``.
 
     The curves are not concave (a large layer gains little from its first steps), so each move is
     the jump, to any higher rank that fits, with the best error decrease per unit of cost (the
@@ -89,13 +97,14 @@ def allocate_budget(layers: list, method: str, budget: int, metric: str) -> dict
     paths, costs, errors, pos = {}, {}, {}, {}
     for layer in layers:
         name = layer["name"]
-        paths[name] = _path(layer, method, cost)
+        paths[name] = _path(layer, method, cost, min_rank)
         costs[name] = np.array([cost(layer, r) for r in paths[name]], dtype=np.float64)
         errors[name] = np.array([_error(layer["tails"], method, r) for r in paths[name]], dtype=np.float64)
         pos[name] = 0
     spent = float(sum(c[0] for c in costs.values()))
     if spent > budget:
-        raise ValueError(f"the budget is unreachable: the selected layers cost {int(spent)} {metric} at rank 1, "
+        raise ValueError(f"the budget is unreachable: the selected layers cost {int(spent)} {metric} at their "
+                         f"smallest ranks, "
                          f"more than the {budget} left for them")
     while True:
         best = None

@@ -232,3 +232,14 @@ def test_compress_with_data_driven_ranks(require_ext):
         tdconv.compress(model, "cp", "vbmf", input_size=(32, 8, 8))
     with pytest.raises(ValueError, match=r"energy must be a fraction in \(0, 1\]"):
         tdconv.compress(model, "cp", "energy=2", input_size=(32, 8, 8))
+
+
+def test_budget_min_rank_floor(require_ext):
+    model = _resnet18()
+    _, report = tdconv.compress(model, "tucker", target_macs=0.5, min_rank=0.125, n_iter_max=1)
+    assert all(r.rank[0] >= r.kernel_shape[0] / 8 and r.rank[1] >= r.kernel_shape[1] / 8 for r in report.layers)
+    assert 0.98 * 0.5 * report.macs_before <= report.macs_after <= 0.5 * report.macs_before
+    with pytest.raises(ValueError, match=r"unreachable.*every selected layer at min_rank=0\.9"):
+        tdconv.compress(model, "tucker", target_macs=0.5, min_rank=0.9)
+    with pytest.raises(ValueError, match=r"min_rank must be a fraction in \[0, 1\)"):
+        tdconv.compress(model, "tucker", target_macs=0.5, min_rank=1.0)
