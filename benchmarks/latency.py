@@ -46,6 +46,7 @@ from torch import nn
 
 import tdconv
 import tdconv.info
+from tdconv.compress import count_complexity, select_layers
 
 INPUTS = {"imagenet32": ("imagenet", 32), "cifar32": ("cifar", 32), "imagenet224": ("imagenet", 224)}
 
@@ -142,26 +143,14 @@ def resnet18(stem: str) -> nn.Module:
 
 
 def select(model: nn.Module, config: str) -> list:
-    """Names of the convs a configuration factorises."""
-    names = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Conv2d) or mod.kernel_size != (3, 3) or mod.groups != 1 or name == "conv1":
-            continue
-        if config == "all3x3" or name.endswith(".conv2"):
-            names.append(name)
-    return names
+    """Names of the convs a configuration factorises: "seed" (conv2 of every BasicBlock) or "all3x3"
+    (tdconv.compress's default: every 3x3 conv but the stem)."""
+    return select_layers(model, "seed" if config == "seed" else None)[0]
 
 
 def factorise(model: nn.Module, names: list, method: str) -> nn.Module:
-    model = copy.deepcopy(model)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        conv = getattr(parent, child)
-        # Latency does not depend on the fit: a few sweeps keep the set-up short.
-        setattr(parent, child, tdconv.FactorizedConv2d.from_conv(conv, method=method, rank=0.5, n_iter_max=3,
-                                                                 **({"seed": 0} if method != "tucker" else {})))
-    return model
+    # Latency does not depend on the fit: a few sweeps keep the set-up short.
+    return tdconv.compress(model, method, 0.5, layers=names, n_iter_max=3, seed=0, progress=False)[0]
 
 
 def set_implementation(model: nn.Module, impl: str) -> nn.Module:
@@ -169,22 +158,6 @@ def set_implementation(model: nn.Module, impl: str) -> nn.Module:
         if isinstance(m, tdconv.FactorizedConv2d):
             m.implementation = impl
     return model
-
-
-def complexity(model: nn.Module, res: int):
-    try:
-        import ptflops
-    except ImportError:
-        return None, sum(p.numel() for p in model.parameters())
-
-    def hook(module, inputs, output):
-        module.__flops__ += int(module.macs(tuple(inputs[0].shape[2:])) * inputs[0].shape[0])
-
-    macs, params = ptflops.get_model_complexity_info(
-        model.cpu().float(), (3, res, res), as_strings=False, print_per_layer_stat=False, verbose=False,
-        backend="pytorch", backend_specific_config={"count_functional": False},
-        custom_modules_hooks={tdconv.FactorizedConv2d: hook})
-    return macs, params
 
 
 def layer_rows(args, device, res, stem, cl):
@@ -256,7 +229,7 @@ def model_rows(args, device, input_name, cl):
         names = select(dense, config)
         for method in ("cp", "tucker"):
             variants[f"{method}-{config}"] = factorise(dense, names, method).eval()
-    info = {k: complexity(m, res) for k, m in variants.items()}
+    info = {k: count_complexity(m, (3, res, res)) for k, m in variants.items()}
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, 3, res, res, device=device).to(memory_format=fmt)
@@ -276,7 +249,7 @@ def model_rows(args, device, input_name, cl):
         for label, t in times.items():
             macs, params = info[base_of[label]]
             rows.append({"input": input_name, "batch": batch, "model": label, "ms": t * 1e3,
-                         "ratio_to_dense": t / times["dense"], "mmacs": macs / 1e6 if macs else None,
+                         "ratio_to_dense": t / times["dense"], "mmacs": macs / 1e6,
                          "mparams": params / 1e6})
     return rows
 

@@ -263,10 +263,7 @@ def _budget_ranks(model, method, selected, fixed_ranks, overrides, sizes, before
             raise ValueError(f"layer {name!r} is not reached by a forward pass at input_size; a budget needs "
                              "every selected layer's input size")
         dense = _conv_macs(conv, hw) if metric == "macs" else sum(p.numel() for p in conv.parameters())
-        probe = FactorizedConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                                 conv.dilation, conv.bias is not None or bias is True, method=method,
-                                 rank=(1, 1) if method == "tucker" else 1, padding_mode=conv.padding_mode,
-                                 device="meta")
+        probe = FactorizedConv2d.like(conv, method, (1, 1) if method == "tucker" else 1, bias=bias, device="meta")
         spent_elsewhere -= dense
         if name in overrides:
             r = fixed_ranks[name]

@@ -219,9 +219,7 @@ class FactorizedConv2d(nn.Module):
             raise ValueError("bias=False would drop the conv's bias and change its function; use bias=None")
         w = conv.weight.detach()
         c_out, c_in, kh, kw = w.shape
-        layer = cls(c_in, c_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.bias is not None or bias is True, method=method, rank=rank,
-                    padding_mode=conv.padding_mode, implementation=implementation, device=w.device, dtype=w.dtype)
+        layer = cls.like(conv, method, rank, bias=bias, implementation=implementation, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             if method in ("cp", "cp4"):
                 x = w.reshape(c_out, c_in, kh * kw) if method == "cp" else w
@@ -247,6 +245,16 @@ class FactorizedConv2d(nn.Module):
             elif layer.bias is not None:
                 layer.bias.zero_()
         return layer
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d, method: str = "cp", rank=0.5, *, bias: bool | None = None,
+             **kwargs) -> "FactorizedConv2d":
+        """A layer with ``conv``'s arguments (channels, kernel, stride, padding, dilation, padding
+        mode; a bias where ``conv`` has one or ``bias`` is True), freshly initialised. ``kwargs`` go
+        to the constructor (``implementation``, ``device``, ``dtype``)."""
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.bias is not None or bias is True, method=method, rank=rank, padding_mode=conv.padding_mode,
+                   **kwargs)
 
     def spec(self) -> dict:
         """The constructor arguments that rebuild this layer (plain values, for saving)."""

@@ -45,8 +45,12 @@ def fused_unsupported_reasons(x: torch.Tensor, first: torch.Tensor, op: str = "c
     return reasons
 
 
-def _int_lists(stride, padding, dilation):
-    return [int(v) for v in stride], [int(v) for v in padding], [int(v) for v in dilation]
+def _call(op: str, x, first, spatial, last, bias, stride, padding, dilation) -> torch.Tensor:
+    """The compiled op ``op`` where the extension is loaded, its plain-PyTorch reference otherwise."""
+    if _ext.has_ext():
+        return getattr(torch.ops.tdconv, op)(x, first, spatial, last, bias, [int(v) for v in stride],
+                                             [int(v) for v in padding], [int(v) for v in dilation])
+    return getattr(_ref, op)(x, first, spatial, last, bias, stride, padding, dilation)
 
 
 def cp_conv2d(x, first, spatial, last, bias, stride, padding, dilation) -> torch.Tensor:
@@ -66,31 +70,16 @@ def cp_conv2d(x, first, spatial, last, bias, stride, padding, dilation) -> torch
     -------
     Tensor [N, C_out, Ho, Wo] in channels_last memory format.
     """
-    if _ext.has_ext():
-        return torch.ops.tdconv.cp_conv2d(x, first, spatial, last, bias, *_int_lists(stride, padding, dilation))
-    return _ref.cp_conv2d(x, first, spatial, last, bias, stride, padding, dilation)
+    return _call("cp_conv2d", x, first, spatial, last, bias, stride, padding, dilation)
 
 
 def tucker_conv2d(x, first, core, last, bias, stride, padding, dilation) -> torch.Tensor:
     """Tucker-2-factorised convolution in one op: ``last * conv(core, first * x) + bias``.
 
-    Parameters
-    ----------
-    x : Tensor [N, C_in, H, W]
-    first : Tensor [R_in, C_in]
-    core : Tensor [R_out, R_in, kh, kw]
-    last : Tensor [C_out, R_out]
-    bias : Tensor [C_out] or None
-    stride, padding, dilation : (int, int)
-        Of the core conv; padding is zero padding.
-
-    Returns
-    -------
-    Tensor [N, C_out, Ho, Wo] in channels_last memory format.
+    As :func:`cp_conv2d`, with ``first`` [R_in, C_in], ``core`` [R_out, R_in, kh, kw] (the conv that
+    ``stride``, ``padding`` and ``dilation`` apply to) and ``last`` [C_out, R_out].
     """
-    if _ext.has_ext():
-        return torch.ops.tdconv.tucker_conv2d(x, first, core, last, bias, *_int_lists(stride, padding, dilation))
-    return _ref.tucker_conv2d(x, first, core, last, bias, stride, padding, dilation)
+    return _call("tucker_conv2d", x, first, core, last, bias, stride, padding, dilation)
 
 
 if _ext.has_ext():

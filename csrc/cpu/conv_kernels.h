@@ -119,12 +119,13 @@ void depthwise_tile_3x3(const T* in, const T* wt, T* out, const ConvShape& s, co
   }
 }
 
-// im2col of a tile for the Tucker core conv, over the taps [i0, i1) x [j0, j1) (the others read
-// only padding for every pixel of the tile): col[p, ((i - i0) * (j1 - j0) + j - j0) * R_in + r] =
+// im2col of a tile for the Tucker core conv, over the tile's live taps [i0, i1) x [j0, j1) (the others
+// read only padding for every pixel of the tile): col[p, ((i - i0) * (j1 - j0) + j - j0) * R_in + r] =
 // in[pixel under tap (i, j) of output pixel p, r], zero outside the image. Layouts as depthwise_tile.
 template <typename T>
-void im2col_tile(const T* in, T* col, const ConvShape& s, const TileTask& t, const TapRange& taps) {
+void im2col_tile(const T* in, T* col, const ConvShape& s, const TileTask& t) {
   const int64_t R = s.R_in, rows_in = t.hi1 - t.hi0;
+  const TapRange& taps = t.taps;
   T* dst = col;
   for (int64_t img = 0; img < t.g; ++img) {
     for (int64_t ho = t.ho0; ho < t.ho1; ++ho) {
@@ -156,9 +157,7 @@ void depthwise_tile_f64(const double* in, const double* wt, double* out, const C
   if (s.kh == 3 && s.kw == 3) return depthwise_tile_3x3(in, wt, out, s, t);
   depthwise_tile(in, wt, out, s, t);
 }
-void im2col_tile_f32(const float* in, float* col, const ConvShape& s, const TileTask& t, const TapRange& r) {
-  im2col_tile(in, col, s, t, r);
-}
-void im2col_tile_f64(const double* in, double* col, const ConvShape& s, const TileTask& t, const TapRange& r) {
-  im2col_tile(in, col, s, t, r);
+void im2col_tile_f32(const float* in, float* col, const ConvShape& s, const TileTask& t) { im2col_tile(in, col, s, t); }
+void im2col_tile_f64(const double* in, double* col, const ConvShape& s, const TileTask& t) {
+  im2col_tile(in, col, s, t);
 }

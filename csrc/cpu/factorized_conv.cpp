@@ -27,16 +27,18 @@
 namespace tdconv {
 namespace {
 
-// A tile: images [n0, n0 + g), output rows [ho0, ho1) of each, computed from input rows [hi0, hi1).
-// Either g == 1 (rows of one image) or the tile spans whole images (ho0 = 0, ho1 = Ho, hi0 = 0, hi1 = H).
-struct TileTask {
-  int64_t n0, g, ho0, ho1, hi0, hi1;
-};
-
 // Kernel taps [i0, i1) x [j0, j1): those that reach inside the image for some pixel of a tile.
 struct TapRange {
   int64_t i0, i1, j0, j1;
   bool operator<(const TapRange& o) const { return std::tie(i0, i1, j0, j1) < std::tie(o.i0, o.i1, o.j0, o.j1); }
+};
+
+// A tile: images [n0, n0 + g), output rows [ho0, ho1) of each, computed from input rows [hi0, hi1)
+// through the kernel taps `taps`. Either g == 1 (rows of one image) or the tile spans whole images
+// (ho0 = 0, ho1 = Ho, hi0 = 0, hi1 = H).
+struct TileTask {
+  int64_t n0, g, ho0, ho1, hi0, hi1;
+  TapRange taps;
 };
 
 // The vectorised loops, compiled for AVX2 + FMA and for the baseline ISA.
@@ -74,11 +76,11 @@ void depthwise_tile(const float* in, const float* wt, float* out, const ConvShap
 void depthwise_tile(const double* in, const double* wt, double* out, const ConvShape& s, const TileTask& t) {
   TDCONV_ISA_CALL(depthwise_tile_f64, in, wt, out, s, t);
 }
-void im2col_tile(const float* in, float* col, const ConvShape& s, const TileTask& t, const TapRange& r) {
-  TDCONV_ISA_CALL(im2col_tile_f32, in, col, s, t, r);
+void im2col_tile(const float* in, float* col, const ConvShape& s, const TileTask& t) {
+  TDCONV_ISA_CALL(im2col_tile_f32, in, col, s, t);
 }
-void im2col_tile(const double* in, double* col, const ConvShape& s, const TileTask& t, const TapRange& r) {
-  TDCONV_ISA_CALL(im2col_tile_f64, in, col, s, t, r);
+void im2col_tile(const double* in, double* col, const ConvShape& s, const TileTask& t) {
+  TDCONV_ISA_CALL(im2col_tile_f64, in, col, s, t);
 }
 
 // Input rows [hi0, hi1) that output rows [ho0, ho1) read.
@@ -104,8 +106,8 @@ std::pair<int64_t, int64_t> live_taps(int64_t o0, int64_t o1, int64_t stride, in
   return {a, std::max(a, b)};
 }
 
-TapRange tile_taps(const ConvShape& s, const TileTask& t) {
-  const auto [i0, i1] = live_taps(t.ho0, t.ho1, s.sh, s.ph, s.dh, s.kh, s.H);
+TapRange tile_taps(const ConvShape& s, int64_t ho0, int64_t ho1) {
+  const auto [i0, i1] = live_taps(ho0, ho1, s.sh, s.ph, s.dh, s.kh, s.H);
   const auto [j0, j1] = live_taps(0, s.Wo, s.sw, s.pw, s.dw, s.kw, s.W);
   return {i0, i1, j0, j1};
 }
@@ -125,14 +127,15 @@ std::vector<TileTask> make_tiles(const ConvShape& s, bool tucker, int64_t elem_s
   const int64_t img_px = s.Ho * s.Wo;
   if (img_px <= target_px) {
     const int64_t g = std::max<int64_t>(1, target_px / img_px);
-    for (int64_t n0 = 0; n0 < s.N; n0 += g) tiles.push_back({n0, std::min(g, s.N - n0), 0, s.Ho, 0, s.H});
+    const TapRange taps = tile_taps(s, 0, s.Ho);
+    for (int64_t n0 = 0; n0 < s.N; n0 += g) tiles.push_back({n0, std::min(g, s.N - n0), 0, s.Ho, 0, s.H, taps});
   } else {
     const int64_t rows = std::max<int64_t>(1, target_px / s.Wo);
     for (int64_t n = 0; n < s.N; ++n) {
       for (int64_t ho0 = 0; ho0 < s.Ho; ho0 += rows) {
         const int64_t ho1 = std::min(s.Ho, ho0 + rows);
         const auto [hi0, hi1] = input_rows(s, ho0, ho1);
-        tiles.push_back({n, 1, ho0, ho1, hi0, hi1});
+        tiles.push_back({n, 1, ho0, ho1, hi0, hi1, tile_taps(s, ho0, ho1)});
       }
     }
   }
@@ -167,9 +170,8 @@ void run_tile(const Plan& p, const TileTask& t, T* y1p, T* y2p, T* colp) {
   auto y1 = matrix(y1p, m1, s.R_in, o), y2 = matrix(y2p, m2, s.R_out, o);
   at::mm_out(y1, x, p.first_t);
   if (p.tucker) {
-    const TapRange taps = tile_taps(s, t);
-    const at::Tensor& core_t = p.core_t.at(taps);
-    im2col_tile(y1p, colp, s, t, taps);
+    const at::Tensor& core_t = p.core_t.at(t.taps);
+    im2col_tile(y1p, colp, s, t);
     at::mm_out(y2, matrix(colp, m2, core_t.size(0), o), core_t);
   } else {
     depthwise_tile(y1p, p.spatial.const_data_ptr<T>(), y2p, s, t);
@@ -221,7 +223,7 @@ at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::
     if (tucker) {
       const auto core = spatial.detach().to(dtype).permute({0, 2, 3, 1});  // [R_out, kh, kw, R_in]
       for (const auto& t : tiles) {
-        const TapRange r = tile_taps(s, t);
+        const TapRange& r = t.taps;
         if (p.core_t.count(r)) continue;
         p.core_t[r] = core.slice(1, r.i0, r.i1).slice(2, r.j0, r.j1).reshape({s.R_out, -1}).t().contiguous();
       }
