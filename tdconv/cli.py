@@ -4,6 +4,7 @@
     tdconv compress --model resnet18 --num-classes 10 --method cp --rank 0.5 --layers seed --out small.pt
     tdconv compress --model resnet18 --method tucker --target-macs 0.5 --weights dense.pt --out small.pt
     tdconv report small.pt
+    tdconv experiment --dataset npz:cifar10 --epochs 15 --finetune-epochs 5 --out runs
 
 Models are torchvision models by name, built with random weights (``--weights`` loads a state dict;
 nothing is ever downloaded).
@@ -162,13 +163,33 @@ def main(argv=None) -> int:
     c.add_argument("--quiet", action="store_true", help="no progress line")
     r = sub.add_parser("report", help="print the report of a model saved by 'tdconv compress --out'")
     r.add_argument("path")
+    from tdconv.experiment import add_arguments
+    e = sub.add_parser("experiment", help="train dense, compress with CP and Tucker, fine-tune, report (the seed's "
+                                          "experiment); resumable, runs under torchrun")
+    add_arguments(e)
     args = p.parse_args(argv)
     if args.command == "info":
         from tdconv import info
         return info.main()
     if args.command == "compress":
         return cmd_compress(args)
+    if args.command == "experiment":
+        return cmd_experiment(args)
     return cmd_report(args)
+
+
+def cmd_experiment(args) -> int:
+    from tdconv import experiment, train
+    from tdconv.data import DatasetError
+    try:
+        experiment.run(args)
+    except train.Interrupted as exc:
+        print(f"\ninterrupted by signal {exc.signum}; the run's checkpoints are saved. Continue it with the same "
+              f"command and --resume", file=sys.stderr)
+        return 130
+    except (DatasetError, train.CheckpointMismatch, FileExistsError, ValueError, TypeError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return 0
 
 
 if __name__ == "__main__":

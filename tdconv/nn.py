@@ -351,7 +351,10 @@ class FactorizedConv2d(nn.Module):
         return self._unfused(x)
 
     def _auto_picks_fused(self, x: torch.Tensor) -> bool:
-        """implementation="auto" where both can run: the faster one for this configuration, timed once."""
+        """implementation="auto" where both can run: the faster one for this configuration, timed once.
+        Under autograd the chain: the fused op's backward recomputes the chain's intermediates anyway."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.first.requires_grad):
+            return False
         if not _AUTOTUNE["enabled"] or torch.compiler.is_compiling():
             return True
         key = (self.method, self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride,

@@ -1,0 +1,429 @@
+"""``tdconv experiment``: train a dense model, compress it with CP and Tucker, fine-tune, and report.
+
+The seed's question, answered end to end: how much accuracy does a compressed ResNet18 keep right
+after decomposition, after re-estimating BatchNorm statistics, after each fine-tuning epoch, and how
+fast is it? Every phase is checkpointed; ``--resume`` continues a killed run where it stopped.
+
+Files of a run, in ``OUT/NAME/``: ``args.json`` (the arguments that define the run), ``results.json``,
+``results.md`` (the table), ``log.jsonl`` (one line per epoch), ``accuracy_vs_epoch.png``,
+``dense.pt`` (state dict), ``<method>.pt`` (:func:`tdconv.save` format), checkpoints ``*.ckpt``.
+``OUT/accuracy_vs_macs.png`` plots every model of every run in ``OUT``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from . import train as T
+from .compress import compress, count_complexity
+from .data import DatasetError, load_dataset
+from .serialization import load as load_compressed
+from .serialization import save as save_compressed
+
+__all__ = ["build_resnet", "run", "add_arguments", "RUN_ARGUMENTS"]
+
+# The arguments that define a run's results: resuming with any of them changed is refused.
+RUN_ARGUMENTS = ("model", "stem", "dataset", "train_subset", "test_subset", "weights", "methods", "rank", "layers",
+                 "target_macs", "target_params", "min_rank", "n_iter_max", "epochs", "finetune_epochs", "batch_size",
+                 "lr", "finetune_lr", "weight_decay", "label_smoothing", "warmup_epochs", "schedule", "distill",
+                 "bn_recalibrate", "seed")
+
+
+def build_resnet(name: str, num_classes: int, stem: str = "imagenet", in_channels: int = 3) -> nn.Module:
+    """A torchvision ResNet with random weights. ``stem="imagenet"``: the 7x7 stride-2 conv and max-pool
+    (the seed's model, also on 32x32 inputs); ``"cifar"``: a 3x3 stride-1 conv and no max-pool."""
+    import torchvision.models.resnet as resnet
+    if not (name.startswith("resnet") or name.startswith("wide_resnet")) or not callable(getattr(resnet, name, None)):
+        raise ValueError(f"model must be a torchvision ResNet (resnet18, resnet34, resnet50, ...), got {name!r}")
+    if stem not in ("imagenet", "cifar"):
+        raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+    model = getattr(resnet, name)(weights=None, num_classes=num_classes)
+    if stem == "cifar":
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _fmt_acc(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _table(results: dict) -> str:
+    models = results["models"]
+    ft = max([len(m.get("finetune", [])) for m in models.values()] + [0])
+    head = ["model", "MMac", "params (M)", "after decomposition", "+ BN re-estimated"] + \
+        [f"fine-tune ep {i + 1}" for i in range(ft)] + ["final", "vs dense", "latency (ms)", "vs dense",
+                                                        "time: train / decompose / fine-tune (s)"]
+    dense = models.get("dense", {})
+    rows = []
+    for name, m in models.items():
+        eps = [r["test_acc"] for r in m.get("finetune", [])]
+        eps += [None] * (ft - len(eps))
+        final = m.get("accuracy")
+        delta = "-" if name == "dense" or final is None or dense.get("accuracy") is None else \
+            f"{final - dense['accuracy']:+.2f}"
+        lat = m.get("latency_ms")
+        lat_ratio = "-" if lat is None or not dense.get("latency_ms") or name == "dense" else \
+            f"{lat / dense['latency_ms']:.2f}x"
+        times = " / ".join("-" if m.get(k) is None else f"{m[k]:.0f}"
+                           for k in ("train_seconds", "decompose_seconds", "finetune_seconds"))
+        rows.append([name, f"{m['macs'] / 1e6:.2f}", f"{m['params'] / 1e6:.2f}", _fmt_acc(m.get("after_decomposition")),
+                     _fmt_acc(m.get("after_bn"))] + [_fmt_acc(v) for v in eps] +
+                    [_fmt_acc(final), delta, "-" if lat is None else f"{lat:.2f}", lat_ratio, times])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    a = results["args"]
+    env = results.get("environment", {})
+    subset = "" if a["train_subset"] is None else f" (train subset {a['train_subset']})"
+    lines += ["", f"{a['model']} ({a['stem']} stem) on {a['dataset']}{subset}, layers {a['layers']}, rank {a['rank']}, "
+              f"{a['epochs']} dense epochs, {a['finetune_epochs']} fine-tuning epochs, seed {a['seed']}. Accuracy in % "
+              f"on the test set; MACs and params by ptflops at {'x'.join(map(str, results['input_size']))}; latency: "
+              f"median of interleaved runs at batch {results.get('latency_batch')} on {env.get('device', '?')}."]
+    return "\n".join(lines)
+
+
+def _plots(out_dir: str, results: dict) -> list:
+    """PNG plots; returns the paths written (none when matplotlib is missing, with a note on stderr)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'tdconv[experiment]')", file=sys.stderr)
+        return []
+    written = []
+    models = results["models"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in models.items():
+        if name == "dense":
+            if m.get("accuracy") is not None:
+                ax.axhline(m["accuracy"], color="k", ls="--", label=f"dense {m['accuracy']:.1f}%")
+            continue
+        xs, ys = [0], [m.get("after_bn", m.get("after_decomposition"))]
+        for r in m.get("finetune", []):
+            xs.append(r["epoch"])
+            ys.append(r["test_acc"])
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("fine-tuning epoch (0: right after decomposition)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{results['args']['model']} on {results['args']['dataset']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(out_dir, "accuracy_vs_epoch.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in sorted(os.listdir(parent)):
+        try:
+            with open(os.path.join(parent, run, "results.json")) as f:
+                other = json.load(f)
+        except (OSError, ValueError):
+            continue
+        pts = [(n, m["macs"], m["accuracy"]) for n, m in other.get("models", {}).items()
+               if m.get("accuracy") is not None]
+        if pts:
+            ax.scatter([p[1] / 1e6 for p in pts], [p[2] for p in pts], label=run)
+            for n, x, y in pts:
+                ax.annotate(n, (x / 1e6, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("MMac per image")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = os.path.join(parent, "accuracy_vs_macs.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ latency
+@torch.no_grad()
+def measure_latency(models: dict, shape: tuple, device, *, runs: int = 20, warmup: int = 3) -> dict:
+    """Median inference latency (ms) of each model on a random batch ``shape``, the models interleaved
+    within each round so that they see the same machine state."""
+    x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = {n: [] for n in models}
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    for _ in range(runs):
+        for n, m in models.items():
+            sync()
+            t0 = time.perf_counter()
+            m(x)
+            sync()
+            times[n].append(1e3 * (time.perf_counter() - t0))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+# ------------------------------------------------------------------------------------------------- run
+def _run_dir(args) -> str:
+    if args.name:
+        return os.path.join(args.out, args.name)
+    dataset = args.dataset.replace("npz:", "npz-").replace(os.sep, "_").strip("_")
+    layers = args.layers if len(args.layers) < 20 else "custom"
+    return os.path.join(args.out, f"{args.model}-{args.stem}-{dataset}-{layers}-r{args.rank}-seed{args.seed}")
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _parse_layers(text: str):
+    return None if text == "all" else "seed" if text == "seed" else text.split(",")
+
+
+def _environment(device) -> dict:
+    import platform
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if torch.device(device).type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+    else:
+        env["device"] = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        env["device"] = f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+                        break
+        except OSError:
+            pass
+    return env
+
+
+def run(args) -> dict:
+    """Run (or resume) the experiment described by ``args`` (the parsed command line); returns the results."""
+    import tdconv
+    run_args = {k: getattr(args, k) for k in RUN_ARGUMENTS}
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in ("dense", "cp", "cp4", "tucker")]
+    if unknown or not methods:
+        raise ValueError(f"--methods must be a comma-separated subset of dense,cp,cp4,tucker; got {args.methods!r}")
+    out_dir = _run_dir(args)
+    rank, world, device = T.init_distributed(args.device)
+    lead = rank == 0
+    args_path = os.path.join(out_dir, "args.json")
+    if os.path.exists(args_path):
+        if not args.resume:
+            raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another "
+                                  f"--out / --name")
+        with open(args_path) as f:
+            diffs = T.config_differences(json.load(f), json.loads(json.dumps(run_args)))
+        if diffs:
+            raise T.CheckpointMismatch(f"{out_dir} was started with other arguments; refusing to resume. Differences "
+                                       f"(saved -> now): {'; '.join(diffs)}")
+    elif lead:
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json(args_path, run_args)
+    if world > 1:
+        torch.distributed.barrier()
+
+    data = load_dataset(args.dataset, args.data_root)
+    if args.train_subset or args.test_subset:
+        data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
+    data = data.to(device)
+    input_size = data.shape
+    results_path = os.path.join(out_dir, "results.json")
+    results = {"args": run_args, "input_size": list(input_size), "num_classes": data.num_classes, "models": {}}
+    if os.path.exists(results_path) and args.resume:
+        with open(results_path) as f:
+            results["models"] = json.load(f).get("models", {})
+    log = os.path.join(out_dir, "log.jsonl")
+    progress = not args.quiet
+
+    def save_results():
+        if lead:
+            _write_json(results_path, results)
+
+    def say(text):
+        if lead and progress:
+            print(text, file=sys.stderr)
+
+    def check_signal(stop):
+        if stop["signum"]:
+            raise T.Interrupted(stop["signum"], out_dir)
+
+    tdconv.set_autotune(False)  # deterministic implementation choices while training and evaluating
+    torch.manual_seed(args.seed)
+    base = lambda: build_resnet(args.model, data.num_classes, args.stem, input_size[0])  # noqa: E731
+    common = dict(batch_size=args.batch_size, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                  schedule=args.schedule, seed=args.seed)
+    finals = {}
+    with T.stop_on_signals() as stop:
+        # ---- dense
+        dense = base().to(device)
+        dense_path = os.path.join(out_dir, "dense.pt")
+        record = results["models"].get("dense")
+        if record is not None and record.get("done") and os.path.exists(dense_path):
+            dense.load_state_dict(torch.load(dense_path, map_location=device, weights_only=True))
+        else:
+            t0 = time.perf_counter()
+            history = []
+            if args.weights:
+                from .cli import load_weights
+                load_weights(dense, args.weights)
+                dense.to(device)
+            else:
+                cfg = T.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_epochs=args.warmup_epochs, **common)
+                history = T.fit(dense, data, cfg, device=device, checkpoint=os.path.join(out_dir, "dense.ckpt"),
+                                resume=args.resume, log=log, label="dense", progress=progress,
+                                identity={"phase": "dense"})
+            macs, params = count_complexity(copy.deepcopy(dense).cpu().float(), input_size)
+            record = {"macs": macs, "params": params, "train": history, "accuracy": T.evaluate(dense, data, device=device),
+                      "train_seconds": sum(r["seconds"] for r in history) if history else
+                      time.perf_counter() - t0, "done": True}
+            if lead:
+                T.atomic_save(dense.state_dict(), dense_path)
+            results["models"]["dense"] = record
+            save_results()
+        say(f"dense: {results['models']['dense']['accuracy']:.2f}%")
+        finals["dense"] = dense
+        check_signal(stop)
+
+        # ---- compressed
+        for method in methods:
+            if method == "dense":
+                continue
+            start_path = os.path.join(out_dir, f"{method}-start.pt")
+            final_path = os.path.join(out_dir, f"{method}.pt")
+            record = results["models"].get(method) or {}
+            if record.get("done") and os.path.exists(final_path):
+                finals[method] = load_compressed(final_path, base()).to(device)
+                continue
+            if record.get("after_bn") is not None and os.path.exists(start_path):
+                small = load_compressed(start_path, base()).to(device)
+            else:
+                t0 = time.perf_counter()
+                options = {"n_iter_max": args.n_iter_max}
+                if method in ("cp", "cp4"):
+                    options["seed"] = args.seed
+                small, report = compress(copy.deepcopy(dense), method, args.rank, layers=_parse_layers(args.layers),
+                                         target_macs=args.target_macs, target_params=args.target_params,
+                                         min_rank=args.min_rank, input_size=input_size, inplace=True,
+                                         progress=progress and lead, **options)
+                small.to(device)
+                decompose_seconds = time.perf_counter() - t0
+                record = {"macs": report.macs_after, "params": report.params_after,
+                          "decompose_seconds": decompose_seconds,
+                          "kernel_error": {r.name: r.rel_error for r in report.layers},
+                          "ranks": {r.name: r.rank for r in report.layers},
+                          "after_decomposition": T.evaluate(small, data, device=device)}
+                if args.bn_recalibrate:
+                    T.recalibrate_batchnorm(small, data, batch_size=args.batch_size, device=device, seed=args.seed)
+                    record["after_bn"] = T.evaluate(small, data, device=device)
+                else:
+                    record["after_bn"] = record["after_decomposition"]
+                if lead:
+                    save_compressed(small, start_path, meta={"model": args.model, "stem": args.stem})
+                results["models"][method] = record
+                save_results()
+            say(f"{method}: {record['after_decomposition']:.2f}% right after decomposition, "
+                f"{record['after_bn']:.2f}% with BatchNorm statistics re-estimated")
+            check_signal(stop)
+
+            def on_epoch(r, record=record):
+                record["finetune"] = [x for x in record.get("finetune", []) if x["epoch"] < r["epoch"]] + [r]
+                save_results()
+
+            cfg = T.TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, warmup_epochs=0.0,
+                                distill=args.distill, **common)
+            history = T.fit(small, data, cfg, device=device, checkpoint=os.path.join(out_dir, f"{method}.ckpt"),
+                            resume=args.resume, teacher=dense if args.distill else None, log=log,
+                            label=method, progress=progress, identity={"phase": method}, on_epoch=on_epoch)
+            record["finetune"] = history
+            record["finetune_seconds"] = sum(r["seconds"] for r in history)
+            record["accuracy"] = T.evaluate(small, data, device=device)
+            record["done"] = True
+            if lead:
+                save_compressed(small, final_path, meta={"model": args.model, "stem": args.stem})
+            save_results()
+            say(f"{method}: {record['accuracy']:.2f}% after {args.finetune_epochs} fine-tuning epoch(s)")
+            finals[method] = small
+            check_signal(stop)
+
+    # ---- latency (rank 0) and reports
+    tdconv.set_autotune(True)
+    results["latency_batch"] = args.latency_batch
+    results["environment"] = _environment(device)
+    if lead and args.latency_runs > 0:
+        lat = measure_latency(finals, (args.latency_batch, *input_size), device, runs=args.latency_runs)
+        for name, ms in lat.items():
+            results["models"][name]["latency_ms"] = ms
+    if lead:
+        save_results()
+        table = _table(results)
+        with open(os.path.join(out_dir, "results.md"), "w") as f:
+            f.write(table + "\n")
+        print(table)
+        for path in _plots(out_dir, results):
+            say(f"wrote {path}")
+        say(f"results in {out_dir}")
+    if world > 1:
+        torch.distributed.barrier()
+    return results
+
+
+def add_arguments(p) -> None:
+    """The ``tdconv experiment`` options."""
+    from .cli import _fraction, _rank
+    p.add_argument("--model", default="resnet18", help="a torchvision ResNet (resnet18, resnet34, resnet50, ...)")
+    p.add_argument("--stem", choices=("imagenet", "cifar"), default="imagenet",
+                   help="imagenet: 7x7/2 conv + max-pool (the seed's model); cifar: 3x3/1 conv, no max-pool")
+    p.add_argument("--weights", help="start from this dense state dict instead of training the dense model")
+    p.add_argument("--methods", default="dense,cp,tucker", help="comma-separated: dense, cp, cp4, tucker")
+    p.add_argument("--rank", type=_rank, default=0.5,
+                   help="int, 'R_out,R_in', a fraction of the channels, evbmf or energy=F (as in tdconv compress)")
+    p.add_argument("--layers", default="seed", help="seed (conv2 of every block), all, or comma-separated names")
+    p.add_argument("--target-macs", type=_fraction, help="whole-model MAC budget, a fraction of the dense model's")
+    p.add_argument("--target-params", type=_fraction, help="whole-model parameter budget, a fraction")
+    p.add_argument("--min-rank", type=float, default=0.0, help="with a budget: no layer below this fraction")
+    p.add_argument("--n-iter-max", type=int, default=100, help="decomposition sweeps per layer")
+    p.add_argument("--dataset", default="cifar10", help="cifar10, fashion-mnist, npz:DIR or synthetic")
+    p.add_argument("--data-root", default="data", help="where torchvision data sets live or are downloaded to")
+    p.add_argument("--train-subset", type=int, help="use this many training images (a fixed random subset)")
+    p.add_argument("--test-subset", type=int, help="use this many test images")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of dense training")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs of each compressed model")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of dense training")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="peak learning rate of fine-tuning")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up of dense training")
+    p.add_argument("--schedule", choices=("cosine", "onecycle", "constant"), default="cosine")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of distillation from the dense model during fine-tuning (0: off)")
+    p.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
+                   help="do not re-estimate BatchNorm statistics after decomposition")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="runs", help="folder of runs; this run goes to OUT/NAME")
+    p.add_argument("--name", help="the run's folder name (default: made from the arguments)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT/NAME from its checkpoints")
+    p.add_argument("--latency-batch", type=int, default=128)
+    p.add_argument("--latency-runs", type=int, default=20, help="timed rounds (0: no latency measurement)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
