@@ -6,11 +6,11 @@ tensor's own device; ``import tdconv`` works without it (see ``python -m tdconv.
 from ._ext import has_cuda_ext, has_ext, unavailable_reasons
 from .decompose import CPTensor, TuckerTensor, cp_als, decompose_batch, tucker_hooi, tucker_hosvd
 from .compress import CompressionReport, compress
-from .nn import FactorizedConv2d, set_autotune
+from .nn import FactorizedConv2d, LiveTapConv2d, set_autotune, skip_padding_taps
 from .serialization import load, save
 from .version import __version__
 
 __all__ = [
     "CPTensor", "TuckerTensor", "cp_als", "tucker_hosvd", "tucker_hooi", "decompose_batch",
-    "FactorizedConv2d", "set_autotune", "compress", "CompressionReport", "save", "load", "has_ext", "has_cuda_ext", "unavailable_reasons", "__version__",
+    "FactorizedConv2d", "LiveTapConv2d", "skip_padding_taps", "set_autotune", "compress", "CompressionReport", "save", "load", "has_ext", "has_cuda_ext", "unavailable_reasons", "__version__",
 ]

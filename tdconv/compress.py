@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .nn import METHODS, FactorizedConv2d, resolve_rank
+from .nn import METHODS, FactorizedConv2d, LiveTapConv2d, resolve_rank
 
 __all__ = ["compress", "CompressionReport", "LayerReport", "select_layers", "count_complexity"]
 
@@ -151,6 +151,7 @@ def count_complexity(model: nn.Module, input_size=(3, 32, 32)) -> tuple[int, int
     its three convolutions."""
     try:
         import ptflops
+        from ptflops.pytorch_ops import MODULES_MAPPING
     except ImportError as exc:
         raise ImportError("counting MACs needs ptflops: pip install ptflops") from exc
 
@@ -160,7 +161,8 @@ def count_complexity(model: nn.Module, input_size=(3, 32, 32)) -> tuple[int, int
     model = copy.deepcopy(model).cpu().float()
     macs, params = ptflops.get_model_complexity_info(
         model, tuple(input_size), as_strings=False, print_per_layer_stat=False, verbose=False, backend="pytorch",
-        backend_specific_config={"count_functional": False}, custom_modules_hooks={FactorizedConv2d: hook})
+        backend_specific_config={"count_functional": False},
+        custom_modules_hooks={FactorizedConv2d: hook, LiveTapConv2d: MODULES_MAPPING[nn.Conv2d]})
     return int(macs), int(params)
 
 

@@ -81,7 +81,7 @@ def _from_arrays(name, x_train, y_train, x_test, y_test) -> ImageDataset:
             x = x[..., None]
         if x.ndim != 4:
             raise DatasetError(f"{name}: {what} images must be [N, H, W, C] or [N, H, W], got shape {x.shape}")
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
     def labels(y, n, what):
         y = np.asarray(y)

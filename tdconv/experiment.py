@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from . import train as T
 from .compress import compress, count_complexity
-from .data import DatasetError, load_dataset
+from .data import load_dataset
 from .serialization import load as load_compressed
 from .serialization import save as save_compressed
 
@@ -223,6 +223,15 @@ def run(args) -> dict:
     unknown = [m for m in methods if m not in ("dense", "cp", "cp4", "tucker")]
     if unknown or not methods:
         raise ValueError(f"--methods must be a comma-separated subset of dense,cp,cp4,tucker; got {args.methods!r}")
+    if args.latency_batch < 1 or args.latency_runs < 0:
+        raise ValueError(f"--latency-batch must be >= 1 and --latency-runs >= 0, got {args.latency_batch} and "
+                         f"{args.latency_runs}")
+    build_resnet(args.model, 10, args.stem)  # unknown model or stem: fail before any work
+    common = dict(batch_size=args.batch_size, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                  schedule=args.schedule, seed=args.seed)
+    dense_cfg = T.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_epochs=args.warmup_epochs, **common)
+    finetune_cfg = T.TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, warmup_epochs=0.0,
+                                 distill=args.distill, **common)
     out_dir = _run_dir(args)
     rank, world, device = T.init_distributed(args.device)
     lead = rank == 0
@@ -236,16 +245,16 @@ def run(args) -> dict:
         if diffs:
             raise T.CheckpointMismatch(f"{out_dir} was started with other arguments; refusing to resume. Differences "
                                        f"(saved -> now): {'; '.join(diffs)}")
-    elif lead:
-        os.makedirs(out_dir, exist_ok=True)
-        _write_json(args_path, run_args)
-    if world > 1:
-        torch.distributed.barrier()
 
     data = load_dataset(args.dataset, args.data_root)
     if args.train_subset or args.test_subset:
         data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     data = data.to(device)
+    if lead and not os.path.exists(args_path):
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json(args_path, run_args)
+    if world > 1:
+        torch.distributed.barrier()
     input_size = data.shape
     results_path = os.path.join(out_dir, "results.json")
     results = {"args": run_args, "input_size": list(input_size), "num_classes": data.num_classes, "models": {}}
@@ -269,9 +278,10 @@ def run(args) -> dict:
 
     tdconv.set_autotune(False)  # deterministic implementation choices while training and evaluating
     torch.manual_seed(args.seed)
-    base = lambda: build_resnet(args.model, data.num_classes, args.stem, input_size[0])  # noqa: E731
-    common = dict(batch_size=args.batch_size, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                  schedule=args.schedule, seed=args.seed)
+    # Training and evaluation skip kernel taps that only read padding (same function, far less work on
+    # small images: ResNet18's layer4 sees 1x1 maps at 32x32); latency is measured on the plain models.
+    base = lambda: tdconv.skip_padding_taps(  # noqa: E731
+        build_resnet(args.model, data.num_classes, args.stem, input_size[0]))
     finals = {}
     with T.stop_on_signals() as stop:
         # ---- dense
@@ -288,8 +298,7 @@ def run(args) -> dict:
                 load_weights(dense, args.weights)
                 dense.to(device)
             else:
-                cfg = T.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_epochs=args.warmup_epochs, **common)
-                history = T.fit(dense, data, cfg, device=device, checkpoint=os.path.join(out_dir, "dense.ckpt"),
+                history = T.fit(dense, data, dense_cfg, device=device, checkpoint=os.path.join(out_dir, "dense.ckpt"),
                                 resume=args.resume, log=log, label="dense", progress=progress,
                                 identity={"phase": "dense"})
             macs, params = count_complexity(copy.deepcopy(dense).cpu().float(), input_size)
@@ -312,10 +321,10 @@ def run(args) -> dict:
             final_path = os.path.join(out_dir, f"{method}.pt")
             record = results["models"].get(method) or {}
             if record.get("done") and os.path.exists(final_path):
-                finals[method] = load_compressed(final_path, base()).to(device)
+                finals[method] = tdconv.skip_padding_taps(load_compressed(final_path, base()).to(device))
                 continue
             if record.get("after_bn") is not None and os.path.exists(start_path):
-                small = load_compressed(start_path, base()).to(device)
+                small = tdconv.skip_padding_taps(load_compressed(start_path, base()).to(device))
             else:
                 t0 = time.perf_counter()
                 options = {"n_iter_max": args.n_iter_max}
@@ -325,7 +334,7 @@ def run(args) -> dict:
                                          target_macs=args.target_macs, target_params=args.target_params,
                                          min_rank=args.min_rank, input_size=input_size, inplace=True,
                                          progress=progress and lead, **options)
-                small.to(device)
+                tdconv.skip_padding_taps(small.to(device))
                 decompose_seconds = time.perf_counter() - t0
                 record = {"macs": report.macs_after, "params": report.params_after,
                           "decompose_seconds": decompose_seconds,
@@ -349,9 +358,7 @@ def run(args) -> dict:
                 record["finetune"] = [x for x in record.get("finetune", []) if x["epoch"] < r["epoch"]] + [r]
                 save_results()
 
-            cfg = T.TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, warmup_epochs=0.0,
-                                distill=args.distill, **common)
-            history = T.fit(small, data, cfg, device=device, checkpoint=os.path.join(out_dir, f"{method}.ckpt"),
+            history = T.fit(small, data, finetune_cfg, device=device, checkpoint=os.path.join(out_dir, f"{method}.ckpt"),
                             resume=args.resume, teacher=dense if args.distill else None, log=log,
                             label=method, progress=progress, identity={"phase": method}, on_epoch=on_epoch)
             record["finetune"] = history
@@ -370,7 +377,8 @@ def run(args) -> dict:
     results["latency_batch"] = args.latency_batch
     results["environment"] = _environment(device)
     if lead and args.latency_runs > 0:
-        lat = measure_latency(finals, (args.latency_batch, *input_size), device, runs=args.latency_runs)
+        plain = {n: tdconv.skip_padding_taps(m, False) for n, m in finals.items()}
+        lat = measure_latency(plain, (args.latency_batch, *input_size), device, runs=args.latency_runs)
         for name, ms in lat.items():
             results["models"][name]["latency_ms"] = ms
     if lead:

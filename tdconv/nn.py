@@ -21,6 +21,7 @@ layer's structure and is left to a later release.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import statistics
@@ -34,7 +35,7 @@ from torch.nn.modules.utils import _pair
 from . import ops as _ops
 from .decompose import cp_als, tucker_hooi
 
-__all__ = ["FactorizedConv2d", "resolve_rank", "set_autotune"]
+__all__ = ["FactorizedConv2d", "LiveTapConv2d", "resolve_rank", "set_autotune", "skip_padding_taps"]
 
 METHODS = ("cp", "cp4", "tucker")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -56,6 +57,73 @@ def set_autotune(enabled: bool) -> None:
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     _AUTOTUNE["enabled"] = enabled
     _AUTOTUNE_CHOICES.clear()
+
+
+@functools.lru_cache(maxsize=4096)
+def _live_window(n: int, k: int, s: int, p: int, d: int):
+    """Along one axis of length ``n``: ``(first tap, padding)`` of the taps of a size-``k`` kernel
+    (stride ``s``, zero padding ``p``, dilation ``d``) that read at least one input element, when
+    dropping the others changes nothing but the work; None when every tap is live."""
+    o = (n + 2 * p - d * (k - 1) - 1) // s + 1
+    if o <= 0:
+        return None
+    live = []
+    for t in range(k):  # tap t reads i*s - p + t*d for outputs i in [0, o)
+        lo, hi = p - t * d, n - 1 + p - t * d
+        i0 = max(0, -((-lo) // s))
+        if i0 < o and i0 * s <= hi:
+            live.append(t)
+    if not live or len(live) == k:
+        return None
+    t0, k2 = live[0], live[-1] - live[0] + 1
+    p2 = p - t0 * d
+    if p2 < 0 or (n + 2 * p2 - d * (k2 - 1) - 1) // s + 1 != o:
+        return None
+    return t0, k2, p2
+
+
+def _live_conv2d(x, weight, bias, stride, padding, dilation, groups):
+    """``F.conv2d`` with zero ``padding`` (a pair), skipping the kernel taps that only ever multiply
+    padding at ``x``'s size (e.g. all but the centre of a 3x3 kernel on a 1x1 feature map). The same
+    function; the skipped taps get zero gradient, as they do in the full convolution."""
+    kh, kw = weight.shape[2:]
+    wh = _live_window(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    ww = _live_window(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    if wh is None and ww is None:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    (h0, h, ph), (w0, w, pw) = wh or (0, kh, padding[0]), ww or (0, kw, padding[1])
+    return F.conv2d(x, weight[:, :, h0:h0 + h, w0:w0 + w], bias, stride, (ph, pw), dilation, groups)
+
+
+class LiveTapConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that skips the kernel taps which, at the input's size, only read zero padding.
+
+    The same parameters, state dict and function as ``nn.Conv2d``; only the work differs. It matters
+    for ImageNet-style networks on small images: ResNet18's layer4 on 32x32 inputs runs 3x3 convs on
+    1x1 feature maps, where 8 of the 9 taps multiply padding, and the backward pass of those convs
+    costs as much as the rest of the network. Made by :func:`skip_padding_taps`.
+    """
+
+    def _conv_forward(self, x, weight, bias):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super()._conv_forward(x, weight, bias)
+        return _live_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def skip_padding_taps(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every ``nn.Conv2d`` of ``model`` a :class:`LiveTapConv2d`, and every
+    :class:`FactorizedConv2d`'s unfused chain skip such taps too (in place; returns ``model``).
+    ``enabled=False`` undoes it. Outputs change only by floating-point rounding; parameters and
+    state dict keys are unchanged, and :func:`tdconv.compress.count_complexity` still counts the
+    nominal MACs."""
+    for m in model.modules():
+        if enabled and type(m) is nn.Conv2d:
+            m.__class__ = LiveTapConv2d
+        elif not enabled and type(m) is LiveTapConv2d:
+            m.__class__ = nn.Conv2d
+        elif isinstance(m, FactorizedConv2d):
+            m.skip_padding_taps = enabled
+    return model
 
 
 def _positive_int(value, name: str) -> int:
@@ -137,6 +205,8 @@ class FactorizedConv2d(nn.Module):
     >>> f(torch.randn(2, 64, 8, 8)).shape
     torch.Size([2, 64, 8, 8])
     """
+
+    skip_padding_taps = False  # see skip_padding_taps(): the unfused chain skips taps that only read padding
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *,
                  method="cp", rank=0.5, padding_mode="zeros", implementation="auto", device=None, dtype=None):
@@ -390,10 +460,11 @@ class FactorizedConv2d(nn.Module):
         padding, pad = self._spatial_padding()
         if pad is not None:
             y = F.pad(y, pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        conv = _live_conv2d if pad is None and self.skip_padding_taps else F.conv2d
         if self.method == "tucker":
-            y = F.conv2d(y, self.spatial, None, self.stride, padding, self.dilation)
+            y = conv(y, self.spatial, None, self.stride, padding, self.dilation, 1)
         elif self.method == "cp":
-            y = F.conv2d(y, self.spatial, None, self.stride, padding, self.dilation, groups=self.rank)
+            y = conv(y, self.spatial, None, self.stride, padding, self.dilation, self.rank)
         else:
             sh, sw = self.stride
             dh, dw = self.dilation

@@ -1,0 +1,133 @@
+"""`tdconv experiment` end to end: real data, the files it writes, exact resume after a kill, 2-process DDP,
+and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import tdconv
+from tdconv.cli import main
+from tdconv.data import DEBIAN_FASHION_MNIST
+
+FAST = ["--n-iter-max", "10", "--latency-runs", "2", "--latency-batch", "16", "--quiet"]
+SYNTHETIC = ["--dataset", "synthetic", "--train-subset", "512", "--test-subset", "256", "--batch-size", "64",
+             "--methods", "dense,cp", "--epochs", "2", "--finetune-epochs", "2", "--lr", "0.05", *FAST]
+
+
+def _results(folder):
+    with open(os.path.join(folder, "results.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_end_to_end(tmp_path):
+    """Real data: the dense model learns, fine-tuning changes the compressed models and recovers accuracy."""
+    rc = main(["experiment", "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "data"),
+               "--train-subset", "4000", "--test-subset", "1000", "--batch-size", "128", "--epochs", "2",
+               "--finetune-epochs", "1", "--out", str(tmp_path), "--name", "fm", *FAST])
+    assert rc == 0
+    run = tmp_path / "fm"
+    for name in ("results.md", "results.json", "log.jsonl", "accuracy_vs_epoch.png", "dense.pt", "cp.pt", "tucker.pt"):
+        assert (run / name).stat().st_size > 0, name
+    assert (tmp_path / "accuracy_vs_macs.png").stat().st_size > 0
+    res = _results(run)
+    models = res["models"]
+    assert res["input_size"] == [1, 28, 28]
+    assert models["dense"]["accuracy"] > 60  # chance is 10 %
+    for method in ("cp", "tucker"):
+        m = models[method]
+        assert m["macs"] < models["dense"]["macs"] and m["params"] < models["dense"]["params"]
+        assert m["accuracy"] > m["after_decomposition"], method
+        assert len(m["finetune"]) == 1 and m["latency_ms"] > 0
+        start = tdconv.serialization.read(run / f"{method}-start.pt")["state_dict"]
+        end = tdconv.serialization.read(run / f"{method}.pt")["state_dict"]
+        changed = [k for k in start if k.endswith(".first") and not torch.equal(start[k], end[k])]
+        assert len(changed) == 8, f"{method}: fine-tuning must update every factorised layer"
+    table = (run / "results.md").read_text()
+    assert "| dense |" in table and "| cp |" in table and "| tucker |" in table and "fine-tune ep 1" in table
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2 + 1 + 1
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "tdconv", "experiment", *args]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    subprocess.run(_cli(*SYNTHETIC, "--out", str(out), "--name", "ref"), check=True, timeout=600)
+    return out / "ref"
+
+
+def _comparable(results):
+    """results.json without wall times."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items()
+                    if not (k.endswith("seconds") or k in ("images_per_s", "latency_ms", "environment"))}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+    return strip(results)
+
+
+def test_killed_run_resumes_to_the_identical_result(uninterrupted, tmp_path):
+    cmd = _cli(*SYNTHETIC, "--out", str(tmp_path), "--name", "ref")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "ref" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (log.exists() and log.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # during dense epoch 2
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    assert not (tmp_path / "ref" / "dense.pt").exists()  # it stopped before the end of dense training
+    with pytest.raises(subprocess.CalledProcessError):  # the same folder without --resume: refused, nothing lost
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    subprocess.run(cmd + ["--resume"], check=True, timeout=600)
+    assert _comparable(_results(tmp_path / "ref")) == _comparable(_results(uninterrupted))
+    a = tdconv.serialization.read(tmp_path / "ref" / "cp.pt")["state_dict"]
+    b = tdconv.serialization.read(uninterrupted / "cp.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_resume_with_other_arguments_names_them(uninterrupted, capsys):
+    args = [a if a != "0.05" else "0.2" for a in SYNTHETIC] + ["--out", str(uninterrupted.parent), "--name", "ref"]
+    with pytest.raises(SystemExit, match=r"refusing to resume.*lr: 0.05 -> 0.2"):
+        main(["experiment", *args, "--resume"])
+    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
+        main(["experiment", *args])
+
+
+def test_ddp_two_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+           "-m", "tdconv", "experiment", *SYNTHETIC, "--epochs", "1", "--finetune-epochs", "1",
+           "--out", str(tmp_path), "--name", "ddp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _results(tmp_path / "ddp")
+    assert res["models"]["dense"]["accuracy"] > 10 and res["models"]["cp"]["accuracy"] > 10
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in lines] == ["dense", "cp"]  # written by rank 0 only
+    # each process trained on its half: 512 images / 2 processes / batch 64 = 4 steps each, summed
+    assert lines[0]["images_per_s"] > 0 and "| cp |" in proc.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--dataset", "npz:/nonexistent/folder"], "train.npz does not exist"),
+    (["--model", "vgg11"], "model must be a torchvision ResNet"),
+    (["--methods", "dense,svd"], "--methods must be a comma-separated subset"),
+    (["--finetune-lr", "-1"], "lr must be a finite number >= 0"),
+    (["--latency-batch", "0"], "--latency-batch must be >= 1"),
+])
+def test_bad_input(tmp_path, args, match):
+    with pytest.raises(SystemExit, match=match):
+        main(["experiment", *SYNTHETIC, "--out", str(tmp_path), *args])
+    assert not os.listdir(tmp_path)  # nothing started

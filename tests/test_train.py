@@ -1,0 +1,142 @@
+"""fit / evaluate / BatchNorm re-estimation; checkpoints, exact resume, signals, refusal of a mismatched resume."""
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tdconv
+from tdconv import train as T
+from tdconv.data import load_dataset, normalize
+
+
+def _data():
+    return load_dataset("synthetic").subset(train=384, test=128)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         tdconv.FactorizedConv2d(8, 16, 3, 2, 1, rank=4), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 10))
+
+
+CFG = dict(epochs=3, batch_size=64, lr=0.2, seed=3)
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fit_learns_and_logs(tmp_path):
+    data, model = _data(), _model()
+    before = T.evaluate(model, data)
+    log = tmp_path / "log.jsonl"
+    history = T.fit(model, data, T.TrainConfig(**CFG), checkpoint=str(tmp_path / "c.ckpt"), log=str(log),
+                    progress=False)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[-1]["test_acc"] > max(before + 30, 60.0)  # chance is 10 %
+    assert len(log.read_text().splitlines()) == 3
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-6)  # cosine down to zero
+
+
+def _interrupt_at(model, at_call):
+    """Send SIGINT to this process during the ``at_call``-th forward of ``model``."""
+    calls = {"n": 0}
+
+    def hook(module, inputs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return model.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("at_call", [6, 8], ids=["after-an-epoch", "mid-epoch"])
+def test_interrupted_run_resumes_to_the_identical_result(tmp_path, at_call):
+    # 6 batches per epoch + 1 evaluation batch: forward 6 is the epoch's last batch (the epoch finishes
+    # and is saved, then the run stops), forward 8 is the first batch of epoch 2 (saved mid-epoch).
+    data, cfg = _data(), T.TrainConfig(**CFG)
+    reference = _model()
+    ref_history = T.fit(reference, data, cfg, progress=False)
+
+    ckpt = str(tmp_path / "run.ckpt")
+    model = _model()
+    handle = _interrupt_at(model, at_call)
+    with pytest.raises(T.Interrupted) as info:
+        T.fit(model, data, cfg, checkpoint=ckpt, progress=False)
+    handle.remove()
+    assert info.value.checkpoint == ckpt and info.value.signum == signal.SIGINT
+    saved = torch.load(ckpt, weights_only=False)
+    assert (saved["epoch"], saved["batch"]) == ((1, 0) if at_call == 6 else (1, 1))
+
+    resumed = _model()  # a new process would start from fresh weights
+    history = T.fit(resumed, data, cfg, checkpoint=ckpt, resume=True, progress=False)
+    assert _same(resumed, reference)
+    assert [r["test_acc"] for r in history] == [r["test_acc"] for r in ref_history]
+    assert [r["train_loss"] for r in history] == pytest.approx([r["train_loss"] for r in ref_history], rel=1e-9)
+
+
+def test_resume_with_other_arguments_is_refused(tmp_path):
+    data, ckpt = _data(), str(tmp_path / "run.ckpt")
+    T.fit(_model(), data, T.TrainConfig(**dict(CFG, epochs=1)), checkpoint=ckpt, progress=False,
+          identity={"dataset": "synthetic"})
+    with pytest.raises(T.CheckpointMismatch, match=r"epochs: 1 -> 3; lr: 0.2 -> 0.1"):
+        T.fit(_model(), data, T.TrainConfig(**dict(CFG, lr=0.1)), checkpoint=ckpt, resume=True, progress=False,
+              identity={"dataset": "synthetic"})
+    with pytest.raises(T.CheckpointMismatch, match="dataset: 'synthetic' -> 'other'"):
+        T.fit(_model(), data, T.TrainConfig(**dict(CFG, epochs=1)), checkpoint=ckpt, resume=True, progress=False,
+              identity={"dataset": "other"})
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(T.CheckpointMismatch, match="cannot read checkpoint"):
+        T.fit(_model(), data, T.TrainConfig(**CFG), checkpoint=str(tmp_path / "junk.ckpt"), resume=True,
+              progress=False)
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "a.pt"
+    T.atomic_save({"v": 1}, str(path))
+
+    def boom(obj, f):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        T.atomic_save({"v": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path)["v"] == 1 and os.listdir(tmp_path) == ["a.pt"]  # the old file intact, no leftovers
+
+
+def test_distillation_and_bad_config():
+    data = _data()
+    teacher = _model()
+    T.fit(teacher, data, T.TrainConfig(**dict(CFG, epochs=1)), progress=False)
+    student = _model()
+    history = T.fit(student, data, T.TrainConfig(**dict(CFG, epochs=1, distill=0.5)), teacher=teacher,
+                    progress=False)
+    assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        T.fit(_model(), data, T.TrainConfig(distill=0.5), progress=False)
+    for bad, match in [({"lr": -1.0}, "lr must be a finite number"), ({"schedule": "step"}, "schedule must be"),
+                       ({"batch_size": 1}, "batch_size must be"), ({"seed": -1}, "seed must be"),
+                       ({"distill": 2.0}, "distill must be in")]:
+        with pytest.raises(ValueError, match=match):
+            T.TrainConfig(**bad)
+    with pytest.raises(ValueError, match="no full batch"):
+        T.fit(_model(), data, T.TrainConfig(batch_size=1024), progress=False)
+    with pytest.raises(ValueError, match="resume=True needs a checkpoint"):
+        T.fit(_model(), data, T.TrainConfig(), resume=True, progress=False)
+
+
+def test_batchnorm_recalibration_matches_the_data():
+    data = _data()
+    model = _model()
+    model[1].running_mean.fill_(100.0)  # stale statistics, as after a decomposition
+    T.recalibrate_batchnorm(model, data, batches=3, batch_size=128)
+    assert model[1].momentum == 0.1 and model.training
+    x = normalize(data.x_train, data.mean, data.std)
+    with torch.no_grad():
+        y = model[0](x)
+    assert torch.allclose(model[1].running_mean, y.mean((0, 2, 3)), atol=0.05)
