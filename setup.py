@@ -162,8 +162,9 @@ setup(
     # The extension is compiled against exactly this torch; pinning it at install time makes a
     # mismatched build/runtime pair impossible (pip upgrades or downgrades torch to match).
     install_requires=[f"torch=={torch_base_version()}", "numpy", "ptflops"],
-    extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy", "torchvision", "ptflops"],
-                    "bench": ["tensorly==0.10.*", "torchvision", "ptflops"]},
+    extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy", "torchvision", "ptflops", "matplotlib"],
+                    "bench": ["tensorly==0.10.*", "torchvision", "ptflops"],
+                    "experiment": ["torchvision", "matplotlib"]},
     entry_points={"console_scripts": ["tdconv=tdconv.cli:main"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -14,7 +14,8 @@ import tdconv
 from tdconv.cli import main
 from tdconv.data import DEBIAN_FASHION_MNIST
 
-FAST = ["--n-iter-max", "10", "--latency-runs", "2", "--latency-batch", "16", "--quiet"]
+# On the CPU (also on GPU machines): exact resume is a CPU guarantee, and the 2-process run uses Gloo.
+FAST = ["--n-iter-max", "10", "--latency-runs", "2", "--latency-batch", "16", "--quiet", "--device", "cpu"]
 SYNTHETIC = ["--dataset", "synthetic", "--train-subset", "512", "--test-subset", "256", "--batch-size", "64",
              "--methods", "dense,cp", "--epochs", "2", "--finetune-epochs", "2", "--lr", "0.05", *FAST]
 
