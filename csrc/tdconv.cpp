@@ -31,6 +31,9 @@ TORCH_LIBRARY(tdconv, m) {
   m.def("cp_als(Tensor x, Tensor[] init, int n_iter_max, float tol, float l2_reg, int check_every)"
         " -> (Tensor weights, Tensor[] factors, Tensor errors, Tensor n_iter)");
   m.def("cp_init_svd(Tensor x, int rank, Tensor[] random_fill) -> Tensor[]");
+  // Error preserving correction: the smallest sum(weights^2) within ||x - cp|| <= delta.
+  m.def("cp_epc(Tensor x, Tensor weights, Tensor[] factors, Tensor delta, int n_iter_max, float tol,"
+        " int check_every) -> (Tensor weights, Tensor[] factors, Tensor norms, Tensor n_iter, Tensor errors)");
   m.def("tucker_hosvd(Tensor x, int[] ranks, int[] modes) -> (Tensor core, Tensor[] factors)");
   m.def("tucker_hooi(Tensor x, Tensor[] init, int[] modes, int n_iter_max, float tol, int check_every)"
         " -> (Tensor core, Tensor[] factors, Tensor errors, Tensor n_iter)");
@@ -49,6 +52,7 @@ TORCH_LIBRARY(tdconv, m) {
 TORCH_LIBRARY_IMPL(tdconv, CompositeExplicitAutograd, m) {
   m.impl("cp_als", &tdconv::cp_als);
   m.impl("cp_init_svd", &tdconv::cp_init_svd);
+  m.impl("cp_epc", &tdconv::cp_epc);
   m.impl("tucker_hosvd", &tdconv::tucker_hosvd);
   m.impl("tucker_hooi", &tdconv::tucker_hooi);
 }

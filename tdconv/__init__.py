@@ -4,13 +4,13 @@ The decomposition engine (CP-ALS, HOSVD, HOOI) runs in the compiled extension ``
 tensor's own device; ``import tdconv`` works without it (see ``python -m tdconv.info``).
 """
 from ._ext import has_cuda_ext, has_ext, unavailable_reasons
-from .decompose import CPTensor, TuckerTensor, cp_als, decompose_batch, tucker_hooi, tucker_hosvd
+from .decompose import CPTensor, TuckerTensor, cp_als, cp_epc, decompose_batch, tucker_hooi, tucker_hosvd
 from .compress import CompressionReport, compress
 from .nn import FactorizedConv2d, LiveTapConv2d, set_autotune, skip_padding_taps
 from .serialization import load, save
 from .version import __version__
 
 __all__ = [
-    "CPTensor", "TuckerTensor", "cp_als", "tucker_hosvd", "tucker_hooi", "decompose_batch",
+    "CPTensor", "TuckerTensor", "cp_als", "cp_epc", "tucker_hosvd", "tucker_hooi", "decompose_batch",
     "FactorizedConv2d", "LiveTapConv2d", "skip_padding_taps", "set_autotune", "compress", "CompressionReport", "save", "load", "has_ext", "has_cuda_ext", "unavailable_reasons", "__version__",
 ]

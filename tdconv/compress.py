@@ -183,6 +183,9 @@ class LayerReport:
     max_component_norm: float | None = None
     min_component_norm: float | None = None
     norm_ratio: float | None = None
+    # CP only: the sensitivity of Phan et al. (ECCV 2020) of the layer's factors as stored, relative to
+    # ||W||^(2(N-1)/N) (see CPTensor.sensitivity); EPC (epc=True) lowers it at the same error.
+    sensitivity: float | None = None
     seconds: float = 0.0
 
 
@@ -208,7 +211,8 @@ class CompressionReport:
         return json.dumps(self.to_dict(), indent=indent, default=str)
 
     def _rows(self):
-        cols = ["layer", "kernel", "rank", "params", "MMac", "rel. error", "max/min comp.", "sum comp^2/|W|^2"]
+        cols = ["layer", "kernel", "rank", "params", "MMac", "rel. error", "max/min comp.", "sum comp^2/|W|^2",
+                "sensitivity"]
         rows = []
         for r in self.layers:
             ratio = (f"{r.max_component_norm / r.min_component_norm:.3g}"
@@ -216,7 +220,8 @@ class CompressionReport:
             rows.append([r.name, "x".join(map(str, r.kernel_shape)), str(r.rank),
                          f"{r.params_before} -> {r.params_after}",
                          f"{r.macs_before / 1e6:.3f} -> {r.macs_after / 1e6:.3f}", f"{r.rel_error:.4f}", ratio,
-                         f"{r.norm_ratio:.3g}" if r.norm_ratio is not None else "-"])
+                         f"{r.norm_ratio:.3g}" if r.norm_ratio is not None else "-",
+                         f"{r.sensitivity:.4g}" if r.sensitivity is not None else "-"])
         return cols, rows
 
     def _totals(self) -> list:
@@ -309,7 +314,21 @@ def _layer_report(name, conv, layer, hw, seconds) -> LayerReport:
         rep.max_component_norm = float(norms.max())
         rep.min_component_norm = float(norms.min())
         rep.norm_ratio = float(norms.square().sum()) / wn ** 2 if wn > 0 else float("nan")
+        rep.sensitivity = _layer_sensitivity(layer, wn)
     return rep
+
+
+def _layer_sensitivity(layer: FactorizedConv2d, w_norm: float) -> float:
+    """sum_n I_n sum_r prod_{m != n} ||f_{m,r}||^2 over the CP layer's factors as stored, / ||W||^(2(N-1)/N)."""
+    with torch.no_grad():
+        factors = [layer.last.flatten(1).t(), layer.first.flatten(1), layer.spatial.flatten(1)]
+        if layer.method == "cp4":
+            factors.append(layer.spatial_w.flatten(1))
+        sq = torch.stack([f.double().square().sum(1) for f in factors])  # [N, R]
+        sizes = [f.shape[1] for f in factors]
+        total = sum(size * float((sq.prod(0) / sq[n].clamp_min(1e-300)).sum()) for n, size in enumerate(sizes))
+    n = len(factors)
+    return total / w_norm ** (2.0 * (n - 1) / n) if w_norm > 0 else float("nan")
 
 
 def _progress(enabled, i, n, name, t0):

@@ -20,7 +20,7 @@ import torch
 from . import _ext
 from . import reference as _ref
 
-__all__ = ["CPTensor", "TuckerTensor", "cp_als", "tucker_hosvd", "tucker_hooi", "decompose_batch"]
+__all__ = ["CPTensor", "TuckerTensor", "cp_als", "cp_epc", "tucker_hosvd", "tucker_hooi", "decompose_batch"]
 
 
 # ---------------------------------------------------------------------------------------------- containers
@@ -35,11 +35,18 @@ class CPTensor:
     factors : list of Tensor [I_n, R]
         One factor per mode.
     errors : list of float
-        Relative error ``||X - X^|| / ||X||`` after every ALS sweep.
+        Relative error ``||X - X^|| / ||X||`` after every sweep (ALS, or EPC after :func:`cp_epc`).
     n_iter : int
-        Number of ALS sweeps run.
+        Number of sweeps run.
     rel_error : float
         Final relative error, computed from the rebuilt tensor.
+    tensor_norm : float
+        ``||X||`` of the decomposed tensor (for the diagnostics below).
+    norm_history : list of float
+        After :func:`cp_epc`: ``sum(weights^2) / ||X||^2`` after every EPC sweep (else empty).
+
+    Diagnostics (degenerate CP solutions have huge components that cancel each other):
+    :attr:`component_norms`, :attr:`norm_ratio`, :attr:`sensitivity`, :meth:`diagnostics`.
     """
 
     weights: torch.Tensor
@@ -47,6 +54,38 @@ class CPTensor:
     errors: list = field(default_factory=list)
     n_iter: int = 0
     rel_error: float = float("nan")
+    tensor_norm: float = float("nan")
+    norm_history: list = field(default_factory=list)
+
+    @property
+    def component_norms(self) -> torch.Tensor:
+        """``[R]``: the Frobenius norm of each rank-1 term (the factors have unit columns)."""
+        return self.weights.abs()
+
+    @property
+    def norm_ratio(self) -> float:
+        """``sum_r weights_r^2 / ||X||^2``: about 1 or below for a healthy decomposition, far above 1
+        when components cancel each other. The quantity EPC minimises."""
+        return float(self.weights.double().square().sum()) / self.tensor_norm ** 2
+
+    @property
+    def sensitivity(self) -> float:
+        """Sensitivity of Phan et al. (ECCV 2020): ``E||X^(factors + E) - X^||^2 / sigma^2`` for i.i.d.
+        Gaussian perturbations E of variance sigma^2 of the factors, with each component's norm spread
+        equally over its N factors (as :class:`~tdconv.FactorizedConv2d` stores them), to first order:
+        ``sum_n I_n sum_r |weights_r|^(2(N-1)/N)``; divided by ``||X||^(2(N-1)/N)`` so that it does
+        not depend on the tensor's scale."""
+        n = len(self.factors)
+        p = 2.0 * (n - 1) / n
+        total = sum(int(f.shape[0]) for f in self.factors) * float(self.weights.double().abs().pow(p).sum())
+        return total / self.tensor_norm ** p
+
+    def diagnostics(self) -> dict:
+        """``{"sensitivity", "norm_ratio", "max_component_norm", "min_component_norm"}``, the norms
+        relative to ``||X||``."""
+        norms = self.component_norms.double() / self.tensor_norm
+        return {"sensitivity": self.sensitivity, "norm_ratio": self.norm_ratio,
+                "max_component_norm": float(norms.max()), "min_component_norm": float(norms.min())}
 
     @property
     def rank(self) -> int:
@@ -272,7 +311,102 @@ def _cp_als_group(x: torch.Tensor, rank: int, n_iter_max: int, tol: float, init,
             out.append(CPTensor(w, fs, errs, n))
     for b, cp in enumerate(out):
         cp.rel_error = _rel_error(x[b], cp.to_tensor())
+        cp.tensor_norm = float(torch.linalg.vector_norm(x[b].double()))
     return out
+
+
+def _cp_epc_group(x: torch.Tensor, cps: list, delta: list, n_iter_max: int, tol: float) -> list:
+    """EPC of a batch ``x`` [B, I_0, ...] from the CP results ``cps`` (one per member): one extension call."""
+    weights = torch.stack([cp.weights.to(x) for cp in cps])
+    factors = [torch.stack([cp.factors[n].to(x) for cp in cps]) for n in range(x.dim() - 1)]
+    d = torch.tensor(delta, dtype=torch.float64, device=x.device)
+    if _use_ext(x.device):
+        w, fs, norms, n_iter, errs = torch.ops.tdconv.cp_epc(x, weights, factors, d, n_iter_max, tol,
+                                                               _check_every(x.device))
+        n_iter, errs, norms = n_iter.tolist(), errs.cpu(), norms.cpu()
+        out = [CPTensor(w[b], [f[b] for f in fs], errs[b, :n_iter[b]].tolist(), n_iter[b],
+                        norm_history=norms[b, :n_iter[b]].tolist()) for b in range(x.shape[0])]
+    else:
+        out = []
+        for b in range(x.shape[0]):
+            w, fs, norms, n, errs = _ref.cp_epc(x[b], weights[b], [f[b] for f in factors], delta[b], n_iter_max, tol)
+            out.append(CPTensor(w, fs, errs, n, norm_history=norms))
+    for b, cp in enumerate(out):
+        cp.rel_error = _rel_error(x[b], cp.to_tensor())
+        cp.tensor_norm = float(torch.linalg.vector_norm(x[b].double()))
+    return out
+
+
+def cp_epc(cp, tensor: torch.Tensor, *, delta: float | None = None, n_iter_max: int = 100,
+           tol: float = 1e-6) -> CPTensor:
+    """Error preserving correction of a CP decomposition: the same error, the smallest components.
+
+    Finds factors with unit-norm columns and weights that minimise ``sum_r weights_r^2`` subject to
+    ``||tensor - CP|| <= delta``, starting from ``cp``. CP-ALS often lands on degenerate solutions,
+    a few huge rank-1 terms that cancel each other: the fit looks fine, but the factorised layer is
+    ill-conditioned and fine-tuning it is unstable. EPC keeps the fit and removes the cancellation.
+
+    Parameters
+    ----------
+    cp : CPTensor or (weights, factors)
+        The starting point, usually the result of :func:`cp_als` on ``tensor``.
+    tensor : Tensor [I_0, ..., I_{N-1}]
+        The decomposed tensor.
+    delta : float, optional
+        The error bound ``||tensor - CP||_F`` (absolute). Default: the error of ``cp``.
+    n_iter_max : int
+        Maximum number of EPC sweeps.
+    tol : float
+        Stop when ``sum(weights^2) / ||tensor||^2`` changes by less than ``tol`` between two sweeps.
+
+    Returns
+    -------
+    CPTensor
+        ``errors`` holds the relative error after every EPC sweep, ``norm_history`` the normalised
+        sum of squared weights.
+
+    Notes
+    -----
+    A.-H. Phan, P. Tichavsky, A. Cichocki, "Error preserving correction: a method for CP decomposition
+    at a target error bound", IEEE Trans. Signal Processing 67(5), 2019; A.-H. Phan et al., "Stable
+    low-rank tensor decomposition for compression of convolutional neural network", ECCV 2020. Mode by
+    mode, the update is a least-norm problem under a sphere constraint; in the eigenbasis of the
+    Hadamard product of the other factors' Gram matrices it reduces to a scalar secular equation,
+    solved by bisection on the device. Each update keeps the error at ``delta`` and cannot increase
+    the objective. Where a mode cannot reach ``delta`` (a ``delta`` below the current error) the
+    update is the least-squares one, as in ALS.
+
+    Examples
+    --------
+    >>> import torch, tdconv
+    >>> w = torch.randn(64, 64, 9)
+    >>> cp = tdconv.cp_als(w, rank=32, n_iter_max=300, seed=0)
+    >>> stable = tdconv.cp_epc(cp, w)
+    >>> stable.norm_ratio < cp.norm_ratio and abs(stable.rel_error - cp.rel_error) < 1e-4
+    True
+    """
+    x = _check_tensor(tensor)
+    try:
+        weights, factors = cp
+        factors = list(factors)
+        rank = int(weights.shape[0])
+        ok = isinstance(weights, torch.Tensor) and weights.dim() == 1 and len(factors) == x.dim() and all(
+            isinstance(f, torch.Tensor) and tuple(f.shape) == (s, rank) for f, s in zip(factors, x.shape))
+    except (TypeError, ValueError, AttributeError, IndexError):
+        ok = False
+    if not ok:
+        raise ValueError(f"cp must be a CPTensor (or (weights, factors)) of a tensor of shape {tuple(x.shape)}: "
+                         f"weights [R] and factors [I_n, R]")
+    if any(f.device != x.device for f in factors) or weights.device != x.device:
+        raise ValueError(f"cp lives on {weights.device} but tensor on {x.device}")
+    n_iter_max = _check_int(n_iter_max, "n_iter_max")
+    tol = _check_float(tol, "tol")
+    start = CPTensor(weights.to(x), [f.to(x) for f in factors])
+    if delta is None:
+        delta = float(torch.linalg.vector_norm((x - start.to_tensor()).double()))
+    else:
+        delta = _check_float(delta, "delta")
+    return _cp_epc_group(x.unsqueeze(0), [start], [delta], n_iter_max, tol)[0]
 
 
 def _check_cp_args(rank, n_iter_max, tol, init, l2_reg, shape):
@@ -297,7 +431,7 @@ def _check_cp_args(rank, n_iter_max, tol, init, l2_reg, shape):
 
 
 def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 100, tol: float = 1e-7, init="svd",
-           l2_reg: float = 0.0, seed: int | None = None) -> CPTensor:
+           l2_reg: float = 0.0, seed: int | None = None, epc: bool = False) -> CPTensor:
     """CP decomposition by alternating least squares, on the tensor's device.
 
     Parameters
@@ -317,12 +451,15 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 100, tol: float
         Ridge added to the normal equations (``V + l2_reg * I``; the other factors have unit columns).
     seed : int, optional
         Seed of the random numbers the initialisation uses (``None``: drawn from torch's global RNG).
+    epc : bool
+        Follow ALS by :func:`cp_epc` at ALS's error (up to ``n_iter_max`` EPC sweeps): the same fit
+        with the smallest components, for layers that fine-tune stably.
 
     Returns
     -------
     CPTensor
         ``weights`` [R], ``factors`` [I_n, R] with unit-norm columns, ``errors`` (history), ``n_iter``,
-        ``rel_error``.
+        ``rel_error``, and the diagnostics (``sensitivity``, ``norm_ratio``, ``component_norms``).
 
     Notes
     -----
@@ -341,7 +478,16 @@ def cp_als(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 100, tol: float
     """
     x = _check_tensor(tensor)
     rank, n_iter_max, tol, l2_reg = _check_cp_args(rank, n_iter_max, tol, init, l2_reg, tuple(x.shape))
-    return _cp_als_group(x.unsqueeze(0), rank, n_iter_max, tol, init, l2_reg, seed)[0]
+    if not isinstance(epc, bool):
+        raise TypeError(f"epc must be True or False, got {epc!r}")
+    cp = _cp_als_group(x.unsqueeze(0), rank, n_iter_max, tol, init, l2_reg, seed)[0]
+    return _with_epc(x.unsqueeze(0), [cp], n_iter_max)[0] if epc else cp
+
+
+def _with_epc(x: torch.Tensor, cps: list, n_iter_max: int) -> list:
+    """EPC of a batch at each member's own ALS error."""
+    delta = [cp.rel_error * cp.tensor_norm for cp in cps]
+    return _cp_epc_group(x, cps, delta, n_iter_max, 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- Tucker
@@ -492,7 +638,7 @@ def decompose_batch(tensors: Sequence[torch.Tensor], method: str, rank, *, paral
     per_tensor = isinstance(rank, list)
     if per_tensor and len(rank) != n:
         raise ValueError(f"rank is a list of {len(rank)} entries for {n} tensors")
-    allowed = {"cp": {"n_iter_max", "tol", "init", "l2_reg", "seed"}, "hosvd": {"modes"},
+    allowed = {"cp": {"n_iter_max", "tol", "init", "l2_reg", "seed", "epc"}, "hosvd": {"modes"},
                "hooi": {"modes", "n_iter_max", "tol"}}[method]
     unknown = set(options) - allowed
     if unknown:
@@ -518,6 +664,11 @@ def decompose_batch(tensors: Sequence[torch.Tensor], method: str, rank, *, paral
 
     def job(key, x):
         if method == "cp":
+            if options.get("epc", False) not in (True, False):
+                raise TypeError(f"epc must be True or False, got {options['epc']!r}")
+            if options.get("epc"):
+                return lambda: _with_epc(x, _cp_als_group(x, key[3], n_iter_max, tol, init, l2_reg,
+                                                          options.get("seed")), n_iter_max)
             return lambda: _cp_als_group(x, key[3], n_iter_max, tol, init, l2_reg, options.get("seed"))
         ranks, modes = key[3]
         return lambda: _tucker_group(x, ranks, modes, method == "hooi", n_iter_max, tol)

@@ -12,6 +12,7 @@ Files of a run, in ``OUT/NAME/``: ``args.json`` (the arguments that define the r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -33,7 +34,7 @@ __all__ = ["build_resnet", "run", "add_arguments", "RUN_ARGUMENTS"]
 RUN_ARGUMENTS = ("model", "stem", "dataset", "train_subset", "test_subset", "weights", "methods", "rank", "layers",
                  "target_macs", "target_params", "min_rank", "n_iter_max", "epochs", "finetune_epochs", "batch_size",
                  "lr", "finetune_lr", "weight_decay", "label_smoothing", "warmup_epochs", "schedule", "distill",
-                 "bn_recalibrate", "seed")
+                 "bn_recalibrate", "epc", "seed")
 
 
 def build_resnet(name: str, num_classes: int, stem: str = "imagenet", in_channels: int = 3) -> nn.Module:
@@ -330,6 +331,7 @@ def run(args) -> dict:
                 options = {"n_iter_max": args.n_iter_max}
                 if method in ("cp", "cp4"):
                     options["seed"] = args.seed
+                    options["epc"] = args.epc
                 small, report = compress(copy.deepcopy(dense), method, args.rank, layers=_parse_layers(args.layers),
                                          target_macs=args.target_macs, target_params=args.target_params,
                                          min_rank=args.min_rank, input_size=input_size, inplace=True,
@@ -339,6 +341,7 @@ def run(args) -> dict:
                 record = {"macs": report.macs_after, "params": report.params_after,
                           "decompose_seconds": decompose_seconds,
                           "kernel_error": {r.name: r.rel_error for r in report.layers},
+                          "layers": [dataclasses.asdict(r) for r in report.layers],
                           "ranks": {r.name: r.rank for r in report.layers},
                           "after_decomposition": T.evaluate(small, data, device=device)}
                 if args.bn_recalibrate:
@@ -425,6 +428,8 @@ def add_arguments(p) -> None:
     p.add_argument("--schedule", choices=("cosine", "onecycle", "constant"), default="cosine")
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight in [0, 1] of distillation from the dense model during fine-tuning (0: off)")
+    p.add_argument("--epc", action="store_true",
+                   help="CP: follow ALS by error preserving correction (same kernel error, smallest components)")
     p.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
                    help="do not re-estimate BatchNorm statistics after decomposition")
     p.add_argument("--seed", type=int, default=0)

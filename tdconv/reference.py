@@ -8,6 +8,8 @@ All functions take a single (unbatched) tensor.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -106,6 +108,53 @@ def cp_als(x: torch.Tensor, init: list[torch.Tensor], n_iter_max: int = 100, tol
         if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
             break
     return weights, factors, errors, len(errors)
+
+
+def cp_epc(x: torch.Tensor, weights: torch.Tensor, factors: list[torch.Tensor], delta: float,
+           n_iter_max: int = 100, tol: float = 1e-6):
+    """Error preserving correction (Phan, Tichavsky, Cichocki, IEEE TSP 2019): mode by mode, the
+    least-norm factor ``A = U_n diag(weights)`` with ``||X_(n) - A K^T|| <= delta``, via the secular
+    equation in the eigenbasis of ``K^T K``; the scalar is found by bisection on ``log(mu)``.
+
+    Returns ``(weights, factors, norms, n_iter, errors)``: ``norms`` is sum(weights^2) / ||X||^2 and
+    ``errors`` the relative error after every sweep.
+    """
+    n_modes = x.ndim
+    factors = [_normalise_columns(f)[0] for f in factors]
+    weights = weights.clone()
+    xd = x.double()
+    norm_x2 = float(xd.square().sum())
+    c = max(norm_x2 - float(delta) ** 2, 0.0)
+    norms, errors = [], []
+    for _ in range(n_iter_max):
+        for n in range(n_modes):
+            others = [factors[m] for m in range(n_modes) if m != n]
+            w = torch.ones(weights.shape[0], weights.shape[0], dtype=torch.float64, device=x.device)
+            for f in others:
+                w = w * (f.T @ f).double()
+            s, v = torch.linalg.eigh(w)
+            s = s.clamp_min(0)
+            z_mat = (unfold(xd, n) @ khatri_rao([f.double() for f in others])) @ v
+            z = z_mat.square().sum(0)
+
+            def fit(mu):
+                return float((z * (s + 2 * mu) / (s + mu) ** 2).sum())
+
+            lo = math.log(max(float(s.max()), 1e-300) * 10 * torch.finfo(torch.float64).eps)
+            hi = max(math.log(2 * float(z.sum()) / max(c, 1e-300)), lo)
+            if fit(math.exp(lo)) <= c:
+                mu = math.exp(lo)
+            else:
+                for _ in range(64):
+                    mid = 0.5 * (lo + hi)
+                    lo, hi = (mid, hi) if fit(math.exp(mid)) > c else (lo, mid)
+                mu = math.exp(hi)
+            factors[n], weights = _normalise_columns(((z_mat / (s + mu)) @ v.T).to(x.dtype))
+        norms.append(float(weights.double().square().sum()) / norm_x2)
+        errors.append(float(torch.linalg.vector_norm(xd - cp_to_tensor(weights, factors).double()) / norm_x2 ** 0.5))
+        if len(norms) > 1 and abs(norms[-2] - norms[-1]) < tol:
+            break
+    return weights, factors, norms, len(norms), errors
 
 
 def tucker_hosvd(x: torch.Tensor, ranks: list[int], modes: list[int]):

@@ -243,3 +243,79 @@ def test_cuda_matches_cpu(require_ext):
         torch.testing.assert_close(b.weights.cpu(), a.weights, atol=1e-7, rtol=1e-7)
         for u, v in zip(a.factors, b.factors):
             torch.testing.assert_close(v.cpu(), u, atol=1e-7, rtol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ EPC
+def _degenerate(device="cpu"):
+    """A random 24x24x9 tensor fitted at rank 16 by 400 ALS sweeps: ALS drifts into components that
+    cancel each other (sum of squared component norms ~11x the tensor's squared norm)."""
+    torch.manual_seed(0)
+    x = torch.randn(24, 24, 9, dtype=torch.float64).to(device)
+    return x, tdconv.cp_als(x, 16, n_iter_max=400, tol=0, seed=0)
+
+
+def test_epc_keeps_the_error_and_shrinks_degenerate_components(require_ext, device):
+    x, cp = _degenerate(device)
+    assert cp.norm_ratio > 5  # degenerate
+    delta = cp.rel_error * cp.tensor_norm
+    epc = tdconv.cp_epc(cp, x, n_iter_max=30)
+    assert epc.rel_error * epc.tensor_norm <= delta * (1 + 1e-6)
+    assert max(epc.errors) * epc.tensor_norm <= delta * (1 + 1e-6)  # never above delta along the way
+    assert epc.norm_ratio < 0.7 * cp.norm_ratio
+    assert epc.sensitivity < cp.sensitivity
+    assert epc.diagnostics()["max_component_norm"] < cp.diagnostics()["max_component_norm"]
+    assert all(b <= a + 1e-9 for a, b in zip(epc.norm_history, epc.norm_history[1:]))  # monotone
+    assert all(torch.allclose(f.norm(dim=0), torch.ones(16, dtype=f.dtype, device=device)) for f in epc.factors)
+    looser = tdconv.cp_epc(cp, x, delta=1.05 * delta, n_iter_max=30)  # a looser bound buys smaller norms
+    assert looser.norm_ratio < epc.norm_ratio and looser.rel_error * looser.tensor_norm <= 1.05 * delta * (1 + 1e-6)
+
+
+def test_epc_leaves_a_well_conditioned_fit_unchanged(require_ext, device):
+    x = planted_cp((12, 10, 8), 4, device=device)
+    cp = tdconv.cp_als(x, 4, n_iter_max=200, seed=0)
+    epc = tdconv.cp_epc(cp, x, n_iter_max=30)
+    assert cp.rel_error < 1e-6 and epc.rel_error < 1e-6
+    torch.testing.assert_close(epc.to_tensor(), x, atol=1e-5 * cp.tensor_norm, rtol=0)
+    assert abs(epc.norm_ratio - cp.norm_ratio) < 1e-3 * cp.norm_ratio
+
+
+def test_epc_matches_reference(require_ext, device):
+    from tdconv import reference as ref
+    x, cp = _degenerate(device)
+    delta = cp.rel_error * cp.tensor_norm
+    epc = tdconv.cp_epc(cp, x, n_iter_max=10, tol=0)
+    w, fs, norms, n, errs = ref.cp_epc(x, cp.weights, cp.factors, delta, 10, 0)
+    assert n == epc.n_iter == 10
+    assert norms == pytest.approx(epc.norm_history, rel=1e-6) and errs == pytest.approx(epc.errors, rel=1e-6)
+    torch.testing.assert_close(epc.to_tensor(), ref.cp_to_tensor(w, fs), atol=1e-6 * cp.tensor_norm, rtol=0)
+
+
+def test_epc_from_cp_als_flag_and_batches(require_ext):
+    torch.manual_seed(1)
+    x = torch.randn(16, 12, 9)
+    plain = tdconv.cp_als(x, 8, n_iter_max=100, seed=0)
+    with_epc = tdconv.cp_als(x, 8, n_iter_max=100, seed=0, epc=True)
+    assert with_epc.rel_error <= plain.rel_error * (1 + 1e-4) and with_epc.norm_ratio < plain.norm_ratio
+    assert len(with_epc.norm_history) == with_epc.n_iter > 0
+    batch = tdconv.decompose_batch([x, 3 * x], "cp", 8, n_iter_max=100, seed=0, epc=True)
+    assert batch[0].norm_ratio == pytest.approx(with_epc.norm_ratio, rel=1e-4)
+    assert batch[1].norm_ratio == pytest.approx(with_epc.norm_ratio, rel=1e-3)  # scale-free
+    conv = torch.nn.Conv2d(12, 16, 3)
+    layer = tdconv.FactorizedConv2d.from_conv(conv, "cp", 8, seed=0, epc=True)
+    plain_layer = tdconv.FactorizedConv2d.from_conv(conv, "cp", 8, seed=0)
+    assert layer.component_norms().square().sum() <= plain_layer.component_norms().square().sum()
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda x, cp: tdconv.cp_epc(cp, x[:, :4]), ValueError, "cp must be a CPTensor"),
+    (lambda x, cp: tdconv.cp_epc((cp.weights, cp.factors[:2]), x), ValueError, "cp must be a CPTensor"),
+    (lambda x, cp: tdconv.cp_epc(cp, x, delta=-1.0), ValueError, "delta must be >= 0"),
+    (lambda x, cp: tdconv.cp_epc(cp, x, n_iter_max=0), ValueError, "n_iter_max must be >= 1"),
+    (lambda x, cp: tdconv.cp_epc(cp, x * float("nan")), ValueError, "NaN or Inf"),
+    (lambda x, cp: tdconv.cp_als(x, 3, epc=1), TypeError, "epc must be True or False"),
+])
+def test_epc_bad_input(require_ext, call, exc, match):
+    x = torch.randn(6, 5, 4)
+    cp = tdconv.cp_als(x, 3, n_iter_max=5, seed=0)
+    with pytest.raises(exc, match=match):
+        call(x, cp)

@@ -89,6 +89,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
 
 std::vector<at::Tensor> cp_init_svd(const at::Tensor& x, int64_t rank, at::TensorList random_fill);
 
+// Returns (weights, factors, norm history sum(lambda^2)/||X||^2 [B, n_iter_max], n_iter, relative errors).
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> cp_epc(
+    const at::Tensor& x, const at::Tensor& weights, at::TensorList factors, const at::Tensor& delta,
+    int64_t n_iter_max, double tol, int64_t check_every);
+
 std::tuple<at::Tensor, std::vector<at::Tensor>> tucker_hosvd(const at::Tensor& x, at::IntArrayRef ranks,
                                                             at::IntArrayRef modes);
 
