@@ -134,6 +134,13 @@ if _ext.has_ext():
         return (x.new_empty((b, rank)), [f.new_empty(f.shape) for f in init],
                 x.new_empty((b, n_iter_max), dtype=torch.float64), x.new_empty((b,), dtype=torch.int64))
 
+    @torch.library.register_fake("tdconv::cp_epc")
+    def _cp_epc_fake(x, weights, factors, delta, n_iter_max, tol, check_every):
+        b = x.shape[0]
+        return (weights.new_empty(weights.shape), [f.new_empty(f.shape) for f in factors],
+                x.new_empty((b, n_iter_max), dtype=torch.float64), x.new_empty((b,), dtype=torch.int64),
+                x.new_empty((b, n_iter_max), dtype=torch.float64))
+
     @torch.library.register_fake("tdconv::cp_init_svd")
     def _cp_init_svd_fake(x, rank, random_fill):
         return [x.new_empty((x.shape[0], x.shape[n + 1], rank)) for n in range(x.dim() - 1)]

@@ -20,6 +20,8 @@ def _samples(device):
     return {
         "cp_als": [(x, init, 5, 0.0, 0.0, 1)],
         "cp_init_svd": [(x, 7, fill)],
+        "cp_epc": [(x, torch.ones(2, 3, dtype=torch.float64, device=device), init,
+                    torch.full((2,), 0.5, dtype=torch.float64, device=device), 3, 0.0, 1)],
         "tucker_hosvd": [(x, [3, 2], [0, 1])],
         "tucker_hooi": [(x, factors, [0, 1], 3, 0.0, 1)],
         "mode_contract": [(y, u, 2)],
@@ -41,7 +43,7 @@ def test_every_op_has_a_sample(require_ext):
 CONV_OPS = ("cp_conv2d", "tucker_conv2d")
 
 
-@pytest.mark.parametrize("op", ["cp_als", "cp_init_svd", "tucker_hosvd", "tucker_hooi", "mode_contract", *CONV_OPS])
+@pytest.mark.parametrize("op", ["cp_als", "cp_epc", "cp_init_svd", "tucker_hosvd", "tucker_hooi", "mode_contract", *CONV_OPS])
 def test_opcheck(require_ext, device, op):
     samples = _samples(device)[op]
     if op == "tucker_conv2d" and device.type != "cpu":
