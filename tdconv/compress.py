@@ -186,6 +186,7 @@ class LayerReport:
     # CP only: the sensitivity of Phan et al. (ECCV 2020) of the layer's factors as stored, relative to
     # ||W||^(2(N-1)/N) (see CPTensor.sensitivity); EPC (epc=True) lowers it at the same error.
     sensitivity: float | None = None
+    kernel_norm: float | None = None  # ||W||_F of the original kernel
     seconds: float = 0.0
 
 
@@ -308,7 +309,8 @@ def _layer_report(name, conv, layer, hw, seconds) -> LayerReport:
                       rank=list(layer.rank) if isinstance(layer.rank, tuple) else layer.rank,
                       params_before=sum(p.numel() for p in conv.parameters()),
                       params_after=sum(p.numel() for p in layer.parameters()),
-                      macs_before=_conv_macs(conv, hw), macs_after=layer.macs(hw), rel_error=err, seconds=seconds)
+                      macs_before=_conv_macs(conv, hw), macs_after=layer.macs(hw), rel_error=err, seconds=seconds,
+                      kernel_norm=wn)
     if layer.method in ("cp", "cp4"):
         norms = layer.component_norms().double()
         rep.max_component_norm = float(norms.max())
