@@ -245,22 +245,26 @@ def test_auto_times_both_once_and_keeps_the_faster(require_ext, monkeypatch):
     x = torch.randn(2, 8, 6, 6)
     calls = []
     monkeypatch.setattr(tnn.FactorizedConv2d, "_fused_is_faster", lambda self, x: calls.append(1) or False)
-    expected = layer._unfused(x)
-    torch.testing.assert_close(layer(x), expected)  # timed: the chain "won"
-    layer(x)
-    assert len(calls) == 1  # cached per configuration
-    layer(torch.randn(3, 8, 6, 6))
-    assert len(calls) == 2  # a new input shape is timed again
-    fused_calls = []
-    monkeypatch.setattr(tnn.FactorizedConv2d, "_fused", lambda self, x: fused_calls.append(1) or expected)
-    layer(x)
-    assert not fused_calls
-    tdconv.set_autotune(False)  # off: the fused op whenever it can run
-    try:
+    with torch.no_grad():  # inference: auto chooses by timing
+        expected = layer._unfused(x)
+        torch.testing.assert_close(layer(x), expected)  # timed: the chain "won"
         layer(x)
-        assert fused_calls == [1]
-    finally:
-        tdconv.set_autotune(True)
+        assert len(calls) == 1  # cached per configuration
+        layer(torch.randn(3, 8, 6, 6))
+        assert len(calls) == 2  # a new input shape is timed again
+        fused_calls = []
+        monkeypatch.setattr(tnn.FactorizedConv2d, "_fused", lambda self, x: fused_calls.append(1) or expected)
+        layer(x)
+        assert not fused_calls
+        tdconv.set_autotune(False)  # off: the fused op whenever it can run
+        try:
+            layer(x)
+            assert fused_calls == [1]
+        finally:
+            tdconv.set_autotune(True)
+    # Under autograd auto takes the chain without timing (the fused op's backward recomputes it).
+    layer(torch.randn(4, 8, 6, 6)).sum().backward()
+    assert len(calls) == 2 and fused_calls == [1] and layer.first.grad is not None
     with pytest.raises(TypeError, match="enabled must be a bool"):
         tdconv.set_autotune(1)
 
