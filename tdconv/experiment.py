@@ -11,6 +11,7 @@ Files of a run, in ``OUT/NAME/``: ``args.json`` (the arguments that define the r
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -242,7 +243,13 @@ def run(args) -> dict:
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another "
                                   f"--out / --name")
         with open(args_path) as f:
-            diffs = T.config_differences(json.load(f), json.loads(json.dumps(run_args)))
+            saved = json.load(f)
+        # An argument added to tdconv after the run started is taken at its default value.
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        defaults = vars(parser.parse_args([]))
+        saved = {**{k: defaults[k] for k in RUN_ARGUMENTS if k not in saved}, **saved}
+        diffs = T.config_differences(saved, json.loads(json.dumps(run_args)))
         if diffs:
             raise T.CheckpointMismatch(f"{out_dir} was started with other arguments; refusing to resume. Differences "
                                        f"(saved -> now): {'; '.join(diffs)}")

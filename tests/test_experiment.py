@@ -104,6 +104,12 @@ def test_resume_with_other_arguments_names_them(uninterrupted, capsys):
         main(["experiment", *args, "--resume"])
     with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
         main(["experiment", *args])
+    # An argument added after the run started counts as its default: absent == default, not a difference.
+    saved = json.loads((uninterrupted / "args.json").read_text())
+    del saved["epc"]
+    (uninterrupted / "args.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"Differences \(saved -> now\): lr: 0.05 -> 0.2$"):
+        main(["experiment", *args, "--resume"])
 
 
 def test_ddp_two_processes(tmp_path):
