@@ -36,9 +36,14 @@ def save(model: nn.Module, path, meta: dict | None = None) -> None:
     path = os.fspath(path)
     payload = {"format": FORMAT, "version": VERSION, "layers": _layer_specs(model),
                "state_dict": model.state_dict(), "meta": meta or {}}
-    tmp = f"{path}.tmp{os.getpid()}"
+    atomic_save(payload, path)
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

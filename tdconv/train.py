@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageDataset, augment, batch_seed, epoch_order, normalize
+from .serialization import atomic_save as _atomic_save
 
 __all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "init_distributed", "rank_and_world",
            "Interrupted", "CheckpointMismatch", "stop_on_signals", "atomic_save", "config_differences"]
@@ -121,16 +122,9 @@ def _all_sum(values: list, device) -> list:
 
 
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """:func:`tdconv.serialization.atomic_save`, creating the folder first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_save(obj, path)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
