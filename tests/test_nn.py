@@ -221,6 +221,23 @@ def test_fused_tiles_cover_large_images(require_ext, device):
 
 
 @pytest.mark.parametrize("method", ["cp", "tucker"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_cpu_paths_and_partial_panels(require_ext, method, dtype):
+    # The CPU kernel packs the factors into panels of 64 bytes of columns (16 float32 / 8 float64) for its
+    # micro-kernel when a call has at least 256 output pixels, and leaves the 1x1 stages to BLAS below
+    # that: both regimes, with channels and ranks that leave the last panel partly filled and blocks of
+    # fewer than 6 pixels, stride 2 and dilation 2 (Tucker pixels grouped by their live taps).
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-10)
+    rank = 19 if method == "cp" else (21, 19)
+    g = torch.Generator().manual_seed(1)
+    for cfg in (dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=2, dilation=2)):
+        fused, unfused = _fused_pair(cfg, method, dtype=dtype, cin=37, cout=41, rank=rank)
+        for shape in ((1, 37, 5, 7), (3, 37, 17, 13), (41, 37, 2, 3)):  # 35 / 663 / 246 output pixels (stride 1)
+            x = torch.randn(*shape, dtype=dtype, generator=g)
+            torch.testing.assert_close(fused(x), unfused(x), **tol, msg=f"{method} {cfg} {shape}")
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
 def test_fused_low_precision(require_ext, device, method, dtype, tol):
     # Judged against the float64 result: float16 / bfloat16 inputs and factors accumulate in float32,

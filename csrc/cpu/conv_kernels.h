@@ -3,8 +3,103 @@
 // has no include guard on purpose; it is included inside a namespace per ISA.
 //
 // Layouts: every feature map is NHWC (channels innermost); a "tile" is a range of output rows of
-// one image or a group of whole images (see TileTask in factorized_conv.cpp). The GEMMs of the
-// chain are not here: they go to the BLAS torch was built with, one single-threaded call per tile.
+// one image or a group of whole images (see TileTask in factorized_conv.cpp).
+//
+// The products with the factor matrices (both 1x1 stages, and the Tucker core conv as an indirect
+// GEMM over its live taps) run on a register-blocked micro-kernel: kMR rows (pixels) times NR = two
+// vectors of columns, accumulated over K in registers, on weights packed once per call into panels
+// [P][taps][K][NR] (columns padded to NR with zeros). Each row's operand is reached through a
+// pointer per tap, so the core conv needs no im2col copy and skips the taps that read only padding.
+
+// C[rows, col0 : col0 + nr) = bias + sum over the block's taps t and k of a[t][row][k] * B_t[k][:] for
+// up to kMR rows. `a` holds nt * kMR row pointers (rows >= mr repeat row 0; their results are dropped),
+// `b` the column panel, `b_off[t]` the offset of tap t's [K][NR] block in it.
+template <typename T>
+inline __attribute__((always_inline)) void micro_kernel(int64_t mr, int64_t nt, const T* const* a,
+                                                        const int64_t* b_off, int64_t K, const T* b, const T* bias,
+                                                        T* const* c, int64_t col0, int64_t nr) {
+  typedef T V __attribute__((vector_size(32)));
+  constexpr int L = 32 / sizeof(T), NR = 2 * L;
+  V acc[kMR][2];
+  V bias0{}, bias1{};
+  if (bias != nullptr) {
+    __builtin_memcpy(&bias0, bias, 32);
+    __builtin_memcpy(&bias1, bias + L, 32);
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < kMR; ++i) {
+    acc[i][0] = bias0;
+    acc[i][1] = bias1;
+  }
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* const* ap = a + t * kMR;
+    const T *a0 = ap[0], *a1 = ap[1], *a2 = ap[2], *a3 = ap[3], *a4 = ap[4], *a5 = ap[5];
+    const T* bt = b + b_off[t];
+    for (int64_t k = 0; k < K; ++k, bt += NR) {
+      V b0, b1;
+      __builtin_memcpy(&b0, bt, 32);
+      __builtin_memcpy(&b1, bt + L, 32);
+      T x;
+      x = a0[k]; acc[0][0] += x * b0; acc[0][1] += x * b1;
+      x = a1[k]; acc[1][0] += x * b0; acc[1][1] += x * b1;
+      x = a2[k]; acc[2][0] += x * b0; acc[2][1] += x * b1;
+      x = a3[k]; acc[3][0] += x * b0; acc[3][1] += x * b1;
+      x = a4[k]; acc[4][0] += x * b0; acc[4][1] += x * b1;
+      x = a5[k]; acc[5][0] += x * b0; acc[5][1] += x * b1;
+    }
+  }
+  for (int64_t i = 0; i < mr; ++i) {
+    T* dst = c[i] + col0;
+    if (nr == NR) {
+      __builtin_memcpy(dst, &acc[i][0], 32);
+      __builtin_memcpy(dst + L, &acc[i][1], 32);
+    } else {
+      T tmp[NR];
+      __builtin_memcpy(tmp, &acc[i][0], 32);
+      __builtin_memcpy(tmp + L, &acc[i][1], 32);
+      std::copy_n(tmp, nr, dst);
+    }
+  }
+}
+
+// C[m, N] (row stride ldc) = A[m, K] (row stride lda) * B (+ bias), B packed as one tap.
+template <typename T>
+void gemm_rows(const T* A, int64_t lda, int64_t m, const PackedB<T>& B, T* C, int64_t ldc) {
+  constexpr int64_t NR = 64 / sizeof(T);
+  const int64_t zero = 0;
+  const T* a[kMR];
+  T* c[kMR];
+  for (int64_t p = 0; p * NR < B.N; ++p) {
+    const T* panel = B.data + p * B.K * NR;
+    const T* bias = B.bias != nullptr ? B.bias + p * NR : nullptr;
+    const int64_t nr = std::min(NR, B.N - p * NR);
+    for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+      const int64_t mr = std::min(kMR, m - r0);
+      for (int64_t i = 0; i < kMR; ++i) {
+        const int64_t r = r0 + (i < mr ? i : 0);
+        a[i] = A + r * lda;
+        c[i] = C + r * ldc;
+      }
+      micro_kernel(mr, 1, a, &zero, B.K, panel, bias, c, p * NR, nr);
+    }
+  }
+}
+
+// The blocks of an Indirection (see factorized_conv.cpp) times B, B packed over its taps.
+template <typename T>
+void gemm_indirect(const Indirection<T>& ind, const PackedB<T>& B) {
+  constexpr int64_t NR = 64 / sizeof(T);
+  const int64_t nblocks = static_cast<int64_t>(ind.mr.size()), stride = ind.max_taps;
+  for (int64_t p = 0; p * NR < B.N; ++p) {
+    const T* panel = B.data + p * B.taps * B.K * NR;
+    const T* bias = B.bias != nullptr ? B.bias + p * NR : nullptr;
+    const int64_t nr = std::min(NR, B.N - p * NR);
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      micro_kernel(ind.mr[blk], ind.nt[blk], ind.a.data() + blk * stride * kMR, ind.b_off.data() + blk * stride,
+                   B.K, panel, bias, ind.c.data() + blk * kMR, p * NR, nr);
+    }
+  }
+}
 
 // out[0:R) = sum over the n taps t of in[t][0:R) * w[t][0:R): one output pixel of a depthwise conv,
 // accumulated in registers, four vectors of channels at a time.
@@ -119,34 +214,6 @@ void depthwise_tile_3x3(const T* in, const T* wt, T* out, const ConvShape& s, co
   }
 }
 
-// im2col of a tile for the Tucker core conv, over the tile's live taps [i0, i1) x [j0, j1) (the others
-// read only padding for every pixel of the tile): col[p, ((i - i0) * (j1 - j0) + j - j0) * R_in + r] =
-// in[pixel under tap (i, j) of output pixel p, r], zero outside the image. Layouts as depthwise_tile.
-template <typename T>
-void im2col_tile(const T* in, T* col, const ConvShape& s, const TileTask& t) {
-  const int64_t R = s.R_in, rows_in = t.hi1 - t.hi0;
-  const TapRange& taps = t.taps;
-  T* dst = col;
-  for (int64_t img = 0; img < t.g; ++img) {
-    for (int64_t ho = t.ho0; ho < t.ho1; ++ho) {
-      for (int64_t wo = 0; wo < s.Wo; ++wo) {
-        for (int64_t i = taps.i0; i < taps.i1; ++i) {
-          const int64_t hi = ho * s.sh - s.ph + i * s.dh;
-          const bool row_ok = hi >= t.hi0 && hi < t.hi1;
-          for (int64_t j = taps.j0; j < taps.j1; ++j, dst += R) {
-            const int64_t wi = wo * s.sw - s.pw + j * s.dw;
-            if (row_ok && wi >= 0 && wi < s.W) {
-              std::copy_n(in + ((img * rows_in + (hi - t.hi0)) * s.W + wi) * R, R, dst);
-            } else {
-              std::fill(dst, dst + R, T(0));
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
 // Non-template entry points, so that every template above is instantiated here, under this ISA's
 // target options (an instantiation triggered outside the target region would get the baseline ISA).
 void depthwise_tile_f32(const float* in, const float* wt, float* out, const ConvShape& s, const TileTask& t) {
@@ -157,7 +224,11 @@ void depthwise_tile_f64(const double* in, const double* wt, double* out, const C
   if (s.kh == 3 && s.kw == 3) return depthwise_tile_3x3(in, wt, out, s, t);
   depthwise_tile(in, wt, out, s, t);
 }
-void im2col_tile_f32(const float* in, float* col, const ConvShape& s, const TileTask& t) { im2col_tile(in, col, s, t); }
-void im2col_tile_f64(const double* in, double* col, const ConvShape& s, const TileTask& t) {
-  im2col_tile(in, col, s, t);
+void gemm_rows_f32(const float* A, int64_t lda, int64_t m, const PackedB<float>& B, float* C, int64_t ldc) {
+  gemm_rows(A, lda, m, B, C, ldc);
 }
+void gemm_rows_f64(const double* A, int64_t lda, int64_t m, const PackedB<double>& B, double* C, int64_t ldc) {
+  gemm_rows(A, lda, m, B, C, ldc);
+}
+void gemm_indirect_f32(const Indirection<float>& ind, const PackedB<float>& B) { gemm_indirect(ind, B); }
+void gemm_indirect_f64(const Indirection<double>& ind, const PackedB<double>& B) { gemm_indirect(ind, B); }

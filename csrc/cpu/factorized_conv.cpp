@@ -3,22 +3,25 @@
 //   Tucker-2: y = last * conv_{kh x kw}(core, first * x) + bias  (first [R_in, C_in], core [R_out, R_in, kh, kw])
 // with last [C_out, R_out], the original stride / padding (zeros) / dilation on the spatial stage.
 //
-// One op instead of three convolutions. The output is cut into tiles (a few output rows of one
-// image, or a few whole small images), about one per thread or as many as keep a tile's
-// intermediates within a cache-sized budget, and each thread runs the whole chain on its tiles: a
-// GEMM into the factor space on the input rows the tile needs, the spatial stage (a vectorised
-// depthwise loop for CP; im2col and a GEMM for Tucker, over the taps that reach the image only), a
-// GEMM back with the bias, written straight into the channels_last output. The intermediates never
-// leave the thread's scratch buffers, and there is one parallel region per call instead of one per
-// conv. float16 / bfloat16 inputs are computed in float32.
+// One op instead of three convolutions. The output is cut into tiles of equal size (a few output
+// rows of one image, or a group of whole small images), a multiple of the thread count of them and
+// as many as keep a tile's intermediates within a cache-sized budget, and each thread runs the whole
+// chain on its tiles: a GEMM into the factor space on the input rows the tile needs, the spatial
+// stage (a vectorised depthwise loop for CP; for Tucker an indirect GEMM that reads the taps of each
+// output pixel in place, its pixels grouped by the taps that reach the image so that none computes
+// on padding), a GEMM back with the bias, written straight into the channels_last output. The GEMMs
+// run on our own register-blocked micro-kernel over weights packed once per call (conv_kernels.h):
+// no call into BLAS per tile, no im2col copy. The intermediates never leave the thread's scratch
+// buffers, and there is one parallel region per call instead of one per conv. float16 / bfloat16
+// inputs are computed in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <map>
 #include <memory>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -27,18 +30,33 @@
 namespace tdconv {
 namespace {
 
-// Kernel taps [i0, i1) x [j0, j1): those that reach inside the image for some pixel of a tile.
-struct TapRange {
-  int64_t i0, i1, j0, j1;
-  bool operator<(const TapRange& o) const { return std::tie(i0, i1, j0, j1) < std::tie(o.i0, o.i1, o.j0, o.j1); }
-};
-
-// A tile: images [n0, n0 + g), output rows [ho0, ho1) of each, computed from input rows [hi0, hi1)
-// through the kernel taps `taps`. Either g == 1 (rows of one image) or the tile spans whole images
-// (ho0 = 0, ho1 = Ho, hi0 = 0, hi1 = H).
+// A tile: images [n0, n0 + g), output rows [ho0, ho1) of each, computed from input rows [hi0, hi1).
+// Either g == 1 (rows of one image) or the tile spans whole images (ho0 = 0, ho1 = Ho, hi0 = 0, hi1 = H).
 struct TileTask {
   int64_t n0, g, ho0, ho1, hi0, hi1;
-  TapRange taps;
+};
+
+// Rows per register block of the GEMM micro-kernel (conv_kernels.h).
+constexpr int64_t kMR = 6;
+
+// Weights B [taps][K][N] packed as column panels [ceil(N / NR)][taps][K][NR], zero-padded to NR
+// columns, NR = 64 bytes of T; bias (padded likewise) or null.
+template <typename T>
+struct PackedB {
+  const T* data;
+  int64_t taps, K, N;
+  const T* bias;
+};
+
+// The rows of an indirect GEMM, in blocks of up to kMR: block b has mr[b] rows and nt[b] taps; its row
+// pointers are a[(b * max_taps + t) * kMR + i] (tap t, row i), the offsets of its taps' [K][NR]
+// blocks in a panel b_off[b * max_taps + t], its output rows c[b * kMR + i].
+template <typename T>
+struct Indirection {
+  int64_t max_taps = 0;
+  std::vector<int64_t> mr, nt, b_off;
+  std::vector<const T*> a;
+  std::vector<T*> c;
 };
 
 // The vectorised loops, compiled for AVX2 + FMA and for the baseline ISA.
@@ -76,11 +94,17 @@ void depthwise_tile(const float* in, const float* wt, float* out, const ConvShap
 void depthwise_tile(const double* in, const double* wt, double* out, const ConvShape& s, const TileTask& t) {
   TDCONV_ISA_CALL(depthwise_tile_f64, in, wt, out, s, t);
 }
-void im2col_tile(const float* in, float* col, const ConvShape& s, const TileTask& t) {
-  TDCONV_ISA_CALL(im2col_tile_f32, in, col, s, t);
+void gemm_rows(const float* A, int64_t lda, int64_t m, const PackedB<float>& B, float* C, int64_t ldc) {
+  TDCONV_ISA_CALL(gemm_rows_f32, A, lda, m, B, C, ldc);
 }
-void im2col_tile(const double* in, double* col, const ConvShape& s, const TileTask& t) {
-  TDCONV_ISA_CALL(im2col_tile_f64, in, col, s, t);
+void gemm_rows(const double* A, int64_t lda, int64_t m, const PackedB<double>& B, double* C, int64_t ldc) {
+  TDCONV_ISA_CALL(gemm_rows_f64, A, lda, m, B, C, ldc);
+}
+void gemm_indirect(const Indirection<float>& ind, const PackedB<float>& B) {
+  TDCONV_ISA_CALL(gemm_indirect_f32, ind, B);
+}
+void gemm_indirect(const Indirection<double>& ind, const PackedB<double>& B) {
+  TDCONV_ISA_CALL(gemm_indirect_f64, ind, B);
 }
 
 // Input rows [hi0, hi1) that output rows [ho0, ho1) read.
@@ -106,100 +130,210 @@ std::pair<int64_t, int64_t> live_taps(int64_t o0, int64_t o1, int64_t stride, in
   return {a, std::max(a, b)};
 }
 
-TapRange tile_taps(const ConvShape& s, int64_t ho0, int64_t ho1) {
-  const auto [i0, i1] = live_taps(ho0, ho1, s.sh, s.ph, s.dh, s.kh, s.H);
-  const auto [j0, j1] = live_taps(0, s.Wo, s.sw, s.pw, s.dw, s.kw, s.W);
-  return {i0, i1, j0, j1};
-}
-
-// Cuts the output into tiles: one per thread where the intermediates fit the scratch budget, else
-// as many as it takes; a tile never holds less than one output row.
-std::vector<TileTask> make_tiles(const ConvShape& s, bool tucker, int64_t elem_size) {
+// Cuts the output into tiles of about equal size, a multiple of the thread count of them (for balance),
+// enough that each tile's intermediates fit a cache-sized budget; a tile never holds less than one
+// output row.
+std::vector<TileTask> make_tiles(const ConvShape& s, int64_t elem_size) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Scratch bytes per output pixel: y1 (about sh * sw input pixels), y2, and the im2col rows.
-  const int64_t per_px = elem_size * (s.R_in * s.sh * s.sw + s.R_out + (tucker ? s.kh * s.kw * s.R_in : 0));
+  // Scratch bytes per output pixel: y1 (about sh * sw input pixels) and y2.
+  const int64_t per_px = elem_size * (s.R_in * s.sh * s.sw + s.R_out);
   constexpr int64_t kScratchBytes = 256 << 10;
-  const int64_t max_px = std::max<int64_t>(s.Wo, kScratchBytes / std::max<int64_t>(1, per_px));
+  const int64_t max_px = std::max<int64_t>(1, kScratchBytes / std::max<int64_t>(1, per_px));
   const int64_t total_px = s.N * s.Ho * s.Wo;
-  const int64_t target_px = std::clamp<int64_t>((total_px + threads - 1) / threads, std::min<int64_t>(96, max_px),
-                                                max_px);
+  int64_t n_tiles = std::max(threads, (total_px + max_px - 1) / max_px);
+  n_tiles = (n_tiles + threads - 1) / threads * threads;
+  const int64_t target_px = std::max<int64_t>(1, (total_px + n_tiles - 1) / n_tiles);
   std::vector<TileTask> tiles;
   const int64_t img_px = s.Ho * s.Wo;
-  if (img_px <= target_px) {
-    const int64_t g = std::max<int64_t>(1, target_px / img_px);
-    const TapRange taps = tile_taps(s, 0, s.Ho);
-    for (int64_t n0 = 0; n0 < s.N; n0 += g) tiles.push_back({n0, std::min(g, s.N - n0), 0, s.Ho, 0, s.H, taps});
+  if (img_px <= target_px) {  // groups of whole images, about n_tiles of them
+    const int64_t g = (s.N + n_tiles - 1) / n_tiles;
+    for (int64_t n0 = 0; n0 < s.N; n0 += g) tiles.push_back({n0, std::min(g, s.N - n0), 0, s.Ho, 0, s.H});
   } else {
-    const int64_t rows = std::max<int64_t>(1, target_px / s.Wo);
+    const int64_t per_image = std::max<int64_t>(1, (n_tiles + s.N - 1) / s.N);
+    const int64_t rows = std::max<int64_t>(1, (s.Ho + per_image - 1) / per_image);
     for (int64_t n = 0; n < s.N; ++n) {
       for (int64_t ho0 = 0; ho0 < s.Ho; ho0 += rows) {
         const int64_t ho1 = std::min(s.Ho, ho0 + rows);
         const auto [hi0, hi1] = input_rows(s, ho0, ho1);
-        tiles.push_back({n, 1, ho0, ho1, hi0, hi1, tile_taps(s, ho0, ho1)});
+        tiles.push_back({n, 1, ho0, ho1, hi0, hi1});
       }
     }
   }
   return tiles;
 }
 
+// Output positions of one axis grouped by their live taps: [(taps [a, b), positions)].
+std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<int64_t>>> tap_classes(
+    int64_t o0, int64_t o1, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t size) {
+  std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<int64_t>>> classes;
+  for (int64_t o = o0; o < o1; ++o) {
+    const auto taps = live_taps(o, o + 1, stride, pad, dil, k, size);
+    auto it = std::find_if(classes.begin(), classes.end(), [&](const auto& c) { return c.first == taps; });
+    if (it == classes.end()) {
+      classes.push_back({taps, {}});
+      it = classes.end() - 1;
+    }
+    it->second.push_back(o);
+  }
+  return classes;
+}
+
+// Everything one call shares between its tiles: the NHWC input and output, and the packed factors.
+template <typename T>
+struct Plan {
+  ConvShape s;
+  bool tucker;
+  const T* x;          // [N, H, W, C_in]
+  PackedB<T> first;    // [1][C_in][R_in]; data null: BLAS on first_t instead (see kPackMinPixels)
+  const T* spatial;    // CP: [kh, kw, R]
+  PackedB<T> core;     // Tucker: [live kh taps * live kw taps][R_in][R_out]
+  int64_t i0, j0, nj;  // Tucker: the first live taps of each axis, and the number of live kw taps
+  PackedB<T> last;     // [1][R_out][C_out], with the bias; data null: BLAS on last_t, bias
+  at::Tensor first_t, last_t, bias;  // the BLAS path: [C_in, R_in], [R_out, C_out], [C_out] or undefined
+  T* out;              // [N, Ho, Wo, C_out]
+  std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<int64_t>>> col_classes;  // Tucker
+};
+
+// Packing a factor costs about one pass over it; below this many output pixels per call that is a
+// sizeable part of the 1x1 stages (e.g. 512 -> 256 channels at 1x1 pixels), and those stages go to the
+// BLAS torch was built with, on the factors in place, instead.
+constexpr int64_t kPackMinPixels = 256;
+
 // A [m, n] row-major matrix over memory owned elsewhere.
 at::Tensor matrix(const void* p, int64_t m, int64_t n, const at::TensorOptions& o) {
   return at::from_blob(const_cast<void*>(p), {m, n}, o);
 }
 
-// Everything one call shares between its tiles. GEMM operands are transposed views (B = W^T).
-struct Plan {
-  ConvShape s;
-  bool tucker;
-  at::Tensor x;         // NHWC input
-  at::Tensor first_t;   // [C_in, R_in]
-  at::Tensor spatial;   // CP: [kh, kw, R]
-  std::map<TapRange, at::Tensor> core_t;  // Tucker: [taps' * R_in, R_out] per range of live taps
-  at::Tensor last_t;    // [R_out, C_out]
-  at::Tensor bias;      // [C_out] or undefined
-  at::Tensor out;       // NHWC output
-};
-
+// C[m, N] = A[m, K] * B (+ bias), rows contiguous, for a 1x1 stage: packed B on the micro-kernel, else BLAS.
 template <typename T>
-void run_tile(const Plan& p, const TileTask& t, T* y1p, T* y2p, T* colp) {
-  const ConvShape& s = p.s;
-  const auto o = p.x.options();
-  const int64_t m1 = t.g * (t.hi1 - t.hi0) * s.W;
-  const int64_t m2 = t.g * (t.ho1 - t.ho0) * s.Wo;
-  const auto x = matrix(p.x.const_data_ptr<T>() + ((t.n0 * s.H + t.hi0) * s.W) * s.C_in, m1, s.C_in, o);
-  auto y1 = matrix(y1p, m1, s.R_in, o), y2 = matrix(y2p, m2, s.R_out, o);
-  at::mm_out(y1, x, p.first_t);
-  if (p.tucker) {
-    const at::Tensor& core_t = p.core_t.at(t.taps);
-    im2col_tile(y1p, colp, s, t);
-    at::mm_out(y2, matrix(colp, m2, core_t.size(0), o), core_t);
+void stage_1x1(const T* A, int64_t m, const PackedB<T>& B, const at::Tensor& b_t, const at::Tensor& bias, T* C) {
+  if (B.data != nullptr) return gemm_rows(A, B.K, m, B, C, B.N);
+  const auto o = b_t.options();
+  auto c = matrix(C, m, B.N, o);
+  if (bias.defined()) {
+    at::addmm_out(c, bias, matrix(A, m, B.K, o), b_t);
   } else {
-    depthwise_tile(y1p, p.spatial.const_data_ptr<T>(), y2p, s, t);
+    at::mm_out(c, matrix(A, m, B.K, o), b_t);
   }
-  auto out = matrix(p.out.mutable_data_ptr<T>() + ((t.n0 * s.Ho + t.ho0) * s.Wo) * s.C_out, m2, s.C_out, o);
-  if (p.bias.defined()) {
-    at::addmm_out(out, p.bias, y2, p.last_t);
-  } else {
-    at::mm_out(out, y2, p.last_t);
+}
+
+// The indirect GEMM of a tile's Tucker core conv: its output pixels grouped by the taps that reach the
+// image (so that no block computes on padding), in blocks of kMR pixels reading y1 in place.
+template <typename T>
+void core_blocks(const Plan<T>& p, const TileTask& t, const T* y1, T* y2, Indirection<T>& ind) {
+  const ConvShape& s = p.s;
+  const int64_t NR = 64 / sizeof(T), rows_in = t.hi1 - t.hi0, rows_out = t.ho1 - t.ho0;
+  ind.max_taps = s.kh * s.kw;
+  ind.mr.clear(), ind.nt.clear(), ind.b_off.clear(), ind.a.clear(), ind.c.clear();
+  for (const auto& [rtaps, hos] : tap_classes(t.ho0, t.ho1, s.sh, s.ph, s.dh, s.kh, s.H)) {
+    for (const auto& [ctaps, wos] : p.col_classes) {
+      const int64_t nt = (rtaps.second - rtaps.first) * (ctaps.second - ctaps.first);
+      if (nt == 0) continue;  // every tap reads padding: y2 = 0
+      int64_t pending = 0;
+      auto open_block = [&] {
+        ind.mr.push_back(0);
+        ind.nt.push_back(nt);
+        ind.a.resize(ind.a.size() + ind.max_taps * kMR);
+        ind.c.resize(ind.c.size() + kMR);
+        for (int64_t i = rtaps.first, tap = 0; i < rtaps.second; ++i) {
+          for (int64_t j = ctaps.first; j < ctaps.second; ++j, ++tap) {
+            ind.b_off.push_back(((i - p.i0) * p.nj + j - p.j0) * s.R_in * NR);
+          }
+        }
+        ind.b_off.resize(ind.mr.size() * ind.max_taps);
+      };
+      for (int64_t img = 0; img < t.g; ++img) {
+        for (const int64_t ho : hos) {
+          for (const int64_t wo : wos) {
+            if (pending == 0) open_block();
+            const int64_t blk = static_cast<int64_t>(ind.mr.size()) - 1;
+            const T** a = ind.a.data() + blk * ind.max_taps * kMR;
+            for (int64_t i = rtaps.first, tap = 0; i < rtaps.second; ++i) {
+              const int64_t hi = ho * s.sh - s.ph + i * s.dh;
+              const T* row = y1 + (img * rows_in + hi - t.hi0) * s.W * s.R_in;
+              for (int64_t j = ctaps.first; j < ctaps.second; ++j, ++tap) {
+                a[tap * kMR + pending] = row + (wo * s.sw - s.pw + j * s.dw) * s.R_in;
+              }
+            }
+            ind.c[blk * kMR + pending] = y2 + ((img * rows_out + ho - t.ho0) * s.Wo + wo) * s.R_out;
+            ind.mr[blk] = ++pending;
+            if (pending == kMR) pending = 0;
+          }
+        }
+      }
+      if (pending != 0) {  // fill the unused rows of the last block with its first
+        const int64_t blk = static_cast<int64_t>(ind.mr.size()) - 1;
+        const T** a = ind.a.data() + blk * ind.max_taps * kMR;
+        for (int64_t tap = 0; tap < nt; ++tap) std::fill(a + tap * kMR + pending, a + (tap + 1) * kMR, a[tap * kMR]);
+        std::fill(ind.c.begin() + blk * kMR + pending, ind.c.begin() + (blk + 1) * kMR, ind.c[blk * kMR]);
+      }
+    }
   }
 }
 
 template <typename T>
-void run_tiles(const Plan& p, const std::vector<TileTask>& tiles) {
+void run_tile(const Plan<T>& p, const TileTask& t, T* y1, T* y2, Indirection<T>& ind) {
+  const ConvShape& s = p.s;
+  const int64_t m1 = t.g * (t.hi1 - t.hi0) * s.W;
+  const int64_t m2 = t.g * (t.ho1 - t.ho0) * s.Wo;
+  stage_1x1(p.x + ((t.n0 * s.H + t.hi0) * s.W) * s.C_in, m1, p.first, p.first_t, at::Tensor(), y1);
+  if (p.tucker) {
+    core_blocks(p, t, y1, y2, ind);
+    // Pixels whose every tap reads padding have no block: their y2 rows are zeros.
+    if (std::accumulate(ind.mr.begin(), ind.mr.end(), int64_t{0}) < m2) std::fill(y2, y2 + m2 * s.R_out, T(0));
+    gemm_indirect(ind, p.core);
+  } else {
+    depthwise_tile(y1, p.spatial, y2, s, t);
+  }
+  stage_1x1(y2, m2, p.last, p.last_t, p.bias, p.out + ((t.n0 * s.Ho + t.ho0) * s.Wo) * s.C_out);
+}
+
+template <typename T>
+void run_tiles(const Plan<T>& p, const std::vector<TileTask>& tiles) {
   const ConvShape& s = p.s;
   int64_t m1 = 0, m2 = 0;
   for (const auto& t : tiles) {
     m1 = std::max(m1, t.g * (t.hi1 - t.hi0) * s.W);
     m2 = std::max(m2, t.g * (t.ho1 - t.ho0) * s.Wo);
   }
-  const int64_t col_width = p.tucker ? s.kh * s.kw * s.R_in : 0;
-  // The BLAS calls inside the region run single-threaded: the threads are the tiles'.
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
-    const std::unique_ptr<T[]> scratch(new T[m1 * s.R_in + m2 * s.R_out + m2 * col_width]);  // uninitialised
-    T* y1 = scratch.get();
-    for (int64_t i = begin; i < end; ++i) run_tile<T>(p, tiles[i], y1, y1 + m1 * s.R_in, y1 + m1 * s.R_in + m2 * s.R_out);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread (the BLAS path)
+    const std::unique_ptr<T[]> scratch(new T[m1 * s.R_in + m2 * s.R_out]);  // uninitialised
+    Indirection<T> ind;
+    for (int64_t i = begin; i < end; ++i) run_tile<T>(p, tiles[i], scratch.get(), scratch.get() + m1 * s.R_in, ind);
   });
+}
+
+// w [ti, tj, K, N] (any strides; taps t = (i, j)) as column panels [ceil(N / NR), ti * tj, K, NR], zero-padded; NR = 64
+// bytes of elements. A plain strided copy, parallel over the panels: on weight-heavy layers at small
+// batches packing is a sizeable part of the call, and ATen's pad + permute + copy took several times longer.
+template <typename T>
+at::Tensor pack_panels(const at::Tensor& w) {
+  constexpr int64_t NR = 64 / sizeof(T);
+  const int64_t tj = w.size(1), taps = w.size(0) * tj, K = w.size(2), N = w.size(3), panels = (N + NR - 1) / NR;
+  const int64_t si = w.stride(0), sj = w.stride(1), sk = w.stride(2), sn = w.stride(3);
+  at::Tensor out = at::empty({panels, taps, K, NR}, w.options().memory_format(at::MemoryFormat::Contiguous));
+  const T* src = w.const_data_ptr<T>();
+  T* dst = out.mutable_data_ptr<T>();
+  at::parallel_for(0, panels * taps, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pt = begin; pt < end; ++pt) {
+      const int64_t p = pt / taps, t = pt % taps, n0 = p * NR, nr = std::min(NR, N - n0);
+      T* d = dst + pt * K * NR;
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {  // blocks of 16 x NR: few cache lines live at a time
+        const int64_t k1 = std::min(K, k0 + 16);
+        for (int64_t j = 0; j < NR; ++j) {
+          const T* scol = src + (t / tj) * si + (t % tj) * sj + (n0 + j) * sn;
+          for (int64_t k = k0; k < k1; ++k) d[k * NR + j] = j < nr ? scol[k * sk] : T(0);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor pad_columns(const at::Tensor& b) {
+  const int64_t nr = 64 / static_cast<int64_t>(b.element_size()), n = b.size(0);
+  return at::constant_pad_nd(b, {0, (n + nr - 1) / nr * nr - n}).contiguous();
 }
 
 at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::Tensor& first,
@@ -208,31 +342,50 @@ at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::
                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
   const ConvShape s = check_factorized_conv2d(tucker ? "tucker_conv2d" : "cp_conv2d", tucker, x_in, first, spatial,
                                               last, bias, stride, padding, dilation);
-  // The kernel computes with ATen ops on views of its inputs; gradients are the autograd formula's job.
+  // The kernel reads its inputs' data; gradients are the autograd formula's job.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto out_dtype = x_in.scalar_type();
   const auto dtype = (out_dtype == at::kHalf || out_dtype == at::kBFloat16) ? at::kFloat : out_dtype;
-  Plan p{s, tucker};
-  p.out = at::empty({s.N, s.Ho, s.Wo, s.C_out}, x_in.options().dtype(dtype));
+  at::Tensor out = at::empty({s.N, s.Ho, s.Wo, s.C_out}, x_in.options().dtype(dtype));
   if (s.N > 0 && s.Ho > 0 && s.Wo > 0) {
-    p.x = x_in.detach().to(dtype).permute({0, 2, 3, 1}).contiguous();  // NHWC; free for channels_last
-    p.first_t = first.detach().to(dtype).t();
-    p.last_t = last.detach().to(dtype).t();
-    if (bias.has_value() && bias->defined()) p.bias = bias->detach().to(dtype);
-    const auto tiles = make_tiles(s, tucker, static_cast<int64_t>(c10::elementSize(dtype)));
-    if (tucker) {
-      const auto core = spatial.detach().to(dtype).permute({0, 2, 3, 1});  // [R_out, kh, kw, R_in]
-      for (const auto& t : tiles) {
-        const TapRange& r = t.taps;
-        if (p.core_t.count(r)) continue;
-        p.core_t[r] = core.slice(1, r.i0, r.i1).slice(2, r.j0, r.j1).reshape({s.R_out, -1}).t().contiguous();
+    const auto x = x_in.detach().to(dtype).permute({0, 2, 3, 1}).contiguous();  // NHWC; free for channels_last
+    const auto first_w = first.detach().to(dtype).t();  // [C_in, R_in]
+    const auto last_w = last.detach().to(dtype).t();    // [R_out, C_out]
+    at::Tensor bias_w;
+    if (bias.has_value() && bias->defined()) bias_w = bias->detach().to(dtype);
+    // Tucker: the core [R_out, R_in, kh, kw] as [kh, kw, R_in, R_out]; CP: the filters as [kh, kw, R].
+    const auto spatial_w = tucker ? spatial.detach().to(dtype).permute({2, 3, 1, 0})
+                                  : spatial.detach().to(dtype).permute({1, 2, 0}).contiguous();
+    // Tucker packs the taps that reach the image for some output pixel only (one of nine on 1x1 maps).
+    const auto [i0, i1] = live_taps(0, s.Ho, s.sh, s.ph, s.dh, s.kh, s.H);
+    const auto [j0, j1] = live_taps(0, s.Wo, s.sw, s.pw, s.dw, s.kw, s.W);
+    const bool pack_1x1 = s.N * s.Ho * s.Wo >= kPackMinPixels;
+    const auto tiles = make_tiles(s, static_cast<int64_t>(c10::elementSize(dtype)));
+    AT_DISPATCH_FLOATING_TYPES(dtype, "factorized_conv2d_cpu", [&] {
+      using T = scalar_t;
+      const auto pack_1x1_factor = [&](const at::Tensor& w) {
+        return pack_1x1 ? pack_panels<T>(w.expand({1, 1, -1, -1})) : w;
+      };
+      const auto first_p = pack_1x1_factor(first_w), last_p = pack_1x1_factor(last_w);
+      const auto bias_p = bias_w.defined() && pack_1x1 ? pad_columns(bias_w) : bias_w;
+      const auto core_p = tucker ? pack_panels<T>(spatial_w.slice(0, i0, i1).slice(1, j0, j1)) : at::Tensor();
+      Plan<T> p{s, tucker, x.const_data_ptr<T>()};
+      p.first = {pack_1x1 ? first_p.const_data_ptr<T>() : nullptr, 1, s.C_in, s.R_in, nullptr};
+      p.last = {pack_1x1 ? last_p.const_data_ptr<T>() : nullptr, 1, s.R_out, s.C_out,
+                bias_p.defined() ? bias_p.const_data_ptr<T>() : nullptr};
+      p.first_t = first_w, p.last_t = last_w, p.bias = bias_w;
+      if (tucker) {
+        p.core = {core_p.const_data_ptr<T>(), (i1 - i0) * (j1 - j0), s.R_in, s.R_out, nullptr};
+        p.i0 = i0, p.j0 = j0, p.nj = j1 - j0;
+        p.col_classes = tap_classes(0, s.Wo, s.sw, s.pw, s.dw, s.kw, s.W);
+      } else {
+        p.spatial = spatial_w.const_data_ptr<T>();
       }
-    } else {
-      p.spatial = spatial.detach().to(dtype).permute({1, 2, 0}).contiguous();  // [kh, kw, R]
-    }
-    AT_DISPATCH_FLOATING_TYPES(dtype, "factorized_conv2d_cpu", [&] { run_tiles<scalar_t>(p, tiles); });
+      p.out = out.mutable_data_ptr<T>();
+      run_tiles<T>(p, tiles);
+    });
   }
-  return p.out.permute({0, 3, 1, 2}).to(out_dtype);  // NCHW shape, channels_last memory
+  return out.permute({0, 3, 1, 2}).to(out_dtype);  // NCHW shape, channels_last memory
 }
 
 at::Tensor cp_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const at::Tensor& spatial,
