@@ -412,13 +412,26 @@ class FactorizedConv2d(nn.Module):
             raise ValueError(f"FactorizedConv2d expects {self.in_channels} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
         if self.implementation != "unfused":
-            reasons = self.fused_unsupported_reasons(x)
+            reasons = self._fused_reasons(x)
             if not reasons:
                 if self.implementation == "fused" or self._auto_picks_fused(x):
                     return self._fused(x)
             elif self.implementation == "fused":
                 raise ValueError("implementation='fused' cannot run this input: " + "; ".join(reasons))
         return self._unfused(x)
+
+    def _fused_reasons(self, x: torch.Tensor) -> list:
+        """:meth:`fused_unsupported_reasons`, remembered per input device and dtype (and everything else
+        it reads): ``forward`` asks on every call, and the answer costs more than a small layer's op."""
+        key = (x.device, x.dtype, self.first.dtype, self.padding_mode, self.padding, self.kernel_size,
+               self.dilation, self.implementation)
+        if torch.compiler.is_compiling():
+            return self.fused_unsupported_reasons(x)
+        cache = self.__dict__.setdefault("_fused_reasons_cache", {})
+        reasons = cache.get(key)
+        if reasons is None:
+            reasons = cache[key] = self.fused_unsupported_reasons(x)
+        return reasons
 
     def _auto_picks_fused(self, x: torch.Tensor) -> bool:
         """implementation="auto" where both can run: the faster one for this configuration, timed once.

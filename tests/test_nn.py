@@ -367,6 +367,25 @@ def test_fused_bad_input(require_ext):
     # an asymmetric 'same' padding cannot be fused
     with pytest.raises(ValueError, match="asymmetrically"):
         tdconv.FactorizedConv2d(4, 6, 4, padding="same", implementation="fused")
+    # the remembered answer follows the layer: converted to float64, it runs float64 inputs
+    f.double()
+    assert f(torch.ones(1, 4, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker"])
+def test_fused_without_grad_skips_autograd_only(require_ext, method):
+    # Where no gradient can flow the op is called below autograd: same values, nothing recorded; with
+    # gradients on, the autograd formula still runs.
+    fused, unfused = _fused_pair(dict(kernel_size=3, padding=1), method, dtype=torch.float64, cin=6, cout=5)
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    with torch.no_grad():
+        out = fused(x)
+    assert not out.requires_grad and out.grad_fn is None
+    torch.testing.assert_close(out, unfused(x).detach())
+    y = fused(x.requires_grad_())
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert x.grad is not None and fused.first.grad is not None and fused.last.grad is not None
 
 
 # ------------------------------------------------------------------- skipping taps that only read padding

@@ -35,6 +35,7 @@ inline __attribute__((always_inline)) void micro_kernel(int64_t mr, int64_t nt, 
     const T* const* ap = a + t * kMR;
     const T *a0 = ap[0], *a1 = ap[1], *a2 = ap[2], *a3 = ap[3], *a4 = ap[4], *a5 = ap[5];
     const T* bt = b + b_off[t];
+#pragma GCC unroll 4
     for (int64_t k = 0; k < K; ++k, bt += NR) {
       V b0, b1;
       __builtin_memcpy(&b0, bt, 32);
