@@ -304,26 +304,38 @@ void run_tiles(const Plan<T>& p, const std::vector<TileTask>& tiles) {
   });
 }
 
-// w [ti, tj, K, N] (any strides; taps t = (i, j)) as column panels [ceil(N / NR), ti * tj, K, NR], zero-padded; NR = 64
-// bytes of elements. A plain strided copy, parallel over the panels: on weight-heavy layers at small
-// batches packing is a sizeable part of the call, and ATen's pad + permute + copy took several times longer.
+// w [ti, tj, K, N] (any strides; taps t = (i, j)) as column panels [ceil(N / NR), ti * tj, K, NR],
+// zero-padded; NR = 64 bytes of elements. A strided copy, parallel over the panels, in blocks of 16 k
+// x NR columns with every tap of an element together (a core [R_out, R_in, kh, kw] has its taps
+// adjacent): on weight-heavy layers at small batches packing is a sizeable part of the call.
 template <typename T>
 at::Tensor pack_panels(const at::Tensor& w) {
   constexpr int64_t NR = 64 / sizeof(T);
-  const int64_t tj = w.size(1), taps = w.size(0) * tj, K = w.size(2), N = w.size(3), panels = (N + NR - 1) / NR;
+  const int64_t ti = w.size(0), tj = w.size(1), taps = ti * tj, K = w.size(2), N = w.size(3);
+  const int64_t panels = (N + NR - 1) / NR;
   const int64_t si = w.stride(0), sj = w.stride(1), sk = w.stride(2), sn = w.stride(3);
   at::Tensor out = at::empty({panels, taps, K, NR}, w.options().memory_format(at::MemoryFormat::Contiguous));
   const T* src = w.const_data_ptr<T>();
   T* dst = out.mutable_data_ptr<T>();
-  at::parallel_for(0, panels * taps, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t pt = begin; pt < end; ++pt) {
-      const int64_t p = pt / taps, t = pt % taps, n0 = p * NR, nr = std::min(NR, N - n0);
-      T* d = dst + pt * K * NR;
-      for (int64_t k0 = 0; k0 < K; k0 += 16) {  // blocks of 16 x NR: few cache lines live at a time
+  if (N % NR != 0) {  // the padding columns of the last panel
+    T* last = dst + (panels - 1) * taps * K * NR;
+    for (int64_t r = 0; r < taps * K; ++r) std::fill(last + r * NR + N % NR, last + (r + 1) * NR, T(0));
+  }
+  // Small factors are packed inline: a parallel region costs more than packing a few thousand values.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, taps * K * NR));
+  std::vector<int64_t> tap_off(taps);
+  for (int64_t t = 0; t < taps; ++t) tap_off[t] = (t / tj) * si + (t % tj) * sj;
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * NR, nr = std::min(NR, N - n0);
+      T* d = dst + p * taps * K * NR;  // d[(t * K + k) * NR + j]
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {  // blocks of 16 k x NR columns: few cache lines live at a time
         const int64_t k1 = std::min(K, k0 + 16);
-        for (int64_t j = 0; j < NR; ++j) {
-          const T* scol = src + (t / tj) * si + (t % tj) * sj + (n0 + j) * sn;
-          for (int64_t k = k0; k < k1; ++k) d[k * NR + j] = j < nr ? scol[k * sk] : T(0);
+        for (int64_t j = 0; j < nr; ++j) {
+          const T* col = src + (n0 + j) * sn;
+          for (int64_t k = k0; k < k1; ++k) {
+            for (int64_t t = 0; t < taps; ++t) d[(t * K + k) * NR + j] = col[k * sk + tap_off[t]];
+          }
         }
       }
     }
@@ -348,14 +360,14 @@ at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::
   const auto dtype = (out_dtype == at::kHalf || out_dtype == at::kBFloat16) ? at::kFloat : out_dtype;
   at::Tensor out = at::empty({s.N, s.Ho, s.Wo, s.C_out}, x_in.options().dtype(dtype));
   if (s.N > 0 && s.Ho > 0 && s.Wo > 0) {
-    const auto x = x_in.detach().to(dtype).permute({0, 2, 3, 1}).contiguous();  // NHWC; free for channels_last
-    const auto first_w = first.detach().to(dtype).t();  // [C_in, R_in]
-    const auto last_w = last.detach().to(dtype).t();    // [R_out, C_out]
+    const auto x = x_in.to(dtype).permute({0, 2, 3, 1}).contiguous();  // NHWC; free for channels_last
+    const auto first_w = first.to(dtype).t();  // [C_in, R_in]
+    const auto last_w = last.to(dtype).t();    // [R_out, C_out]
     at::Tensor bias_w;
-    if (bias.has_value() && bias->defined()) bias_w = bias->detach().to(dtype);
+    if (bias.has_value() && bias->defined()) bias_w = bias->to(dtype);
     // Tucker: the core [R_out, R_in, kh, kw] as [kh, kw, R_in, R_out]; CP: the filters as [kh, kw, R].
-    const auto spatial_w = tucker ? spatial.detach().to(dtype).permute({2, 3, 1, 0})
-                                  : spatial.detach().to(dtype).permute({1, 2, 0}).contiguous();
+    const auto spatial_w = tucker ? spatial.to(dtype).permute({2, 3, 1, 0})
+                                  : spatial.to(dtype).permute({1, 2, 0}).contiguous();
     // Tucker packs the taps that reach the image for some output pixel only (one of nine on 1x1 maps).
     const auto [i0, i1] = live_taps(0, s.Ho, s.sh, s.ph, s.dh, s.kh, s.H);
     const auto [j0, j1] = live_taps(0, s.Wo, s.sw, s.pw, s.dw, s.kw, s.W);
