@@ -43,13 +43,18 @@ IMPLEMENTATIONS = ("auto", "fused", "unfused")
 
 _AUTOTUNE = {"enabled": True}
 _AUTOTUNE_CHOICES: dict = {}
+# ``auto`` keeps the fused op unless the chain's median time is below fused / AUTOTUNE_MARGIN.
+AUTOTUNE_MARGIN = 1.1
 
 
 def set_autotune(enabled: bool) -> None:
     """Whether ``implementation="auto"`` times the fused op against the unfused chain the first time
     it meets a layer configuration and input shape (and layout, dtype, device, thread count), then
-    keeps the faster one for them (default: on; like ``torch.backends.cudnn.benchmark``). The fused op
-    is not faster everywhere: on large feature maps the CPU's own convolutions often win. When off,
+    keeps the faster one for them (default: on; like ``torch.backends.cudnn.benchmark``). The chain
+    must be faster by more than ``AUTOTUNE_MARGIN`` (10 %) to be chosen: single timings on a shared
+    machine vary by more than that, and the fused op never allocates the two intermediate feature
+    maps. The fused op is not faster everywhere: on large feature maps the CPU's own convolutions can
+    win. When off,
     and always while tracing (``torch.compile``, ``torch.export``), ``"auto"`` takes the fused op
     whenever it can run. ``implementation="fused"`` / ``"unfused"`` pin the choice (and the exact
     rounding of the result)."""
@@ -449,7 +454,8 @@ class FactorizedConv2d(nn.Module):
         return choice
 
     def _fused_is_faster(self, x: torch.Tensor, rounds: int = 5) -> bool:
-        """Median of `rounds` interleaved timings of each implementation on ``x`` (after a warm-up)."""
+        """Whether the fused op's median over `rounds` interleaved timings of each implementation on ``x``
+        (after a warm-up) is within ``AUTOTUNE_MARGIN`` of the chain's, or below it."""
         def sync():
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
@@ -466,7 +472,7 @@ class FactorizedConv2d(nn.Module):
                     sync()
                     t.append(time.perf_counter() - start)
         fused, unfused = (statistics.median(t) for t in times.values())
-        return fused <= unfused
+        return fused <= unfused * AUTOTUNE_MARGIN
 
     def _unfused(self, x: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(x, self.first)

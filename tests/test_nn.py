@@ -286,6 +286,21 @@ def test_auto_times_both_once_and_keeps_the_faster(require_ext, monkeypatch):
         tdconv.set_autotune(1)
 
 
+@pytest.mark.parametrize("fused_s,keeps_fused", [(1.05, True), (1.0, True), (0.5, True), (1.2, False)])
+def test_auto_needs_a_margin_to_leave_the_fused_op(require_ext, monkeypatch, fused_s, keeps_fused):
+    # On a clock that the two implementations advance by fixed amounts (the chain: 1 s): the chain is
+    # chosen only when it is faster by more than AUTOTUNE_MARGIN.
+    import types
+    from tdconv import nn as tnn
+    clock = [0.0]
+    monkeypatch.setattr(tnn, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(tnn.FactorizedConv2d, "_fused", lambda self, x: clock.__setitem__(0, clock[0] + fused_s))
+    monkeypatch.setattr(tnn.FactorizedConv2d, "_unfused", lambda self, x: clock.__setitem__(0, clock[0] + 1.0))
+    layer = tdconv.FactorizedConv2d(8, 8, 3, padding=1, method="cp", rank=4)
+    assert tnn.AUTOTUNE_MARGIN == 1.1
+    assert layer._fused_is_faster(torch.randn(2, 8, 6, 6)) is keeps_fused
+
+
 def test_autotune_timing_runs(require_ext):
     layer = tdconv.FactorizedConv2d(8, 8, 3, padding=1, method="tucker", rank=4)
     assert layer._fused_is_faster(torch.randn(2, 8, 6, 6)) in (True, False)
