@@ -46,6 +46,8 @@ TORCH_LIBRARY(tdconv, m) {
   // Tucker-2: 1x1 conv -> kh x kw core conv -> 1x1 conv + bias.
   m.def("tucker_conv2d(Tensor x, Tensor first, Tensor core, Tensor last, Tensor? bias, int[2] stride,"
         " int[2] padding, int[2] dilation) -> Tensor");
+  // Which compiled variant of the CPU kernels' vector loops runs here: "avx2" or "baseline".
+  m.def("cpu_isa() -> str");
 }
 
 // The drivers are written on ATen and run on whatever device their input lives on.

@@ -22,6 +22,7 @@ def collect() -> dict:
         "extension_loaded": _ext.has_ext(),
         "extension_built_against_torch": getattr(_ext._C, "torch_version", None),
         "cpu_kernels": _ext.can_run("cpu"),
+        "cpu_kernels_isa": torch.ops.tdconv.cpu_isa() if _ext.has_ext() else None,
         "cuda_kernels_built": _ext.has_cuda_ext(),
         "cuda_available": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

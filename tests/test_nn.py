@@ -1,5 +1,8 @@
 import copy
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,6 +238,44 @@ def test_fused_cpu_paths_and_partial_panels(require_ext, method, dtype):
         for shape in ((1, 37, 5, 7), (3, 37, 17, 13), (41, 37, 2, 3)):  # 35 / 663 / 246 output pixels (stride 1)
             x = torch.randn(*shape, dtype=dtype, generator=g)
             torch.testing.assert_close(fused(x), unfused(x), **tol, msg=f"{method} {cfg} {shape}")
+
+
+def test_fused_cpu_threads_and_baseline_isa(require_ext, tmp_path):
+    # The tiles depend on the thread count; the vector loops are compiled twice (AVX2 + FMA, baseline)
+    # and the baseline ones run only on CPUs without AVX2, or with TDCONV_CPU_ISA=baseline.
+    cases = [("cp", dict(kernel_size=3, padding=1), 19), ("tucker", dict(kernel_size=3, stride=2, padding=1), (21, 19)),
+             ("cp", dict(kernel_size=5, padding=2, dilation=2), 8)]
+    threads = torch.get_num_threads()
+    try:
+        for method, cfg, rank in cases:
+            fused, unfused = _fused_pair(cfg, method, dtype=torch.float32, cin=37, cout=41, rank=rank)
+            x = torch.randn(5, 37, 13, 11)
+            with torch.no_grad():
+                expected = unfused(x)
+                for n in (1, 3):
+                    torch.set_num_threads(n)
+                    torch.testing.assert_close(fused(x), expected, atol=1e-4, rtol=1e-4, msg=f"{method} {n} threads")
+    finally:
+        torch.set_num_threads(threads)
+    script = (
+        "import torch, tdconv\n"
+        "assert torch.ops.tdconv.cpu_isa() == 'baseline', torch.ops.tdconv.cpu_isa()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for method, rank in (('cp', 19), ('tucker', (21, 19))):\n"
+        "    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):\n"
+        "        kw = dict(method=method, rank=rank, dtype=dtype, kernel_size=3, padding=1)\n"
+        "        u = tdconv.FactorizedConv2d(37, 41, implementation='unfused', **kw)\n"
+        "        f = tdconv.FactorizedConv2d(37, 41, implementation='fused', **kw)\n"
+        "        f.load_state_dict(u.state_dict())\n"
+        "        for shape in ((1, 37, 5, 7), (3, 37, 17, 13)):\n"
+        "            x = torch.randn(*shape, dtype=dtype, generator=g)\n"
+        "            torch.testing.assert_close(f(x), u(x), atol=tol, rtol=tol)\n"
+        "print('ok')\n")
+    # The same tdconv as this process (the installed one, not a source tree in the working directory).
+    env = dict(os.environ, TDCONV_CPU_ISA="baseline", PYTHONPATH=os.path.dirname(os.path.dirname(tdconv.__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("method", ["cp", "tucker"])

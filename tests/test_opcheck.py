@@ -36,8 +36,17 @@ def _registered_ops():
                   if name.startswith("tdconv::"))
 
 
+# Ops without tensor arguments (facts about the build), which opcheck does not apply to.
+QUERY_OPS = {"cpu_isa": ("avx2", "baseline")}
+
+
 def test_every_op_has_a_sample(require_ext):
-    assert _registered_ops() == sorted(_samples("cpu"))
+    assert _registered_ops() == sorted([*_samples("cpu"), *QUERY_OPS])
+
+
+def test_query_ops(require_ext):
+    for op, answers in QUERY_OPS.items():
+        assert getattr(torch.ops.tdconv, op)() in answers
 
 
 CONV_OPS = ("cp_conv2d", "tucker_conv2d")

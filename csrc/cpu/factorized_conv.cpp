@@ -20,8 +20,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <numeric>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -73,9 +75,12 @@ namespace baseline {
 #include "conv_kernels.h"
 }  // namespace baseline
 
+// TDCONV_CPU_ISA=baseline in the environment (read once) takes the baseline loops on an AVX2 machine:
+// the tests run them that way, and it rules them in or out when a result looks wrong.
 bool cpu_has_avx2() {
 #ifdef TDCONV_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::string(std::getenv("TDCONV_CPU_ISA") ? std::getenv("TDCONV_CPU_ISA") : "") != "baseline";
   return has;
 #else
   return false;
@@ -163,9 +168,10 @@ std::vector<TileTask> make_tiles(const ConvShape& s, int64_t elem_size) {
 }
 
 // Output positions of one axis grouped by their live taps: [(taps [a, b), positions)].
-std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<int64_t>>> tap_classes(
-    int64_t o0, int64_t o1, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t size) {
-  std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<int64_t>>> classes;
+using TapClasses = std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<int64_t>>>;
+
+TapClasses tap_classes(int64_t o0, int64_t o1, int64_t stride, int64_t pad, int64_t dil, int64_t k, int64_t size) {
+  TapClasses classes;
   for (int64_t o = o0; o < o1; ++o) {
     const auto taps = live_taps(o, o + 1, stride, pad, dil, k, size);
     auto it = std::find_if(classes.begin(), classes.end(), [&](const auto& c) { return c.first == taps; });
@@ -191,7 +197,7 @@ struct Plan {
   PackedB<T> last;     // [1][R_out][C_out], with the bias; data null: BLAS on last_t, bias
   at::Tensor first_t, last_t, bias;  // the BLAS path: [C_in, R_in], [R_out, C_out], [C_out] or undefined
   T* out;              // [N, Ho, Wo, C_out]
-  std::vector<std::pair<std::pair<int64_t, int64_t>, std::vector<int64_t>>> col_classes;  // Tucker
+  TapClasses col_classes;  // Tucker: the output columns by their live kw taps
 };
 
 // Packing a factor costs about one pass over it; below this many output pixels per call that is a
@@ -412,11 +418,16 @@ at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const
   return factorized_conv2d_cpu(true, x, first, core, last, bias, stride, padding, dilation);
 }
 
+std::string cpu_isa() { return cpu_has_avx2() ? "avx2" : "baseline"; }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tdconv, CPU, m) {
   m.impl("cp_conv2d", &cp_conv2d_cpu);
   m.impl("tucker_conv2d", &tucker_conv2d_cpu);
 }
+
+// No tensor argument to dispatch on: one kernel for every backend.
+TORCH_LIBRARY_IMPL(tdconv, CompositeImplicitAutograd, m) { m.impl("cpu_isa", &cpu_isa); }
 
 }  // namespace tdconv
