@@ -54,10 +54,9 @@ def set_autotune(enabled: bool) -> None:
     must be faster by more than ``AUTOTUNE_MARGIN`` (10 %) to be chosen: single timings on a shared
     machine vary by more than that, and the fused op never allocates the two intermediate feature
     maps. The fused op is not faster everywhere: on large feature maps the CPU's own convolutions can
-    win. When off,
-    and always while tracing (``torch.compile``, ``torch.export``), ``"auto"`` takes the fused op
-    whenever it can run. ``implementation="fused"`` / ``"unfused"`` pin the choice (and the exact
-    rounding of the result)."""
+    win. When off, and always while tracing (``torch.compile``, ``torch.export``), ``"auto"`` takes
+    the fused op whenever it can run. ``implementation="fused"`` / ``"unfused"`` pin the choice (and
+    the exact rounding of the result)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     _AUTOTUNE["enabled"] = enabled
@@ -428,10 +427,10 @@ class FactorizedConv2d(nn.Module):
     def _fused_reasons(self, x: torch.Tensor) -> list:
         """:meth:`fused_unsupported_reasons`, remembered per input device and dtype (and everything else
         it reads): ``forward`` asks on every call, and the answer costs more than a small layer's op."""
-        key = (x.device, x.dtype, self.first.dtype, self.padding_mode, self.padding, self.kernel_size,
-               self.dilation, self.implementation)
         if torch.compiler.is_compiling():
             return self.fused_unsupported_reasons(x)
+        key = (x.device, x.dtype, self.first.dtype, self.padding_mode, self.padding, self.kernel_size,
+               self.dilation, self.implementation)
         cache = self.__dict__.setdefault("_fused_reasons_cache", {})
         reasons = cache.get(key)
         if reasons is None:
