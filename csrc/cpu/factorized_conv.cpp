@@ -10,8 +10,9 @@
 // stage (a vectorised depthwise loop for CP; for Tucker an indirect GEMM that reads the taps of each
 // output pixel in place, its pixels grouped by the taps that reach the image so that none computes
 // on padding), a GEMM back with the bias, written straight into the channels_last output. The GEMMs
-// run on our own register-blocked micro-kernel over weights packed once per call (conv_kernels.h):
-// no call into BLAS per tile, no im2col copy. The intermediates never leave the thread's scratch
+// run on our own register-blocked micro-kernel over weights packed once per call (conv_kernels.h),
+// with no im2col copy; only calls too small to repay packing (kPackMinPixels) leave their two 1x1
+// stages to BLAS. The intermediates never leave the thread's scratch
 // buffers, and there is one parallel region per call instead of one per conv. float16 / bfloat16
 // inputs are computed in float32.
 #include <ATen/ATen.h>
