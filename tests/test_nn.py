@@ -1,6 +1,7 @@
 import copy
 import itertools
 import os
+import random
 import subprocess
 import sys
 
@@ -238,6 +239,28 @@ def test_fused_cpu_paths_and_partial_panels(require_ext, method, dtype):
         for shape in ((1, 37, 5, 7), (3, 37, 17, 13), (41, 37, 2, 3)):  # 35 / 663 / 246 output pixels (stride 1)
             x = torch.randn(*shape, dtype=dtype, generator=g)
             torch.testing.assert_close(fused(x), unfused(x), **tol, msg=f"{method} {cfg} {shape}")
+
+
+def test_fused_random_configurations(require_ext):
+    # A seeded sweep over shapes the fixed grids above do not reach: rank 1, a single output channel,
+    # channel counts around the 6-row and 8 / 16-column blocks, pixels around the packing threshold,
+    # kernels larger than the image, taps that all read padding for some pixels.
+    rng = random.Random(0)
+    for case in range(40):
+        method = rng.choice(["cp", "tucker"])
+        cin, cout = rng.randint(1, 40), rng.randint(1, 40)
+        k = (rng.choice([1, 2, 3, 5]), rng.choice([1, 3, 4]))
+        d = (rng.randint(1, 2), rng.randint(1, 2))
+        pad = (rng.randint(0, 3), rng.randint(0, 3))
+        stride = (rng.randint(1, 3), rng.randint(1, 3))
+        h = rng.randint(max(1, d[0] * (k[0] - 1) + 1 - 2 * pad[0]), 19)
+        w = rng.randint(max(1, d[1] * (k[1] - 1) + 1 - 2 * pad[1]), 19)
+        rank = rng.randint(1, 20) if method == "cp" else (rng.randint(1, cout), rng.randint(1, cin))
+        cfg = dict(kernel_size=k, stride=stride, padding=pad, dilation=d, bias=rng.random() < 0.5)
+        fused, unfused = _fused_pair(cfg, method, cin=cin, cout=cout, rank=rank)
+        x = torch.randn(rng.randint(0, 9), cin, h, w, dtype=torch.float64)
+        torch.testing.assert_close(fused(x), unfused(x), atol=1e-11, rtol=1e-10,
+                                   msg=f"case {case}: {method} {cin}->{cout} rank {rank} {cfg} {tuple(x.shape)}")
 
 
 def test_fused_cpu_threads_and_baseline_isa(require_ext, tmp_path):
