@@ -18,6 +18,7 @@ template <typename T>
 inline __attribute__((always_inline)) void micro_kernel(int64_t mr, int64_t nt, const T* const* a,
                                                         const int64_t* b_off, int64_t K, const T* b, const T* bias,
                                                         T* const* c, int64_t col0, int64_t nr) {
+  static_assert(kMR == 6, "the loop below is written out for six rows");
   typedef T V __attribute__((vector_size(32)));
   constexpr int L = 32 / sizeof(T), NR = 2 * L;
   V acc[kMR][2];
