@@ -231,6 +231,8 @@ def test_fused_cpu_paths_and_partial_panels(require_ext, method, dtype):
     # micro-kernel when a call has at least 256 output pixels, and leaves the 1x1 stages to BLAS below
     # that: both regimes, with channels and ranks that leave the last panel partly filled and blocks of
     # fewer than 6 pixels, stride 2 and dilation 2 (Tucker pixels grouped by their live taps).
+    if os.environ.get("TDCONV_CPU_ISA") == "baseline":  # run so by test_fused_cpu_threads_and_baseline_isa
+        assert torch.ops.tdconv.cpu_isa() == "baseline"
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-10)
     rank = 19 if method == "cp" else (21, 19)
     g = torch.Generator().manual_seed(1)
@@ -280,25 +282,13 @@ def test_fused_cpu_threads_and_baseline_isa(require_ext, tmp_path):
                     torch.testing.assert_close(fused(x), expected, atol=1e-4, rtol=1e-4, msg=f"{method} {n} threads")
     finally:
         torch.set_num_threads(threads)
-    script = (
-        "import torch, tdconv\n"
-        "assert torch.ops.tdconv.cpu_isa() == 'baseline', torch.ops.tdconv.cpu_isa()\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "for method, rank in (('cp', 19), ('tucker', (21, 19))):\n"
-        "    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):\n"
-        "        kw = dict(method=method, rank=rank, dtype=dtype, kernel_size=3, padding=1)\n"
-        "        u = tdconv.FactorizedConv2d(37, 41, implementation='unfused', **kw)\n"
-        "        f = tdconv.FactorizedConv2d(37, 41, implementation='fused', **kw)\n"
-        "        f.load_state_dict(u.state_dict())\n"
-        "        for shape in ((1, 37, 5, 7), (3, 37, 17, 13)):\n"
-        "            x = torch.randn(*shape, dtype=dtype, generator=g)\n"
-        "            torch.testing.assert_close(f(x), u(x), atol=tol, rtol=tol)\n"
-        "print('ok')\n")
-    # The same tdconv as this process (the installed one, not a source tree in the working directory).
+    # The baseline loops: the partial-panel test above, in a process that selects them, on the same
+    # tdconv as this process (the installed one, not a source tree in the working directory).
     env = dict(os.environ, TDCONV_CPU_ISA="baseline", PYTHONPATH=os.path.dirname(os.path.dirname(tdconv.__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           f"{os.path.abspath(__file__)}::test_fused_cpu_paths_and_partial_panels"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "4 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("method", ["cp", "tucker"])

@@ -12,9 +12,8 @@
 // on padding), a GEMM back with the bias, written straight into the channels_last output. The GEMMs
 // run on our own register-blocked micro-kernel over weights packed once per call (conv_kernels.h),
 // with no im2col copy; only calls too small to repay packing (kPackMinPixels) leave their two 1x1
-// stages to BLAS. The intermediates never leave the thread's scratch
-// buffers, and there is one parallel region per call instead of one per conv. float16 / bfloat16
-// inputs are computed in float32.
+// stages to BLAS. The intermediates never leave the thread's scratch buffers, and there is one
+// parallel region per call instead of one per conv. float16 / bfloat16 inputs are computed in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -80,8 +79,9 @@ namespace baseline {
 // the tests run them that way, and it rules them in or out when a result looks wrong.
 bool cpu_has_avx2() {
 #ifdef TDCONV_HAVE_AVX2_CLONE
+  static const char* const isa = std::getenv("TDCONV_CPU_ISA");
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::string(std::getenv("TDCONV_CPU_ISA") ? std::getenv("TDCONV_CPU_ISA") : "") != "baseline";
+                          !(isa != nullptr && std::string(isa) == "baseline");
   return has;
 #else
   return false;
@@ -382,19 +382,21 @@ at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::
     const auto tiles = make_tiles(s, static_cast<int64_t>(c10::elementSize(dtype)));
     AT_DISPATCH_FLOATING_TYPES(dtype, "factorized_conv2d_cpu", [&] {
       using T = scalar_t;
-      const auto pack_1x1_factor = [&](const at::Tensor& w) {
-        return pack_1x1 ? pack_panels<T>(w.expand({1, 1, -1, -1})) : w;
-      };
-      const auto first_p = pack_1x1_factor(first_w), last_p = pack_1x1_factor(last_w);
-      const auto bias_p = bias_w.defined() && pack_1x1 ? pad_columns(bias_w) : bias_w;
+      // Undefined where the 1x1 stages go to BLAS on first_w / last_w / bias_w instead.
+      at::Tensor first_p, last_p, bias_p;
+      if (pack_1x1) {
+        first_p = pack_panels<T>(first_w.expand({1, 1, -1, -1}));
+        last_p = pack_panels<T>(last_w.expand({1, 1, -1, -1}));
+        if (bias_w.defined()) bias_p = pad_columns(bias_w);
+      }
+      const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
       const auto core_p = tucker ? pack_panels<T>(spatial_w.slice(0, i0, i1).slice(1, j0, j1)) : at::Tensor();
       Plan<T> p{s, tucker, x.const_data_ptr<T>()};
-      p.first = {pack_1x1 ? first_p.const_data_ptr<T>() : nullptr, 1, s.C_in, s.R_in, nullptr};
-      p.last = {pack_1x1 ? last_p.const_data_ptr<T>() : nullptr, 1, s.R_out, s.C_out,
-                bias_p.defined() ? bias_p.const_data_ptr<T>() : nullptr};
+      p.first = {ptr(first_p), 1, s.C_in, s.R_in, nullptr};
+      p.last = {ptr(last_p), 1, s.R_out, s.C_out, ptr(bias_p)};
       p.first_t = first_w, p.last_t = last_w, p.bias = bias_w;
       if (tucker) {
-        p.core = {core_p.const_data_ptr<T>(), (i1 - i0) * (j1 - j0), s.R_in, s.R_out, nullptr};
+        p.core = {ptr(core_p), (i1 - i0) * (j1 - j0), s.R_in, s.R_out, nullptr};
         p.i0 = i0, p.j0 = j0, p.nj = j1 - j0;
         p.col_classes = tap_classes(0, s.Wo, s.sw, s.pw, s.dw, s.kw, s.W);
       } else {
