@@ -61,11 +61,16 @@ class Autotuner:
         self.enabled = self._check(enabled)
         self.choices.clear()
 
+    @property
+    def active(self) -> bool:
+        """Whether a choice would be timed now: enabled, and no tracer or exporter is running."""
+        return self.enabled and not is_tracing()
+
     def picks_fused(self, key, fused: Callable[[], torch.Tensor], unfused: Callable[[], torch.Tensor],
                     device=None) -> bool:
         """Whether the configuration ``key`` runs the fused op: the remembered choice, or the outcome of
         timing ``fused()`` against ``unfused()`` now."""
-        if not self.enabled or is_tracing():
+        if not self.active:
             return True
         choice = self.choices.get(key)
         if choice is None:

@@ -117,8 +117,6 @@ class FactorizedConv2d(nn.Module):
         self.rank = resolve_rank(rank, method, self.out_channels, self.in_channels)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False, got {bias!r}")
-        if implementation == "fused" and self.fused_unsupported_reasons():
-            raise ValueError("implementation='fused' cannot run: " + "; ".join(self.fused_unsupported_reasons()))
         kw = {"device": device, "dtype": dtype}
         kh, kwd = self.kernel_size
         r_mid, r_in = self._rank_pair()
@@ -132,6 +130,8 @@ class FactorizedConv2d(nn.Module):
             self.spatial = nn.Parameter(torch.empty(r_mid, r_in, kh, kwd, **kw))
         self.last = nn.Parameter(torch.empty(self.out_channels, r_mid, 1, 1, **kw))
         self.bias = nn.Parameter(torch.empty(self.out_channels, **kw)) if bias else None
+        if implementation == "fused" and self.fused_unsupported_reasons():
+            raise ValueError("implementation='fused' cannot run: " + "; ".join(self.fused_unsupported_reasons()))
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------ init
@@ -329,6 +329,8 @@ class FactorizedConv2d(nn.Module):
         recomputes the chain's intermediates anyway, and a timed choice would make training irreproducible."""
         if torch.is_grad_enabled() and (x.requires_grad or self.first.requires_grad):
             return False
+        if not autotuner.active:  # off, or under a tracer: the fused op, deterministically
+            return True
         key = (self._config(), tuple(x.shape), x.stride(), x.dtype, x.device, torch.get_num_threads())
         return autotuner.picks_fused(key, lambda: self._fused(x), lambda: self._unfused(x), x.device)
 
