@@ -224,8 +224,13 @@ class FactorizedConv2d(nn.Module):
 
     @property
     def geometry(self) -> ConvGeometry:
-        """The plain description of this layer's convolution that dispatch and pricing take."""
-        return ConvGeometry.of(self)
+        """The plain description of this layer's convolution that dispatch and pricing take (remembered
+        while the layer's arguments stay as they are: forward asks on every call)."""
+        config = self._config()
+        cached = self.__dict__.get("_geometry_cache")
+        if cached is None or cached[0] != config:
+            cached = self.__dict__["_geometry_cache"] = (config, ConvGeometry.of(self))
+        return cached[1]
 
     def component_norms(self) -> torch.Tensor:
         """CP (cp, cp4): the norm of each rank-1 term of the kernel, the product of its factors' norms."""
