@@ -3,7 +3,6 @@ import torch
 
 import tdconv
 from tdconv import reference as ref
-from tdconv.decompose import _cp_init
 
 from conftest import planted_cp
 
@@ -30,9 +29,9 @@ def test_rank_above_mode_size_svd_init(require_ext, device):
     cp = tdconv.cp_als(x, 24, n_iter_max=30, init="svd", seed=0)
     assert [tuple(f.shape) for f in cp.factors] == [(32, 24), (32, 24), (9, 24)]
     assert torch.isfinite(cp.weights).all() and cp.rel_error < 1.0
-    init = _cp_init(x.unsqueeze(0), 24, "svd", 0, True)
+    init = tdconv.initialize_cp(x, 24, init="svd", seed=0)
     # The first 9 columns of the spatial factor are its singular vectors: orthonormal.
-    u = init[2][0][:, :9]
+    u = init.factors[2][:, :9]
     torch.testing.assert_close(u.T @ u, torch.eye(9, dtype=u.dtype, device=device), atol=1e-10, rtol=0)
 
 
@@ -62,8 +61,9 @@ def test_extension_matches_reference(require_ext, device, shape):
     # Same initial factors, same sweeps: the iterates agree (the root of the dimension tree moves with
     # the largest mode, the update order does not).
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
-    init = [f[0] for f in _cp_init(x.unsqueeze(0), 5, "random", 0, True)]
-    cp = tdconv.cp_als(x, 5, n_iter_max=25, tol=0, init=(None, init))
+    start = tdconv.initialize_cp(x, 5, init="random", seed=0)
+    init = start.factors
+    cp = tdconv.cp_als(x, 5, n_iter_max=25, tol=0, init=start)  # a CPTensor as the warm start
     w, fs, errs, n = ref.cp_als(x, init, n_iter_max=25, tol=0)
     assert n == cp.n_iter == 25
     torch.testing.assert_close(torch.tensor(cp.errors, dtype=torch.float64), torch.tensor(errs, dtype=torch.float64), atol=1e-10, rtol=0)
@@ -74,12 +74,12 @@ def test_extension_matches_reference(require_ext, device, shape):
 
 def test_svd_init_matches_reference(require_ext, device):
     x = torch.randn(10, 12, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(device)
-    init = _cp_init(x.unsqueeze(0), 11, "svd", 0, True)
+    init = tdconv.initialize_cp(x, 11, init="svd", seed=0).factors
     fill = [torch.zeros(s, max(11 - s, 0), dtype=torch.float64) for s in x.shape]
     expected = ref.cp_init_svd(x.cpu(), 11, fill)
     for got, exp, s in zip(init, expected, x.shape):
         k = min(11, s)
-        torch.testing.assert_close(got[0][:, :k].cpu(), exp[:, :k], atol=1e-8, rtol=0)
+        torch.testing.assert_close(got[:, :k].cpu(), exp[:, :k], atol=1e-8, rtol=0)
 
 
 def test_l2_reg_shrinks_weights(require_ext):
@@ -87,7 +87,7 @@ def test_l2_reg_shrinks_weights(require_ext):
     a = tdconv.cp_als(x, 8, n_iter_max=30, tol=0, seed=0)
     b = tdconv.cp_als(x, 8, n_iter_max=30, tol=0, seed=0, l2_reg=10.0)
     assert b.weights.norm() < a.weights.norm()
-    w, _, _, _ = ref.cp_als(x, [f[0] for f in _cp_init(x.unsqueeze(0), 8, "svd", 0, True)], 30, 0.0, 10.0)
+    w, _, _, _ = ref.cp_als(x, tdconv.initialize_cp(x, 8, seed=0).factors, 30, 0.0, 10.0)
     torch.testing.assert_close(b.weights, w, atol=1e-8, rtol=1e-8)
 
 
@@ -105,7 +105,7 @@ def test_against_tensorly(require_ext):
     try:
         for shape, rank in [((32, 32, 9), 16), ((24, 16, 3, 3), 8)]:
             x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-            init = [f[0] for f in _cp_init(x.unsqueeze(0), rank, "svd", 0, True)]
+            init = tdconv.initialize_cp(x, rank, init="svd", seed=0).factors
             ours = tdconv.cp_als(x, rank, n_iter_max=20, tol=0, init=(None, init))
             theirs = parafac(x, rank, n_iter_max=20, tol=0, init=tl.cp_tensor.CPTensor(
                 (torch.ones(rank, dtype=x.dtype), [f.clone() for f in init])))
