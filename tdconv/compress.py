@@ -246,9 +246,9 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     if not (isinstance(input_size, (tuple, list)) and len(input_size) == 3
             and all(isinstance(v, numbers.Integral) and v >= 1 for v in input_size)):
         raise ValueError(f"input_size must be (C, H, W) of positive ints, got {input_size!r}")
-    if bias not in (None, True):
-        raise ValueError(f"bias must be None (keep each conv's) or True (a bias on every factorised layer), "
-                         f"got {bias!r}")
+    if bias not in (None, True, False):
+        raise ValueError(f"bias must be None (keep each conv's), True (a bias on every factorised layer) or False "
+                         f"(only where no conv has one), got {bias!r}")
     if target_macs is not None and target_params is not None:
         raise ValueError("give at most one of target_macs and target_params")
     metric, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
@@ -267,6 +267,11 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
         raise ValueError("the model has no convolution to factorise with layers="
                          f"{layers!r}" + (f" (skipped: {skipped})" if skipped else ""))
     modules = dict(model.named_modules())
+    if bias is False:
+        with_bias = [n for n in selected if modules[n].bias is not None]
+        if with_bias:
+            raise ValueError(f"bias=False would drop the bias of {with_bias} and change the model's function; "
+                             "use bias=None")
     # Every rank is checked before any decomposition runs.
     ranks = {}
     for name in selected:
@@ -305,10 +310,8 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
         _progress(show, i, len(selected), name, t0)
         conv = modules[name]
         t = time.perf_counter()
-        layer = FactorizedConv2d.like(conv, method, ranks[name], bias=bias, device=conv.weight.device,
-                                      dtype=conv.weight.dtype)
-        decomposition = decompose_kernel(conv.weight.detach(), method, layer.rank, **decomposition_options)
-        layer.load_decomposition(decomposition, conv.bias).train(conv.training)
+        decomposition = decompose_kernel(conv.weight.detach(), method, ranks[name], **decomposition_options)
+        layer = FactorizedConv2d.from_decomposition(conv, method, decomposition, bias=bias).train(conv.training)
         if not bool(torch.isfinite(layer.kernel()).all()):
             raise RuntimeError(f"the decomposition of layer {name!r} produced a non-finite kernel; the model is "
                                "unchanged")

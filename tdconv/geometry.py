@@ -5,6 +5,7 @@ padding, dilation, padding mode, bias), never the layer class, so that none of t
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .utils import conv_output_size
@@ -36,7 +37,7 @@ class ConvGeometry:
                    conv.padding if isinstance(conv.padding, str) else tuple(conv.padding), tuple(conv.dilation),
                    conv.padding_mode, conv.bias is not None, int(getattr(conv, "groups", 1)))
 
-    @property
+    @functools.cached_property
     def pads(self) -> tuple:
         """``((top, bottom), (left, right))`` padding of the spatial conv (``"same"``: the odd pixel
         after, as ``nn.Conv2d``)."""
@@ -47,13 +48,13 @@ class ConvGeometry:
             return tuple((t // 2, t - t // 2) for t in totals)
         return tuple((p, p) for p in self.padding)
 
-    @property
+    @functools.cached_property
     def symmetric_padding(self):
         """The ``(ph, pw)`` padding when it is symmetric, else None."""
         (top, bottom), (left, right) = self.pads
         return (top, left) if top == bottom and left == right else None
 
-    @property
+    @functools.cached_property
     def explicit_pad(self):
         """None when the spatial conv pads by itself (zeros, symmetric); else the ``F.pad`` tuple
         ``(left, right, top, bottom)`` applied before it (other padding modes, asymmetric "same")."""

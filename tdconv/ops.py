@@ -49,7 +49,7 @@ def _call(op: str, x, first, spatial, last, bias, stride, padding, dilation) -> 
     the autograd dispatch key: its autograd formula is registered from Python, and passing through it
     costs about 25 us per call even when it has nothing to record (a third of a small layer's time).
     Never under a tracer or exporter, which must see the op itself."""
-    if not _ext.use_extension(x.device, op):
+    if not (_ext._C is not None and x.device.type == "cpu") and not _ext.use_extension(x.device, op):
         return getattr(_ref, op)(x, first, spatial, last, bias, stride, padding, dilation)
     fn = getattr(torch.ops.tdconv, op).default
     args = (x, first, spatial, last, bias, [int(v) for v in stride], [int(v) for v in padding],

@@ -25,18 +25,19 @@ import numpy as np
 
 import torch
 
+from .decomposition import KERNEL_METHODS as METHODS
 from .geometry import ConvGeometry
 from .utils import conv_macs
 
 __all__ = ["METHODS", "resolve_rank", "layer_cost", "data_rank", "evbmf_rank", "energy_rank", "mode_tails",
            "allocate_budget", "budget_ranks"]
 
-METHODS = ("cp", "cp4", "tucker")
 METRICS = ("macs", "params")
 
 
 # ---------------------------------------------------------------------------------------------- fixed ranks
-def _positive_int(value, name: str) -> int:
+def positive_int(value, name: str) -> int:
+    """``value`` as an int when it is a positive integer (NumPy's included); else ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
@@ -59,9 +60,13 @@ def resolve_rank(rank, method: str, out_channels: int, in_channels: int):
         rank = float(rank)
         if not 0.0 < rank <= 1.0:
             raise ValueError(f"rank as a fraction of the channels must be in (0, 1], got {rank}")
+        # floor(rank * C), robust to the rounding of the fraction itself (0.29 * 100 is 28.999...; a float32
+        # 0.7 is 0.69999999): a fraction names the channel count it is closest to from below.
+        def of(channels):
+            return max(1, math.floor(rank * channels + 1e-6))
         if method == "tucker":
-            return (max(1, int(rank * out_channels)), max(1, int(rank * in_channels)))
-        return max(1, int(rank * out_channels))
+            return (of(out_channels), of(in_channels))
+        return of(out_channels)
     if method == "tucker":
         if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
             rank = (rank, rank)
@@ -70,12 +75,12 @@ def resolve_rank(rank, method: str, out_channels: int, in_channels: int):
         except (TypeError, ValueError):
             raise ValueError(f"rank for method='tucker' must be an int, a pair (R_out, R_in) or a fraction, "
                              f"got {rank!r}") from None
-        r_out, r_in = _positive_int(r_out, "rank (R_out)"), _positive_int(r_in, "rank (R_in)")
+        r_out, r_in = positive_int(r_out, "rank (R_out)"), positive_int(r_in, "rank (R_in)")
         if r_out > out_channels or r_in > in_channels:
             raise ValueError(f"rank {(r_out, r_in)} out of range: Tucker ranks must be at most "
                              f"(out_channels, in_channels) = {(out_channels, in_channels)}")
         return (r_out, r_in)
-    return _positive_int(rank, "rank")
+    return positive_int(rank, "rank")
 
 
 # ---------------------------------------------------------------------------------------------- cost

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .nn import FactorizedConv2d
+from .utils import atomic_save
 
 __all__ = ["save", "load"]
 
@@ -37,17 +38,6 @@ def save(model: nn.Module, path, meta: dict | None = None) -> None:
     payload = {"format": FORMAT, "version": VERSION, "layers": _layer_specs(model),
                "state_dict": model.state_dict(), "meta": meta or {}}
     atomic_save(payload, path)
-
-
-def atomic_save(obj, path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read(path) -> dict:

@@ -156,12 +156,8 @@ def atomic_write_json(path, obj, indent: int = 2) -> None:
 
 # ---------------------------------------------------------------------------------------------- tracing
 def is_tracing() -> bool:
-    """True under any tracer or exporter (``torch.compile``, ``torch.export``, ``torch.jit.trace``/``script``,
-    ``torch.onnx.export``): code that would time, cache by identity or leave the autograd key must not."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    if exporting is not None and exporting():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and onnx.is_in_onnx_export())
+    """True under any tracer or exporter (``torch.compile``, ``torch.export``, ``torch.jit.trace`` and the
+    TorchScript ONNX exporter, which runs under it; the dynamo ONNX exporter runs under ``torch.compile``'s
+    tracer): code that would time, cache by identity or leave the autograd key must not."""
+    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch.compiler.is_exporting() or torch.jit.is_scripting())

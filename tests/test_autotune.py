@@ -79,11 +79,17 @@ def test_autotuning_restores_the_previous_setting_even_on_errors():
             with tdconv.autotuning(True):
                 assert autotuner.enabled is True
             assert autotuner.enabled is False
+        with tdconv.autotuning(True):  # the setting in force: timings made inside are kept
+            autotuner.choices["inside"] = False
+        assert autotuner.choices.get("inside") is False
         with pytest.raises(TypeError, match="enabled must be a bool"):
             with tdconv.autotuning("no"):
                 pass
+        with pytest.raises(ValueError, match="rounds must be a positive integer"):
+            Autotuner(rounds=0)
     finally:
         autotuner.choices.pop("kept", None)
+        autotuner.choices.pop("inside", None)
         tdconv.set_autotune(before)
 
 

@@ -108,16 +108,19 @@ def test_inplace_failure_leaves_the_model_unchanged(require_ext):
     # An error in the middle of the layers (here: an option the second method cannot take, or a
     # decomposition that fails on a later layer) must not leave a half-compressed model behind.
     model = _resnet18()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TypeError, match="unexpected decomposition options"):
-        tdconv.compress(model, "tucker", 0.5, layers="seed", inplace=True, init="random")
     with torch.no_grad():
-        model.layer4[1].conv2.weight[0, 0, 0, 0] = float("nan")
+        model.layer4[1].conv2.weight[0, 0, 0, 0] = float("nan")  # the last of the 8 seed layers
+    modules = dict(model.named_modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="NaN or Inf"):
         tdconv.compress(model, "cp", 0.5, layers="seed", inplace=True, **FAST)
+    with pytest.raises(TypeError, match="unexpected decomposition options"):
+        tdconv.compress(model, "tucker", 0.5, layers="seed", inplace=True, init="random")
     assert all(type(m) is not tdconv.FactorizedConv2d for m in model.modules())
+    assert all(model.get_submodule(n) is m for n, m in modules.items() if n)  # the same module objects
     state = model.state_dict()
     assert list(state) == list(before)
+    assert all(torch.equal(state[k], v) or torch.allclose(state[k], v, equal_nan=True) for k, v in before.items())
 
 
 def test_seed_option_for_every_method(require_ext):

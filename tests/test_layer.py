@@ -104,14 +104,20 @@ def test_output_layout_is_that_of_nn_conv2d(require_ext, method, implementation)
     f = tdconv.FactorizedConv2d(8, 6, 3, padding=1, method=method, rank=4, implementation=implementation)
     dense = f.to_conv()
     x = torch.randn(2, 8, 7, 5)
+    big = torch.randn(2, 8, 14, 10).to(memory_format=torch.channels_last)
     inputs = [x, x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3),
-              torch.randn(1, 8, 1, 1), torch.randn(3, 8, 4, 4).to(memory_format=torch.channels_last)]
+              torch.randn(1, 8, 1, 1), torch.randn(3, 8, 4, 4).to(memory_format=torch.channels_last),
+              big[:, :, ::2, ::2], x[:, :, 1:, :]]
     with torch.no_grad():
         for xi in inputs:
             y, ref = f(xi), dense(xi)
             assert _layout(y) == _layout(ref), (implementation, xi.shape, xi.stride(), y.stride(), ref.stride())
             torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
         assert f(x).view(2, -1).shape == (2, 6 * 7 * 5)
+        # A model converted to channels_last (its 4-D parameters) computes in channels_last, as nn.Conv2d does.
+        f.to(memory_format=torch.channels_last)
+        dense.to(memory_format=torch.channels_last)
+        assert _layout(f(x)) == _layout(dense(x)) == (False, True)
 
 
 def test_from_conv_keeps_bias_and_arguments(require_ext):
@@ -236,5 +242,31 @@ def test_bad_inputs():
         tdconv.FactorizedConv2d.from_conv(nn.Conv2d(4, 8, 3, groups=2))
     with pytest.raises(TypeError, match="nn.Conv2d"):
         tdconv.FactorizedConv2d.from_conv(nn.Linear(3, 4))
-    with pytest.raises(TypeError, match="bias must be True or False"):
-        tdconv.FactorizedConv2d(4, 6, 3, bias=None)
+    assert tdconv.FactorizedConv2d(4, 6, 3, bias=0).bias is None  # any truth value, as nn.Conv2d
+
+
+def test_load_decomposition_checks_what_it_is_given(require_ext):
+    conv = _conv(8, 6, 3, padding=1)
+    w = conv.weight.detach()
+    cp3 = tdconv.cp_als(w.reshape(6, 8, 9), 4, n_iter_max=3, seed=0)
+    tk = tdconv.tucker_hooi(w, (3, 4), modes=(0, 1), n_iter_max=3)
+    layer = tdconv.FactorizedConv2d.from_decomposition(conv, "tucker", tk)
+    assert layer.rank == (3, 4)
+    torch.testing.assert_close(layer.kernel(), tk.to_tensor())
+    with pytest.raises(TypeError, match="a cp4 layer is made of a CPTensor, got TuckerTensor"):
+        tdconv.FactorizedConv2d.from_decomposition(conv, "cp4", tk)
+    with pytest.raises(ValueError, match=r"of shape \(6, 8, 9\), not of this layer's kernel"):
+        tdconv.FactorizedConv2d.like(conv, "cp4", 4).load_decomposition(cp3)
+    with pytest.raises(ValueError, match=r"bias must be \[6\]"):
+        tdconv.FactorizedConv2d.like(conv, "cp", 4).load_decomposition(cp3, torch.zeros(1))
+    with pytest.raises(ValueError, match="for a layer without one"):
+        tdconv.FactorizedConv2d.like(conv, "cp", 4, bias=False).__class__(8, 6, 3, bias=False, rank=4) \
+            .load_decomposition(cp3, torch.zeros(6))
+
+
+def test_fractions_name_the_channel_count_they_are_closest_to_from_below():
+    np = pytest.importorskip("numpy")
+    assert tdconv.FactorizedConv2d(10, 10, 3, rank=np.float32(0.7)).rank == 7
+    assert tdconv.FactorizedConv2d(100, 100, 3, rank=0.29).rank == 29
+    assert tdconv.FactorizedConv2d(100, 100, 3, method="tucker", rank=0.29).rank == (29, 29)
+    assert tdconv.FactorizedConv2d(3, 3, 3, rank=0.5).rank == 1

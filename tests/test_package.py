@@ -56,7 +56,8 @@ def test_reference_fallback_when_extension_unavailable(monkeypatch):
     from tdconv import _ext
     x = torch.randn(10, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = [tdconv.cp_als(x, 4, n_iter_max=15, seed=0), tdconv.tucker_hooi(x, (4, 3), modes=(0, 1))]
-    monkeypatch.setattr(_ext, "unavailable_reasons", lambda device=None: ["simulated: no extension"])
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_REASON", "simulated: no extension")
     with pytest.warns(tdconv.FallbackWarning, match="cp_als.*simulated: no extension"):
         cp = tdconv.cp_als(x, 4, n_iter_max=15, seed=0)
     with pytest.warns(tdconv.FallbackWarning, match="tucker_hooi.*simulated: no extension"):
@@ -71,7 +72,8 @@ def test_fallback_warning_is_an_error_under_pytest(monkeypatch):
     # A broken build must not pass the suite on the reference: the configuration turns the warning into an
     # error (pyproject.toml, filterwarnings).
     from tdconv import _ext
-    monkeypatch.setattr(_ext, "unavailable_reasons", lambda device=None: ["simulated: no extension"])
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_REASON", "simulated: no extension")
     with pytest.raises(tdconv.FallbackWarning, match="simulated: no extension"):
         tdconv.tucker_hosvd(torch.randn(6, 5, 4), (3, 2), modes=(0, 1))
 
@@ -82,7 +84,8 @@ def test_conv_ops_use_the_same_fallback(monkeypatch):
     x, first, spatial, last = (torch.randn(2, 6, 5, 5, generator=g), torch.randn(3, 6, generator=g),
                                torch.randn(3, 3, 3, generator=g), torch.randn(4, 3, generator=g))
     expected = reference.cp_conv2d(x, first, spatial, last, None, (1, 1), (1, 1), (1, 1))
-    monkeypatch.setattr(_ext, "unavailable_reasons", lambda device=None: ["simulated: no extension"])
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_REASON", "simulated: no extension")
     with pytest.warns(tdconv.FallbackWarning, match="cp_conv2d.*simulated: no extension"):
         y = ops.cp_conv2d(x, first, spatial, last, None, (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(y, expected)

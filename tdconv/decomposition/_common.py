@@ -101,6 +101,8 @@ def _check_seed(seed, name: str = "seed"):
         return None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an integer or None, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
     return int(seed)
 
 

@@ -172,17 +172,7 @@ def cp_epc(cp, tensor: torch.Tensor, *, delta: float | None = None, n_iter_max: 
     True
     """
     x = _check_tensor(tensor)
-    try:
-        weights, factors = cp
-        factors = list(factors)
-        rank = int(weights.shape[0])
-        ok = isinstance(weights, torch.Tensor) and weights.dim() == 1 and len(factors) == x.dim() and all(
-            isinstance(f, torch.Tensor) and tuple(f.shape) == (s, rank) for f, s in zip(factors, x.shape))
-    except (TypeError, ValueError, AttributeError, IndexError):
-        ok = False
-    if not ok:
-        raise ValueError(f"cp must be a CPTensor (or (weights, factors)) of a tensor of shape {tuple(x.shape)}: "
-                         f"weights [R] and factors [I_n, R]")
+    weights, factors = _check_cp(cp, tuple(x.shape), None, "cp")
     if any(f.device != x.device for f in factors) or weights.device != x.device:
         raise ValueError(f"cp lives on {weights.device} but tensor on {x.device}")
     n_iter_max = _check_int(n_iter_max, "n_iter_max")
@@ -195,6 +185,25 @@ def cp_epc(cp, tensor: torch.Tensor, *, delta: float | None = None, n_iter_max: 
     return _cp_epc_group(x.unsqueeze(0), [start], [delta], n_iter_max, tol)[0]
 
 
+def _check_cp(cp, shape: tuple, rank, name: str, weights_optional: bool = False) -> tuple:
+    """``(weights, factors)`` of a CPTensor or a ``(weights, factors)`` pair of a tensor of ``shape`` (and of
+    ``rank`` when given): weights [R] (or None where optional), factors [I_n, R]; else ``ValueError``."""
+    try:
+        weights, factors = cp
+        factors = list(factors)
+        r = rank if rank is not None else int(factors[0].shape[1] if weights is None else weights.shape[0])
+        ok = (weights is None and weights_optional or isinstance(weights, torch.Tensor)
+              and tuple(weights.shape) == (r,)) and len(factors) == len(shape) and all(
+            isinstance(f, torch.Tensor) and tuple(f.shape) == (s, r) for f, s in zip(factors, shape))
+    except (TypeError, ValueError, AttributeError, IndexError):
+        ok, r = False, rank if rank is not None else "R"
+    if not ok:
+        raise ValueError(f"{name} must be a CPTensor (or (weights, factors)) of a tensor of shape {shape}: weights "
+                         f"[{r}]{' (or None)' if weights_optional else ''} and factors of shapes "
+                         f"{[(s, r) for s in shape]}")
+    return weights, factors
+
+
 def _check_cp_args(rank, n_iter_max, tol, init, l2_reg, shape, seed=None):
     rank = _check_int(rank, "rank")
     _check_seed(seed)
@@ -205,16 +214,7 @@ def _check_cp_args(rank, n_iter_max, tol, init, l2_reg, shape, seed=None):
         if init not in ("svd", "random"):
             raise ValueError(f"init must be 'svd', 'random' or a CPTensor, got {init!r}")
     else:
-        try:
-            weights, factors = init
-            ok = (weights is None or isinstance(weights, torch.Tensor) and tuple(weights.shape) == (rank,)) \
-                and len(factors) == len(shape) and all(
-                isinstance(f, torch.Tensor) and tuple(f.shape) == (s, rank) for f, s in zip(factors, shape))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"init as a warm start must be a CPTensor (or (weights, factors)) with weights [{rank}] "
-                             f"(or None) and factors of shapes {[(s, rank) for s in shape]}")
+        _check_cp(init, shape, rank, "init as a warm start", weights_optional=True)
     return rank, n_iter_max, tol, l2_reg
 
 

@@ -44,8 +44,12 @@ class Autotuner:
     def __init__(self, enabled: bool = True, margin: float = AUTOTUNE_MARGIN, rounds: int = 5,
                  clock: Callable[[], float] = time.perf_counter):
         self.enabled = self._check(enabled)
+        if not margin > 0:
+            raise ValueError(f"margin must be positive, got {margin!r}")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
         self.margin = float(margin)
-        self.rounds = int(rounds)
+        self.rounds = rounds
         self.clock = clock
         self.choices: dict = {}
         self.timings = 0  # how many configurations have been timed
@@ -67,10 +71,10 @@ class Autotuner:
         return self.enabled and not is_tracing()
 
     def picks_fused(self, key, fused: Callable[[], torch.Tensor], unfused: Callable[[], torch.Tensor],
-                    device=None) -> bool:
+                    device=None, checked: bool = False) -> bool:
         """Whether the configuration ``key`` runs the fused op: the remembered choice, or the outcome of
-        timing ``fused()`` against ``unfused()`` now."""
-        if not self.active:
+        timing ``fused()`` against ``unfused()`` now. ``checked``: the caller has just seen :attr:`active`."""
+        if not checked and not self.active:
             return True
         choice = self.choices.get(key)
         if choice is None:
@@ -99,10 +103,15 @@ def set_autotune(enabled: bool) -> None:
 
 @contextlib.contextmanager
 def autotuning(enabled: bool):
-    """``with tdconv.nn.autotuning(False): ...``: :func:`set_autotune` for the block; the previous setting
-    (and the choices made under it) come back on exit, also when the block raises."""
+    """``with tdconv.autotuning(False): ...``: :func:`set_autotune` for the block; the previous setting
+    (and the choices made under it) come back on exit, also when the block raises. When the block asks
+    for the setting already in force, nothing changes, and the choices timed inside are kept."""
     autotuner._check(enabled)
-    previous, choices = autotuner.enabled, dict(autotuner.choices)
+    previous = autotuner.enabled
+    if enabled == previous:
+        yield autotuner
+        return
+    choices = dict(autotuner.choices)
     autotuner.set_enabled(enabled)
     try:
         yield autotuner

@@ -24,11 +24,12 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..decomposition import decompose_kernel
+from ..decomposition import CPTensor, TuckerTensor, decompose_kernel
 from ..geometry import ConvGeometry
-from ..ranks import METHODS, layer_cost, resolve_rank
+from ..ranks import layer_cost, positive_int, resolve_rank
 from . import dispatch
 from .autotune import autotuner
+from .live_taps import SkipsPaddingTaps
 from .mapping import cp_component_norms, factors_from_cp, factors_from_tucker, kernel_from_factors
 
 __all__ = ["FactorizedConv2d"]
@@ -36,12 +37,6 @@ __all__ = ["FactorizedConv2d"]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _PADS = {"zeros": nn.ZeroPad2d, "reflect": nn.ReflectionPad2d, "replicate": nn.ReplicationPad2d,
          "circular": getattr(nn, "CircularPad2d", None)}
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _pair_of(value, name: str, minimum: int) -> tuple:
@@ -52,7 +47,7 @@ def _pair_of(value, name: str, minimum: int) -> tuple:
     return tuple(int(v) for v in pair)
 
 
-class FactorizedConv2d(nn.Module):
+class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
     """A 2-D convolution with a CP or Tucker-2 factorised kernel; the semantics of ``nn.Conv2d``.
 
     Parameters
@@ -89,13 +84,11 @@ class FactorizedConv2d(nn.Module):
     torch.Size([2, 64, 8, 8])
     """
 
-    skip_padding_taps = False  # see tdconv.skip_padding_taps(): the chain skips taps that only read padding
-
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *,
                  method="cp", rank=0.5, padding_mode="zeros", implementation="auto", device=None, dtype=None):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
         self.kernel_size = _pair_of(kernel_size, "kernel_size", 1)
         self.stride = _pair_of(stride, "stride", 1)
         self.dilation = _pair_of(dilation, "dilation", 1)
@@ -115,8 +108,7 @@ class FactorizedConv2d(nn.Module):
         self.implementation = implementation
         self.method = method
         self.rank = resolve_rank(rank, method, self.out_channels, self.in_channels)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
+        bias = bool(bias)  # as nn.Conv2d: any truth value
         kw = {"device": device, "dtype": dtype}
         kh, kwd = self.kernel_size
         r_mid, r_in = self._rank_pair()
@@ -171,6 +163,16 @@ class FactorizedConv2d(nn.Module):
         return layer.load_decomposition(decomposition, conv.bias)
 
     @classmethod
+    def from_decomposition(cls, conv: nn.Conv2d, method: str, decomposition, *, implementation: str = "auto",
+                           bias: bool | None = None) -> "FactorizedConv2d":
+        """The layer of ``conv``'s arguments made of ``decomposition`` (of its kernel, as
+        :func:`tdconv.decomposition.decompose_kernel` returns it for ``method``), with ``conv``'s bias."""
+        rank = getattr(decomposition, "ranks" if method == "tucker" else "rank", None)
+        if rank is None:  # the wrong container: load_decomposition says which one it needs
+            rank = (1, 1) if method == "tucker" else 1
+        return cls._like_checked(conv, method, rank, bias, implementation).load_decomposition(decomposition, conv.bias)
+
+    @classmethod
     def _like_checked(cls, conv, method, rank, bias, implementation):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -188,6 +190,16 @@ class FactorizedConv2d(nn.Module):
         """Set the parameters from a decomposition of the kernel (a ``CPTensor`` for cp / cp4, a Tucker-2
         ``TuckerTensor`` for tucker, of this layer's ranks) and ``bias`` (zero when None); returns self."""
         shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        expected = TuckerTensor if self.method == "tucker" else CPTensor
+        if not isinstance(decomposition, expected):
+            raise TypeError(f"a {self.method} layer is made of a {expected.__name__}, got "
+                            f"{type(decomposition).__name__}")
+        if tuple(decomposition.shape) != (shape if self.method != "cp" else shape[:2] + (shape[2] * shape[3],)):
+            raise ValueError(f"the decomposition is of a tensor of shape {tuple(decomposition.shape)}, not of this "
+                             f"layer's kernel {shape} (method={self.method})")
+        if bias is not None and (self.bias is None or tuple(bias.shape) != (self.out_channels,)):
+            raise ValueError(f"bias must be [{self.out_channels}] for a layer with a bias, got "
+                             f"{tuple(bias.shape)}" + (" for a layer without one" if self.bias is None else ""))
         if self.method == "tucker":
             factors = factors_from_tucker(decomposition, shape)
         else:
@@ -224,13 +236,19 @@ class FactorizedConv2d(nn.Module):
 
     @property
     def geometry(self) -> ConvGeometry:
-        """The plain description of this layer's convolution that dispatch and pricing take (remembered
-        while the layer's arguments stay as they are: forward asks on every call)."""
-        config = self._config()
-        cached = self.__dict__.get("_geometry_cache")
-        if cached is None or cached[0] != config:
-            cached = self.__dict__["_geometry_cache"] = (config, ConvGeometry.of(self))
-        return cached[1]
+        """The plain description of this layer's convolution that dispatch and pricing take."""
+        return self._state()[1]
+
+    def _state(self) -> tuple:
+        """``(configuration, geometry, remembered fused_unsupported_reasons)``, rebuilt when an argument of
+        the layer changes: forward needs them on every call, and building them costs more than a small
+        layer's op."""
+        config = (self.method, self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride,
+                  self.padding, self.dilation, self.padding_mode, self.bias is not None, self.implementation)
+        state = self.__dict__.get("_dispatch_state")
+        if state is None or state[0] != config:
+            state = self.__dict__["_dispatch_state"] = (config, ConvGeometry.of(self), {})
+        return state
 
     def component_norms(self) -> torch.Tensor:
         """CP (cp, cp4): the norm of each rank-1 term of the kernel, the product of its factors' norms."""
@@ -304,49 +322,41 @@ class FactorizedConv2d(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"FactorizedConv2d expects {self.in_channels} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
+        config, geometry, reasons_seen = self._state()
         if self.implementation != "unfused":
-            reasons = self._fused_reasons(x)
+            if torch.compiler.is_compiling():
+                reasons = self.fused_unsupported_reasons(x)
+            else:  # remembered per input device and dtype
+                key = (x.device, x.dtype, self.first.dtype)
+                reasons = reasons_seen.get(key)
+                if reasons is None:
+                    reasons = reasons_seen[key] = self.fused_unsupported_reasons(x)
             if not reasons:
-                if self.implementation == "fused" or self._auto_picks_fused(x):
-                    return self._fused(x)
+                if self.implementation == "fused" or self._auto_picks_fused(x, config):
+                    return self._fused(x, geometry)
             elif self.implementation == "fused":
                 raise ValueError("implementation='fused' cannot run this input: " + "; ".join(reasons))
-        return self._unfused(x)
+        return self._unfused(x, geometry)
 
-    def _config(self) -> tuple:
-        return (self.method, self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride,
-                self.padding, self.dilation, self.padding_mode, self.bias is not None, self.implementation)
-
-    def _fused_reasons(self, x: torch.Tensor) -> list:
-        """:meth:`fused_unsupported_reasons`, remembered per input device and dtype and layer configuration:
-        ``forward`` asks on every call, and the answer costs more than a small layer's op."""
-        if torch.compiler.is_compiling():
-            return self.fused_unsupported_reasons(x)
-        key = (x.device, x.dtype, self.first.dtype, self._config())
-        cache = self.__dict__.setdefault("_fused_reasons_cache", {})
-        reasons = cache.get(key)
-        if reasons is None:
-            reasons = cache[key] = self.fused_unsupported_reasons(x)
-        return reasons
-
-    def _auto_picks_fused(self, x: torch.Tensor) -> bool:
+    def _auto_picks_fused(self, x: torch.Tensor, config: tuple) -> bool:
         """implementation="auto" where both can run. Under autograd the chain: the fused op's backward
         recomputes the chain's intermediates anyway, and a timed choice would make training irreproducible."""
         if torch.is_grad_enabled() and (x.requires_grad or self.first.requires_grad):
             return False
         if not autotuner.active:  # off, or under a tracer: the fused op, deterministically
             return True
-        key = (self._config(), tuple(x.shape), x.stride(), x.dtype, x.device, torch.get_num_threads())
-        return autotuner.picks_fused(key, lambda: self._fused(x), lambda: self._unfused(x), x.device)
+        key = (config, tuple(x.shape), x.stride(), x.dtype, x.device, torch.get_num_threads())
+        return autotuner.picks_fused(key, lambda: self._fused(x), lambda: self._unfused(x), x.device, checked=True)
 
-    def _unfused(self, x: torch.Tensor) -> torch.Tensor:
+    def _unfused(self, x: torch.Tensor, geometry: ConvGeometry | None = None) -> torch.Tensor:
         first, spatial, last, bias, spatial_w = self._params()
-        return dispatch.unfused_forward(self.geometry, self.method, self._rank_pair()[1], x, first, spatial, last,
-                                        bias, spatial_w, self.skip_padding_taps)
+        return dispatch.unfused_forward(geometry or self.geometry, self.method, self._rank_pair()[1], x, first,
+                                        spatial, last, bias, spatial_w, self.skip_padding_taps)
 
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, geometry: ConvGeometry | None = None) -> torch.Tensor:
         first, spatial, last, bias, spatial_w = self._params()
-        return dispatch.fused_forward(self.geometry, self.method, x, first, spatial, last, bias, spatial_w)
+        return dispatch.fused_forward(geometry or self.geometry, self.method, x, first, spatial, last, bias,
+                                      spatial_w)
 
     # ------------------------------------------------------------------------------------------ cost
     def _rank_pair(self, rank=None) -> tuple:

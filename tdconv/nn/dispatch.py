@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 from .. import ops as _ops
 from ..geometry import ConvGeometry
@@ -45,15 +46,45 @@ def fused_unsupported_reasons(geometry: ConvGeometry, method: str, x: torch.Tens
                                                                                 explicit=explicit)
 
 
-def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format ``nn.Conv2d`` gives its output for the input ``x``."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+def _suggests_channels_last(t: torch.Tensor) -> bool:
+    if t.is_contiguous():
+        return False
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return suggest_memory_format(t) == torch.channels_last  # strided views: by the order of the strides
+
+
+_WEIGHTS_CHANNELS_LAST: dict = {}
+
+
+def _weights_channels_last(weights) -> bool:
+    """Whether a 4-D weight is in channels_last (as after ``model.to(memory_format=torch.channels_last)``),
+    by the order of its strides: the factors' 1x1 and depthwise shapes are contiguous in both formats,
+    so only the strides tell. Remembered per shape and strides (asked on every call)."""
+    if torch.compiler.is_compiling():
+        return any(w.dim() == 4 and suggest_memory_format(w) == torch.channels_last for w in weights)
+    key = tuple((tuple(w.shape), w.stride()) for w in weights)
+    hit = _WEIGHTS_CHANNELS_LAST.get(key)
+    if hit is None:
+        if len(_WEIGHTS_CHANNELS_LAST) > 4096:
+            _WEIGHTS_CHANNELS_LAST.clear()
+        hit = _WEIGHTS_CHANNELS_LAST[key] = any(
+            w.dim() == 4 and suggest_memory_format(w) == torch.channels_last for w in weights)
+    return hit
+
+
+def conv_memory_format(x: torch.Tensor, *weights: torch.Tensor) -> torch.memory_format:
+    """The memory format ``nn.Conv2d`` gives its output for the input ``x`` and kernel(s) ``weights``:
+    channels_last when the input or a 4-D weight suggests it, contiguous otherwise."""
+    if _suggests_channels_last(x) or _weights_channels_last(weights):
         return torch.channels_last
     return torch.contiguous_format
 
 
 def fused_forward(geometry: ConvGeometry, method: str, x, first, spatial, last, bias, spatial_w=None):
-    """The layer by one fused op (which writes channels_last), in the layout ``nn.Conv2d`` would return."""
+    """The layer by one fused op, in the layout ``nn.Conv2d`` would return. The op writes channels_last:
+    for a contiguous (NCHW) result this costs a copy of the output (the kernels have no NCHW store path
+    yet)."""
     conv = (geometry.stride, geometry.symmetric_padding, geometry.dilation)
     if method == "tucker":
         y = _ops.tucker_conv2d(x, first.flatten(1), spatial, last.flatten(1), bias, *conv)
@@ -62,14 +93,14 @@ def fused_forward(geometry: ConvGeometry, method: str, x, first, spatial, last, 
         if method == "cp4":
             s = s * spatial_w[:, 0]  # [R, kh, 1] * [R, 1, kw]: the same function as the two 1-D filters
         y = _ops.cp_conv2d(x, first.flatten(1), s, last.flatten(1), bias, *conv)
-    return y.contiguous(memory_format=conv_memory_format(x))
+    return y.contiguous(memory_format=conv_memory_format(x, first, spatial, last))
 
 
 def unfused_forward(geometry: ConvGeometry, method: str, rank, x, first, spatial, last, bias, spatial_w=None,
                     skip_padding_taps: bool = False):
     """The layer as its chain of standard convolutions (``to_chain``), in the layout ``nn.Conv2d`` would
     return."""
-    fmt = conv_memory_format(x)
+    fmt = conv_memory_format(x, first, spatial, last)
     y = F.conv2d(x, first)
     pad = geometry.explicit_pad
     padding = geometry.symmetric_padding if pad is None else (0, 0)

@@ -6,7 +6,14 @@ import functools
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LiveTapConv2d", "live_conv2d", "skip_padding_taps"]
+__all__ = ["LiveTapConv2d", "SkipsPaddingTaps", "live_conv2d", "skip_padding_taps"]
+
+
+class SkipsPaddingTaps:
+    """A layer whose convolutions can skip the taps that only read padding (its ``skip_padding_taps``
+    attribute says whether they do); :func:`skip_padding_taps` switches it."""
+
+    skip_padding_taps = False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -83,6 +90,6 @@ def skip_padding_taps(model: nn.Module, enabled: bool = True) -> nn.Module:
             m.__class__ = LiveTapConv2d
         elif not enabled and type(m) is LiveTapConv2d:
             m.__class__ = nn.Conv2d
-        elif hasattr(type(m), "skip_padding_taps") and not callable(getattr(type(m), "skip_padding_taps")):
+        elif isinstance(m, SkipsPaddingTaps):
             m.skip_padding_taps = enabled  # a factorised layer: its chain's spatial conv
     return model
