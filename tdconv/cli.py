@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     c.add_argument("--quiet", action="store_true", help="no progress line")
     r = sub.add_parser("report", help="print the report of a model saved by 'tdconv compress --out'")
     r.add_argument("path")
-    from tdconv.experiment import add_arguments
+    from tdconv.apps.experiment import add_arguments
     e = sub.add_parser("experiment", help="train dense, compress with CP and Tucker, fine-tune, report (the seed's "
                                           "experiment); resumable, runs under torchrun")
     add_arguments(e)
@@ -179,8 +179,8 @@ def main(argv=None) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from tdconv import experiment, train
-    from tdconv.data import DatasetError
+    from tdconv.apps import experiment, train
+    from tdconv.apps.data import DatasetError
     try:
         experiment.run(args)
     except train.Interrupted as exc:

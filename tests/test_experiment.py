@@ -12,7 +12,7 @@ import torch
 
 import tdconv
 from tdconv.cli import main
-from tdconv.data import DEBIAN_FASHION_MNIST
+from tdconv.apps.data import DEBIAN_FASHION_MNIST
 
 # On the CPU (also on GPU machines): exact resume is a CPU guarantee, and the 2-process run uses Gloo.
 FAST = ["--n-iter-max", "10", "--latency-runs", "2", "--latency-batch", "16", "--quiet", "--device", "cpu"]

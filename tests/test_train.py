@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import tdconv
-from tdconv import train as T
-from tdconv.data import load_dataset, normalize
+from tdconv.apps import train as T
+from tdconv.apps.data import load_dataset, normalize
 
 
 def _data():

@@ -1,6 +1,6 @@
 """Training, fine-tuning and evaluation, with checkpoints that never lose work and data parallelism.
 
-:func:`fit` trains a model on an :class:`~tdconv.data.ImageDataset` with SGD (momentum, Nesterov),
+:func:`fit` trains a model on an :class:`~tdconv.apps.data.ImageDataset` with SGD (momentum, Nesterov),
 weight decay, a warm-up + cosine (or one-cycle) schedule, label smoothing and, optionally,
 knowledge distillation from a teacher. It writes an atomic checkpoint after every epoch, and on
 SIGINT / SIGTERM after the step in flight; ``resume=True`` continues from the checkpoint, to exactly
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageDataset, augment, batch_seed, epoch_order, normalize
-from .serialization import atomic_save as _atomic_save
+from ..serialization import atomic_save as _atomic_save
 
 __all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "init_distributed", "rank_and_world",
            "Interrupted", "CheckpointMismatch", "stop_on_signals", "atomic_save", "config_differences"]

@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 
 from . import train as T
-from .compress import compress, count_complexity
+from ..compress import compress, count_complexity
 from .data import load_dataset
-from .serialization import load as load_compressed
-from .serialization import save as save_compressed
+from ..serialization import load as load_compressed
+from ..serialization import save as save_compressed
 
 __all__ = ["build_resnet", "run", "add_arguments", "RUN_ARGUMENTS"]
 
@@ -302,7 +302,7 @@ def run(args) -> dict:
             t0 = time.perf_counter()
             history = []
             if args.weights:
-                from .cli import load_weights
+                from ..cli import load_weights
                 load_weights(dense, args.weights)
                 dense.to(device)
             else:
@@ -407,7 +407,7 @@ def run(args) -> dict:
 
 def add_arguments(p) -> None:
     """The ``tdconv experiment`` options."""
-    from .cli import _fraction, _rank
+    from ..cli import _fraction, _rank
     p.add_argument("--model", default="resnet18", help="a torchvision ResNet (resnet18, resnet34, resnet50, ...)")
     p.add_argument("--stem", choices=("imagenet", "cifar"), default="imagenet",
                    help="imagenet: 7x7/2 conv + max-pool (the seed's model); cifar: 3x3/1 conv, no max-pool")
