@@ -95,18 +95,23 @@ def test_resume_with_other_arguments_is_refused(tmp_path):
               progress=False)
 
 
-def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
-    path = tmp_path / "a.pt"
-    T.atomic_save({"v": 1}, str(path))
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    data, cfg, ckpt = _data(), T.TrainConfig(**dict(CFG, epochs=1)), tmp_path / "run.ckpt"
+    T.fit(_model(), data, cfg, checkpoint=str(ckpt), progress=False)
+    before = torch.load(ckpt, weights_only=True)
 
     def boom(obj, f):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
-        T.atomic_save({"v": 2}, str(path))
+    model = _model()
+    model[0].weight.data.add_(1.0)  # another run, whose checkpoint would differ
+    with pytest.raises(OSError, match="disk full"):
+        T.fit(model, data, cfg, checkpoint=str(ckpt), progress=False)
     monkeypatch.undo()
-    assert torch.load(path)["v"] == 1 and os.listdir(tmp_path) == ["a.pt"]  # the old file intact, no leftovers
+    after = torch.load(ckpt, weights_only=True)
+    assert torch.equal(after["model"]["0.weight"], before["model"]["0.weight"])
+    assert os.listdir(tmp_path) == ["run.ckpt"]  # the old file intact, no leftovers
 
 
 def test_distillation_and_bad_config():

@@ -29,10 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageDataset, augment, batch_seed, epoch_order, normalize
-from ..serialization import atomic_save as _atomic_save
+from ..utils import atomic_save
 
 __all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "init_distributed", "rank_and_world",
-           "Interrupted", "CheckpointMismatch", "stop_on_signals", "atomic_save", "config_differences"]
+           "Interrupted", "CheckpointMismatch", "stop_on_signals", "config_differences"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -119,12 +119,6 @@ def _all_sum(values: list, device) -> list:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def atomic_save(obj, path: str) -> None:
-    """:func:`tdconv.serialization.atomic_save`, creating the folder first."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_save(obj, path)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
