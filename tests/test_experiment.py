@@ -1,5 +1,6 @@
 """`tdconv experiment` end to end: real data, the files it writes, exact resume after a kill, 2-process DDP,
 and bad input."""
+import contextlib
 import json
 import os
 import signal
@@ -138,3 +139,27 @@ def test_bad_input(tmp_path, args, match):
     with pytest.raises(SystemExit, match=match):
         main(["experiment", *SYNTHETIC, "--out", str(tmp_path), *args])
     assert not os.listdir(tmp_path)  # nothing started
+
+
+def test_experiment_scopes_autotuning_and_restores_it_on_errors(tmp_path, monkeypatch):
+    """The experiment turns autotuning off for training only through ``tdconv.nn.autotuning``, which
+    gives the caller's setting back also when the run stops with an error; never globally."""
+    events = []
+
+    @contextlib.contextmanager
+    def autotuning(enabled):
+        events.append(("enter", enabled))
+        try:
+            yield
+        finally:
+            events.append(("exit", enabled))
+
+    def set_autotune(enabled):
+        raise AssertionError(f"the experiment set autotuning globally to {enabled}")
+
+    monkeypatch.setattr(tdconv.nn, "autotuning", autotuning, raising=False)
+    monkeypatch.setattr(tdconv.nn, "set_autotune", set_autotune)
+    monkeypatch.setattr(tdconv, "set_autotune", set_autotune)
+    with pytest.raises(SystemExit, match="--weights .*missing.pt' does not exist"):
+        main(["experiment", *SYNTHETIC, "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
+    assert events == [("enter", False), ("exit", False)]

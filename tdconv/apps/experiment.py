@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -24,6 +23,7 @@ import torch.nn as nn
 
 import tdconv
 from tdconv.compress import count_complexity
+from tdconv.utils import atomic_write_json, atomic_write_text, describe_environment, median_times
 
 from . import train as T
 from .data import load_dataset
@@ -131,29 +131,21 @@ def _plots(out_dir: str, results: dict) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ latency
-@torch.no_grad()
 def measure_latency(models: dict, shape: tuple, device, *, runs: int = 20, warmup: int = 3) -> dict:
     """Median inference latency (ms) of each model on a random batch ``shape``, the models interleaved
     within each round so that they see the same machine state."""
     x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
 
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+    def call(m):
+        def forward():
+            with torch.no_grad():
+                m(x)
+        return forward
 
-    times = {n: [] for n in models}
     for m in models.values():
         m.eval()
-        for _ in range(warmup):
-            m(x)
-    for _ in range(runs):
-        for n, m in models.items():
-            sync()
-            t0 = time.perf_counter()
-            m(x)
-            sync()
-            times[n].append(1e3 * (time.perf_counter() - t0))
-    return {n: statistics.median(t) for n, t in times.items()}
+    seconds = median_times({n: call(m) for n, m in models.items()}, rounds=runs, warmup=warmup, device=device)
+    return {n: 1e3 * t for n, t in seconds.items()}
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -163,31 +155,6 @@ def _run_dir(args) -> str:
     dataset = args.dataset.replace("npz:", "npz-").replace(os.sep, "_").strip("_")
     layers = args.layers if len(args.layers) < 20 else "custom"
     return os.path.join(args.out, f"{args.model}-{args.stem}-{dataset}-{layers}-r{args.rank}-seed{args.seed}")
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _environment(device) -> dict:
-    import platform
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
-    if torch.device(device).type == "cuda":
-        env["device"] = torch.cuda.get_device_name(device)
-    else:
-        env["device"] = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        env["device"] = f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-                        break
-        except OSError:
-            pass
-    return env
 
 
 def run(args) -> dict:
@@ -231,7 +198,7 @@ def run(args) -> dict:
     data = data.to(device)
     if lead and not os.path.exists(args_path):
         os.makedirs(out_dir, exist_ok=True)
-        _write_json(args_path, run_args)
+        atomic_write_json(args_path, run_args)
     if world > 1:
         torch.distributed.barrier()
     input_size = data.shape
@@ -245,7 +212,7 @@ def run(args) -> dict:
 
     def save_results():
         if lead:
-            _write_json(results_path, results)
+            atomic_write_json(results_path, results)
 
     def say(text):
         if lead and progress:
@@ -255,14 +222,15 @@ def run(args) -> dict:
         if stop["signum"]:
             raise T.Interrupted(stop["signum"], out_dir)
 
-    tdconv.set_autotune(False)  # deterministic implementation choices while training and evaluating
     torch.manual_seed(args.seed)
     # Training and evaluation skip kernel taps that only read padding (same function, far less work on
     # small images: ResNet18's layer4 sees 1x1 maps at 32x32); latency is measured on the plain models.
     base = lambda: tdconv.skip_padding_taps(  # noqa: E731
         build_model(args.model, data.num_classes, stem=args.stem, in_channels=input_size[0]))
     finals = {}
-    with T.stop_on_signals() as stop:
+    # Deterministic implementation choices while training and evaluating; the caller's setting returns
+    # afterwards, also when the run stops early.
+    with tdconv.nn.autotuning(False), T.stop_on_signals() as stop:
         # ---- dense
         dense = base().to(device)
         dense_path = os.path.join(out_dir, "dense.pt")
@@ -353,19 +321,18 @@ def run(args) -> dict:
             check_signal(stop)
 
     # ---- latency (rank 0) and reports
-    tdconv.set_autotune(True)
     results["latency_batch"] = args.latency_batch
-    results["environment"] = _environment(device)
+    results["environment"] = describe_environment(device)
     if lead and args.latency_runs > 0:
         plain = {n: tdconv.skip_padding_taps(m, False) for n, m in finals.items()}
-        lat = measure_latency(plain, (args.latency_batch, *input_size), device, runs=args.latency_runs)
+        with tdconv.nn.autotuning(True):  # each model at its fastest implementation
+            lat = measure_latency(plain, (args.latency_batch, *input_size), device, runs=args.latency_runs)
         for name, ms in lat.items():
             results["models"][name]["latency_ms"] = ms
     if lead:
         save_results()
         table = _table(results)
-        with open(os.path.join(out_dir, "results.md"), "w") as f:
-            f.write(table + "\n")
+        atomic_write_text(os.path.join(out_dir, "results.md"), table + "\n")
         print(table)
         for path in _plots(out_dir, results):
             say(f"wrote {path}")
