@@ -15,7 +15,8 @@ import argparse
 import sys
 
 from tdconv.apps import options
-from tdconv.apps.models import build_model, load_weights, parse_fraction, parse_input_size, parse_layers, parse_rank
+from tdconv.apps.models import (build_from_meta, build_model, load_weights, model_meta, parse_fraction,
+                                parse_input_size, parse_layers, parse_rank)
 
 __all__ = ["main"]
 
@@ -43,7 +44,7 @@ def cmd_compress(args) -> int:
         raise SystemExit(f"error: {exc}") from None
     print(report)
     if args.out:
-        tdconv.save(small, args.out, meta={"model": args.model, "num_classes": args.num_classes,
+        tdconv.save(small, args.out, meta={**model_meta(args.model, args.num_classes, input_size=args.input_size),
                                           "report": report.to_dict()})
         print(f"saved to {args.out}")
     if args.json:
@@ -52,9 +53,21 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _saved_report(saved: dict):
+    from tdconv.compress import CompressionReport, LayerReport
+    try:
+        return CompressionReport(method=saved["method"], input_size=tuple(saved["input_size"]),
+                                 layers=[LayerReport(**r) for r in saved["layers"]],
+                                 skipped=[tuple(s) for s in saved["skipped"]],
+                                 **{k: saved[k] for k in ("macs_before", "macs_after", "params_before",
+                                                          "params_after")})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"its metadata 'report' is incomplete or damaged ({type(exc).__name__}: {exc})") from None
+
+
 def cmd_report(args) -> int:
     import tdconv
-    from tdconv.compress import CompressionReport, LayerReport, count_complexity
+    from tdconv.compress import count_complexity
     from tdconv.serialization import read
     try:
         payload = read(args.path)
@@ -62,21 +75,27 @@ def cmd_report(args) -> int:
         raise SystemExit(f"error: {exc}") from None
     meta = payload.get("meta") or {}
     saved = meta.get("report")
-    if isinstance(saved, dict):
-        report = CompressionReport(method=saved["method"], input_size=tuple(saved["input_size"]),
-                                   layers=[LayerReport(**r) for r in saved["layers"]],
-                                   skipped=[tuple(s) for s in saved["skipped"]],
-                                   **{k: saved[k] for k in ("macs_before", "macs_after", "params_before",
-                                                            "params_after")})
-        print(report)
-    else:
-        print(f"{args.path}: {len(payload['layers'])} factorised layer(s): " + ", ".join(payload["layers"]))
-    if "model" in meta:  # rebuild it and count again: the figures are those of the file's weights
-        model = tdconv.load(args.path, build_model(meta["model"], int(meta.get("num_classes", 1000))))
-        size = tuple(saved["input_size"]) if isinstance(saved, dict) else (3, 32, 32)
-        macs, params = count_complexity(model, size)
-        print(f"rebuilt {meta['model']} from the file: {macs / 1e6:.2f} MMac, {params / 1e6:.2f} M parameters at "
-              f"{'x'.join(map(str, size))}")
+    try:
+        if saved is not None:
+            print(_saved_report(saved if isinstance(saved, dict) else {}))
+        else:
+            print(f"{args.path}: {len(payload['layers'])} factorised layer(s): " + ", ".join(payload["layers"]))
+        if "model" not in meta:
+            return 0
+        # rebuild it and count again: the figures are those of the file's weights
+        model, description = build_from_meta(meta)
+    except ValueError as exc:
+        raise SystemExit(f"error: {args.path}: {exc}") from None
+    try:
+        model = tdconv.load(args.path, model)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"error: {args.path}: the {description} that its metadata describes does not fit the "
+                         f"file's weights: {str(exc).strip()}") from None
+    size = tuple(saved["input_size"]) if saved is not None else \
+        tuple(meta.get("input_size") or (meta.get("in_channels", 3), 32, 32))
+    macs, params = count_complexity(model, size)
+    print(f"rebuilt {meta['model']} from the file: {macs / 1e6:.2f} MMac, {params / 1e6:.2f} M parameters at "
+          f"{'x'.join(map(str, size))}")
     return 0
 
 

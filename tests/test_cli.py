@@ -54,3 +54,18 @@ def test_bad_values_are_usage_errors(argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--rank must be" in err or "budget must be a fraction" in err
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"model": "resnet18", "stem": "cifar"}, r"metadata lacks 'num_classes'"),
+    ({"model": "resnet18", "num_classes": "ten"}, r"metadata has num_classes='ten': expected an int >= 1"),
+    ({"model": "resnet18", "num_classes": 10, "stem": "tiny"}, r"metadata has stem='tiny'"),
+    ({"model": "resnet18", "num_classes": 100}, r"resnet18 with 100 classes.*does not fit the file's weights"),
+    ({"model": "resnet999", "num_classes": 10}, r"'resnet999' is not a torchvision model"),
+    ({"model": "resnet18", "num_classes": 10, "report": {"method": "cp"}}, r"metadata 'report' is incomplete"),
+])
+def test_report_with_incomplete_metadata_says_what_is_missing(tmp_path, meta, match):
+    path = tmp_path / "model.pt"
+    tdconv.save(torchvision.models.resnet18(num_classes=10), path, meta=meta)
+    with pytest.raises(SystemExit, match=match):
+        main(["report", str(path)])

@@ -163,3 +163,16 @@ def test_experiment_scopes_autotuning_and_restores_it_on_errors(tmp_path, monkey
     with pytest.raises(SystemExit, match="--weights .*missing.pt' does not exist"):
         main(["experiment", *SYNTHETIC, "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
     assert events == [("enter", False), ("exit", False)]
+
+
+def test_report_rebuilds_the_models_the_experiment_wrote(tmp_path, capsys):
+    """The files of a run carry what rebuilding their model needs: class count, stem, input channels."""
+    assert main(["experiment", "--dataset", "synthetic", "--train-subset", "128", "--test-subset", "64",
+                 "--batch-size", "64", "--methods", "dense,cp", "--epochs", "0", "--finetune-epochs", "0",
+                 "--stem", "cifar", "--n-iter-max", "2", "--latency-runs", "0", "--quiet", "--device", "cpu",
+                 "--out", str(tmp_path), "--name", "r"]) == 0
+    macs = _results(tmp_path / "r")["models"]["cp"]["macs"]
+    for name in ("cp-start.pt", "cp.pt"):
+        capsys.readouterr()
+        assert main(["report", str(tmp_path / "r" / name)]) == 0
+        assert f"rebuilt resnet18 from the file: {macs / 1e6:.2f} MMac" in capsys.readouterr().out, name

@@ -27,7 +27,7 @@ from tdconv.utils import atomic_write_json, atomic_write_text, describe_environm
 
 from . import train as T
 from .data import load_dataset
-from .models import build_model, is_resnet, load_weights, parse_layers
+from .models import build_model, is_resnet, load_weights, model_meta, parse_layers
 from .options import RUN_ARGUMENTS, defaults
 
 __all__ = ["run", "measure_latency"]
@@ -227,6 +227,7 @@ def run(args) -> dict:
     # small images: ResNet18's layer4 sees 1x1 maps at 32x32); latency is measured on the plain models.
     base = lambda: tdconv.skip_padding_taps(  # noqa: E731
         build_model(args.model, data.num_classes, stem=args.stem, in_channels=input_size[0]))
+    meta = model_meta(args.model, data.num_classes, stem=args.stem, in_channels=input_size[0], input_size=input_size)
     finals = {}
     # Deterministic implementation choices while training and evaluating; the caller's setting returns
     # afterwards, also when the run stops early.
@@ -295,7 +296,7 @@ def run(args) -> dict:
                 else:
                     record["after_bn"] = record["after_decomposition"]
                 if lead:
-                    tdconv.save(small, start_path, meta={"model": args.model, "stem": args.stem})
+                    tdconv.save(small, start_path, meta=meta)
                 results["models"][method] = record
                 save_results()
             say(f"{method}: {record['after_decomposition']:.2f}% right after decomposition, "
@@ -314,7 +315,7 @@ def run(args) -> dict:
             record["accuracy"] = T.evaluate(small, data, device=device)
             record["done"] = True
             if lead:
-                tdconv.save(small, final_path, meta={"model": args.model, "stem": args.stem})
+                tdconv.save(small, final_path, meta=meta)
             save_results()
             say(f"{method}: {record['accuracy']:.2f}% after {args.finetune_epochs} fine-tuning epoch(s)")
             finals[method] = small

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["parse_rank", "parse_fraction", "parse_input_size", "parse_layers", "is_resnet",
-           "build_model", "load_weights", "STEMS"]
+           "build_model", "model_meta", "build_from_meta", "load_weights", "STEMS"]
 
 STEMS = ("imagenet", "cifar")
 
@@ -92,6 +92,36 @@ def build_model(name: str, num_classes: int, *, stem: str | None = None, in_chan
     elif in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     return model
+
+
+def model_meta(name: str, num_classes: int, *, stem: str | None = None, in_channels: int = 3,
+               input_size=None) -> dict:
+    """What a saved file's metadata holds so that :func:`build_from_meta` can rebuild its base model."""
+    meta = {"model": name, "num_classes": int(num_classes), "stem": stem, "in_channels": int(in_channels)}
+    if input_size is not None:
+        meta["input_size"] = [int(v) for v in input_size]
+    return meta
+
+
+def build_from_meta(meta: dict) -> tuple:
+    """``(model, description)``: the base model that :func:`model_meta` describes, with random weights.
+    Metadata that lacks an entry, or holds a value of the wrong kind, raises ``ValueError`` saying which."""
+    missing = [k for k in ("model", "num_classes") if k not in meta]
+    if missing:
+        raise ValueError(f"its metadata lacks {', '.join(map(repr, missing))}: the base model cannot be rebuilt "
+                         f"(files written by 'tdconv compress' and 'tdconv experiment' carry "
+                         f"model, num_classes, stem and in_channels)")
+    for key, ok, expected in [("num_classes", lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+                              ("in_channels", lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+                              ("stem", lambda v: v is None or v in STEMS, f"one of {STEMS} or null"),
+                              ("model", lambda v: isinstance(v, str), "a torchvision model name")]:
+        if key in meta and (isinstance(meta[key], bool) or not ok(meta[key])):
+            raise ValueError(f"its metadata has {key}={meta[key]!r}: expected {expected}")
+    stem, in_channels = meta.get("stem"), meta.get("in_channels", 3)
+    model = build_model(meta["model"], meta["num_classes"], stem=stem, in_channels=in_channels)
+    description = f"{meta['model']} with {meta['num_classes']} classes" + \
+        (f", {stem} stem" if stem else "") + (f", {in_channels} input channels" if in_channels != 3 else "")
+    return model, description
 
 
 def load_weights(model: nn.Module, path: str, argument: str = "--weights") -> None:
