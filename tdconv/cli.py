@@ -15,8 +15,8 @@ import argparse
 import sys
 
 from tdconv.apps import options
-from tdconv.apps.models import (build_from_meta, build_model, load_weights, model_meta, parse_fraction,
-                                parse_input_size, parse_layers, parse_rank)
+from tdconv.apps.models import (build_from_meta, build_model, load_weights, model_meta, parse_device,
+                                parse_fraction, parse_input_size, parse_layers, parse_rank)
 
 __all__ = ["main"]
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     c.add_argument("--input-size", type=parse_input_size, default=(3, 32, 32), help="C,H,W of the MAC counts")
     c.add_argument("--n-iter-max", type=int, default=100, help="decomposition sweeps per layer")
     c.add_argument("--seed", type=int, default=0, help="seed of the CP initialisation")
-    c.add_argument("--device", default="cpu", help="where to decompose (cpu, cuda)")
+    c.add_argument("--device", type=parse_device, default="cpu", help="where to decompose (cpu, cuda, cuda:N)")
     c.add_argument("--out", help="write the compressed model (tdconv.save format)")
     c.add_argument("--json", help="write the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress line")

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -69,3 +70,19 @@ def test_report_with_incomplete_metadata_says_what_is_missing(tmp_path, meta, ma
     tdconv.save(torchvision.models.resnet18(num_classes=10), path, meta=meta)
     with pytest.raises(SystemExit, match=match):
         main(["report", str(path)])
+
+
+@pytest.mark.parametrize("command", ["compress", "experiment"])
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device 'cuda': CUDA is not available on this machine"),
+    ("cuda:0", "--device 'cuda:0': CUDA is not available on this machine"),
+    ("tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_unusable_device_is_a_usage_error(monkeypatch, capsys, tmp_path, command, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [command, "--device", device] + (["--model", "resnet18"] if command == "compress" else
+                                            ["--dataset", "synthetic", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="^2$"):
+        main(argv)
+    assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)

@@ -10,7 +10,7 @@ import argparse
 import torch
 import torch.nn as nn
 
-__all__ = ["parse_rank", "parse_fraction", "parse_input_size", "parse_layers", "is_resnet",
+__all__ = ["parse_rank", "parse_fraction", "parse_input_size", "parse_device", "parse_layers", "is_resnet",
            "build_model", "model_meta", "build_from_meta", "load_weights", "STEMS"]
 
 STEMS = ("imagenet", "cifar")
@@ -51,6 +51,25 @@ def parse_input_size(text: str) -> tuple:
     if len(size) != 3 or min(size) < 1:
         raise argparse.ArgumentTypeError(f"--input-size must be C,H,W (e.g. 3,32,32), got {text!r}")
     return size
+
+
+def parse_device(text: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N', checked against this machine: CUDA must be there to be asked for."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"--device {text!r}: CUDA is not available on this machine "
+                                             f"(torch.cuda.is_available() is False; this torch is built for CUDA "
+                                             f"{torch.version.cuda}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"--device {text!r}: this machine has {torch.cuda.device_count()} "
+                                             f"GPU(s), numbered from 0")
+    return text
 
 
 def parse_layers(text: str):

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from .models import STEMS, parse_fraction, parse_rank
+from .models import STEMS, parse_device, parse_fraction, parse_rank
 
 __all__ = ["add_arguments", "defaults", "RUN_ARGUMENTS"]
 
@@ -59,7 +59,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
                    help="do not re-estimate BatchNorm statistics after decomposition")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where there is one)")
     p.add_argument("--out", default="runs", help="folder of runs; this run goes to OUT/NAME")
     p.add_argument("--name", help="the run's folder name (default: made from the arguments)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT/NAME from its checkpoints")
