@@ -69,7 +69,7 @@ def test_interrupted_run_resumes_to_the_identical_result(tmp_path, at_call):
         T.fit(model, data, cfg, checkpoint=ckpt, progress=False)
     handle.remove()
     assert info.value.checkpoint == ckpt and info.value.signum == signal.SIGINT
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)  # tensors and plain values only
     assert (saved["epoch"], saved["batch"]) == ((1, 0) if at_call == 6 else (1, 1))
 
     resumed = _model()  # a new process would start from fresh weights
@@ -93,6 +93,29 @@ def test_resume_with_other_arguments_is_refused(tmp_path):
     with pytest.raises(T.CheckpointMismatch, match="cannot read checkpoint"):
         T.fit(_model(), data, T.TrainConfig(**CFG), checkpoint=str(tmp_path / "junk.ckpt"), resume=True,
               progress=False)
+
+
+class _RunsCode:
+    """Unpickling it creates a folder: the stand-in of a checkpoint that runs code when loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_a_checkpoint_that_carries_code_is_refused(tmp_path):
+    data, cfg, ckpt = _data(), T.TrainConfig(**dict(CFG, epochs=1)), str(tmp_path / "run.ckpt")
+    history = T.fit(_model(), data, cfg, checkpoint=ckpt, progress=False)
+    assert T.fit(_model(), data, cfg, checkpoint=ckpt, resume=True, progress=False) == history  # plain: loads
+    saved = torch.load(ckpt, weights_only=True)
+    marker = tmp_path / "the-checkpoint-ran-code"
+    saved["history"].append(_RunsCode(str(marker)))
+    torch.save(saved, ckpt)
+    with pytest.raises(T.CheckpointMismatch, match=r"refusing to load .*run.ckpt.*could run code"):
+        T.fit(_model(), data, cfg, checkpoint=ckpt, resume=True, progress=False)
+    assert not marker.exists()
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -46,7 +47,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint made with other arguments than those of the run that tries to resume from it."""
+    """A checkpoint that a run cannot resume from: made with other arguments, unreadable, or holding
+    more than tensors and plain values (which could run code when loaded)."""
 
 
 @dataclass
@@ -283,8 +285,15 @@ def _in_main_thread() -> bool:
 
 
 def _read_checkpoint(path: str, config: TrainConfig, identity: dict | None) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain values only: a checkpoint never runs code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        if found:  # torch names the callable or class it refused
+            raise CheckpointMismatch(f"cannot read checkpoint {path!r}: refusing to load {path!r}: it holds objects "
+                                     f"other than tensors and plain values, and loading them could run code "
+                                     f"({found[0]}). Delete it to start the run afresh") from None
+        raise CheckpointMismatch(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from None
     except Exception as exc:
         raise CheckpointMismatch(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "tdconv-train/1":
