@@ -27,6 +27,7 @@ from tdconv.utils import atomic_write_json, atomic_write_text, describe_environm
 
 from . import train as T
 from .data import load_dataset
+from .distributed import barrier, init_distributed
 from .models import build_model, is_resnet, load_weights, model_meta, parse_layers
 from .options import RUN_ARGUMENTS, defaults
 
@@ -175,7 +176,7 @@ def run(args) -> dict:
     finetune_cfg = T.TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, warmup_epochs=0.0,
                                  distill=args.distill, **common)
     out_dir = _run_dir(args)
-    rank, world, device = T.init_distributed(args.device)
+    rank, world, device = init_distributed(args.device)
     lead = rank == 0
     args_path = os.path.join(out_dir, "args.json")
     if os.path.exists(args_path):
@@ -199,8 +200,7 @@ def run(args) -> dict:
     if lead and not os.path.exists(args_path):
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_json(args_path, run_args)
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     input_size = data.shape
     results_path = os.path.join(out_dir, "results.json")
     results = {"args": run_args, "input_size": list(input_size), "num_classes": data.num_classes, "models": {}}
@@ -338,6 +338,5 @@ def run(args) -> dict:
         for path in _plots(out_dir, results):
             say(f"wrote {path}")
         say(f"results in {out_dir}")
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     return results

@@ -6,10 +6,10 @@ knowledge distillation from a teacher. It writes an atomic checkpoint after ever
 SIGINT / SIGTERM after the step in flight; ``resume=True`` continues from the checkpoint, to exactly
 the result an uninterrupted run gives (same seed, same device and thread count).
 
-Under ``torchrun`` (``WORLD_SIZE > 1``), :func:`init_distributed` starts the process group (NCCL on
-GPUs, Gloo on CPU); :func:`fit` then wraps the model in DistributedDataParallel, each process takes
-its shard of every epoch's permutation, metrics are summed over processes and only rank 0 writes
-files.
+Under ``torchrun`` (``WORLD_SIZE > 1``), :func:`tdconv.apps.distributed.init_distributed` starts the
+process group (NCCL on GPUs, Gloo on CPU); :func:`fit` then wraps the model in
+DistributedDataParallel, each process takes its shard of every epoch's permutation, metrics are
+summed over processes and only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -25,15 +25,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageDataset, augment, batch_seed, epoch_order, normalize
+from .distributed import all_mean_, all_sum, barrier, rank_and_world, reduce_signal
 from ..utils import atomic_save
 
-__all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "init_distributed", "rank_and_world",
-           "Interrupted", "CheckpointMismatch", "stop_on_signals", "config_differences"]
+__all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "Interrupted", "CheckpointMismatch", "stop_on_signals", "config_differences"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -93,36 +92,6 @@ def config_differences(saved: dict, current: dict) -> list:
             for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]
 
 
-# ------------------------------------------------------------------------------------------- distributed
-def rank_and_world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str = "cpu") -> tuple:
-    """Start the process group when launched by torchrun (``WORLD_SIZE > 1``): NCCL for CUDA, Gloo
-    otherwise. Returns ``(rank, world_size, device)``, the device being this process's GPU on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        cuda = str(device).startswith("cuda")
-        if cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = rank_and_world()
-    return rank, world, device
-
-
-def _all_sum(values: list, device) -> list:
-    if rank_and_world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 # ------------------------------------------------------------------------------------------- evaluation
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -155,7 +124,7 @@ def evaluate(model: nn.Module, data: ImageDataset, *, batch_size: int = 512, spl
             correct += int((out.argmax(1) == y[b].to(device)).sum())
     finally:
         model.train(was_training)
-    correct, count = _all_sum([correct, len(idx)], device)
+    correct, count = all_sum([correct, len(idx)], device)
     return 100.0 * correct / count
 
 
@@ -188,10 +157,7 @@ def recalibrate_batchnorm(model: nn.Module, data: ImageDataset, *, batches: int 
             m.momentum = momentum
             m.train(training)
     if world > 1:
-        for m in bns:
-            for t in (m.running_mean, m.running_var):
-                dist.all_reduce(t)
-                t.div_(world)
+        all_mean_([t for m in bns for t in (m.running_mean, m.running_var)], world)
 
 
 # ------------------------------------------------------------------------------------------------ fit
@@ -363,8 +329,7 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
                          "epoch": epoch, "batch": batch, "running": run, "history": history,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict()}, checkpoint)
-        if world > 1:
-            dist.barrier()
+        barrier()
 
     with stop_on_signals() as stop:
         for epoch in range(start_epoch, config.epochs):
@@ -403,12 +368,12 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
                 bar.update(b + 1, loss_sum / count, 100 * correct / count, count)
                 signum = stop["signum"]
                 if world > 1:
-                    signum = int(_all_sum([signum], device)[0])
+                    signum = reduce_signal(signum, device)
                 if signum and b + 1 < steps:  # at the last batch, finish the epoch (evaluate, save) first
                     save(epoch, b + 1, [loss_sum, correct, count])
                     raise Interrupted(signum, checkpoint)
             seconds = time.perf_counter() - t0
-            loss_sum, correct, count = _all_sum([loss_sum, correct, count], device)
+            loss_sum, correct, count = all_sum([loss_sum, correct, count], device)
             bar.update(steps, loss_sum / count, 100 * correct / count, count, final=True)
             record = {"phase": label, "epoch": epoch + 1, "train_loss": loss_sum / count,
                       "train_acc": 100 * correct / count, "test_acc": evaluate(model, data, device=device),
@@ -423,7 +388,7 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
                 on_epoch(record)
             signum = stop["signum"]
             if world > 1:
-                signum = int(_all_sum([signum], device)[0])
+                signum = reduce_signal(signum, device)
             if signum and epoch + 1 < config.epochs:
                 raise Interrupted(signum, checkpoint)
     return history
