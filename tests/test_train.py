@@ -4,11 +4,14 @@ import signal
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
 import tdconv
 from tdconv.apps import train as T
 from tdconv.apps.data import load_dataset, normalize
+from tdconv.apps.distributed import reduce_signal
 
 
 def _data():
@@ -168,3 +171,30 @@ def test_batchnorm_recalibration_matches_the_data():
     with torch.no_grad():
         y = model[0](x)
     assert torch.allclose(model[1].running_mean, y.mean((0, 2, 3)), atol=0.05)
+
+
+# ------------------------------------------------------------------------------ two processes (Gloo)
+def _in_group(rank, world, store, fn, args):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two_processes(tmp_path, fn, *args):
+    mp.spawn(_in_group, args=(2, str(tmp_path / "store"), fn, args), nprocs=2)
+
+
+def _signal_worker(rank, out, cases):
+    got = [reduce_signal(case[rank], "cpu") for case in cases]
+    torch.save(got, os.path.join(out, f"signals{rank}.pt"))
+
+
+def test_the_signal_all_processes_act_on_is_the_one_received(tmp_path):
+    term, stop = int(signal.SIGTERM), int(signal.SIGINT)
+    cases = [(term, term), (0, term), (stop, 0), (0, 0), (stop, stop)]
+    _run_two_processes(tmp_path, _signal_worker, str(tmp_path), cases)
+    for rank in range(2):  # a signal, not the sum of two (SIGTERM twice is not "signal 30")
+        assert torch.load(tmp_path / f"signals{rank}.pt") == [term, term, stop, 0, stop]
+    assert reduce_signal(term, "cpu") == term  # one process: as it is

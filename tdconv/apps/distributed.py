@@ -59,5 +59,6 @@ def all_mean_(tensors, world: int) -> None:
 
 
 def reduce_signal(signum: int, device) -> int:
-    """The stop signal that every process acts on: the one any process received (0: none)."""
-    return int(_all_reduce([signum], device, dist.ReduceOp.SUM)[0])
+    """The stop signal that every process acts on: the one any process received (0: none; of two
+    different ones, the larger number). A maximum, not a sum: SIGTERM on two processes is SIGTERM."""
+    return int(_all_reduce([signum], device, dist.ReduceOp.MAX)[0])
