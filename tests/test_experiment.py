@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import tdconv
-from tdconv.cli import main
 from tdconv.apps.data import DEBIAN_FASHION_MNIST
+from tdconv.cli import main
 
 # On the CPU (also on GPU machines): exact resume is a CPU guarantee, and the 2-process run uses Gloo.
 FAST = ["--n-iter-max", "10", "--latency-runs", "2", "--latency-batch", "16", "--quiet", "--device", "cpu"]
@@ -78,21 +77,36 @@ def _comparable(results):
     return strip(results)
 
 
+# The command line, with SIGTERM sent to itself right after optimiser step STOP_AT_STEP of the run.
+STOP_AT_STEP = """
+import os, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from tdconv.cli import main
+steps = [0]
+def hook(optimizer, args, kwargs):
+    steps[0] += 1
+    if steps[0] == int(os.environ["STOP_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+register_optimizer_step_post_hook(hook)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_to_the_identical_result(uninterrupted, tmp_path):
-    cmd = _cli(*SYNTHETIC, "--out", str(tmp_path), "--name", "ref")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "ref" / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (log.exists() and log.read_text().strip()):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # during dense epoch 2
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
-    assert "--resume" in err
+    args = ["experiment", *SYNTHETIC, "--out", str(tmp_path), "--name", "ref"]
+    # 512 images / batch 64 = 8 steps an epoch: step 10 is the second step of dense epoch 2
+    env = dict(os.environ, STOP_AT_STEP="10")
+    proc = subprocess.run([sys.executable, "-c", STOP_AT_STEP, *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert f"interrupted by signal {int(signal.SIGTERM)}" in proc.stderr and "--resume" in proc.stderr
     assert not (tmp_path / "ref" / "dense.pt").exists()  # it stopped before the end of dense training
-    with pytest.raises(subprocess.CalledProcessError):  # the same folder without --resume: refused, nothing lost
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    subprocess.run(cmd + ["--resume"], check=True, timeout=600)
+    saved = torch.load(tmp_path / "ref" / "dense.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["batch"]) == (1, 2)
+    # the same folder without --resume: refused, nothing lost
+    again = subprocess.run(_cli(*args[1:]), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "already holds a run; pass --resume" in again.stderr
+    subprocess.run(_cli(*args[1:], "--resume"), check=True, timeout=600)
     assert _comparable(_results(tmp_path / "ref")) == _comparable(_results(uninterrupted))
     a = tdconv.serialization.read(tmp_path / "ref" / "cp.pt")["state_dict"]
     b = tdconv.serialization.read(uninterrupted / "cp.pt")["state_dict"]
