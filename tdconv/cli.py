@@ -147,7 +147,7 @@ def cmd_experiment(args) -> int:
         print(f"\ninterrupted by signal {exc.signum}; the run's checkpoints are saved. Continue it with the same "
               f"command and --resume", file=sys.stderr)
         return 130
-    except (DatasetError, train.CheckpointMismatch, FileExistsError, ValueError, TypeError) as exc:
+    except (DatasetError, train.CheckpointMismatch, train.Diverged, FileExistsError, ValueError, TypeError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return 0
 

@@ -12,6 +12,7 @@ import torch
 
 import tdconv
 from tdconv.apps.data import DEBIAN_FASHION_MNIST
+from tdconv.apps.models import build_model
 from tdconv.cli import main
 
 # On the CPU (also on GPU machines): exact resume is a CPU guarantee, and the 2-process run uses Gloo.
@@ -81,6 +82,7 @@ def _comparable(results):
 STOP_AT_STEP = """
 import os, signal, sys
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from tdconv.apps.models import build_model
 from tdconv.cli import main
 steps = [0]
 def hook(optimizer, args, kwargs):
@@ -190,3 +192,18 @@ def test_report_rebuilds_the_models_the_experiment_wrote(tmp_path, capsys):
         capsys.readouterr()
         assert main(["report", str(tmp_path / "r" / name)]) == 0
         assert f"rebuilt resnet18 from the file: {macs / 1e6:.2f} MMac" in capsys.readouterr().out, name
+
+
+def test_a_diverging_run_stops_with_an_error_naming_the_phase_and_step(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: dense training: the training loss diverged at epoch 1, step \d of "
+                                         r"8: .*lower the learning rate \(lr=10000.0\)"):
+        main(["experiment", *SYNTHETIC, "--lr", "1e4", "--out", str(tmp_path), "--name", "dense"])
+    assert not (tmp_path / "dense" / "dense.pt").exists() and not (tmp_path / "dense" / "results.json").exists()
+    # fine-tuning, from given dense weights
+    weights = tmp_path / "weights.pt"
+    torch.save(build_model("resnet18", 10).state_dict(), weights)
+    with pytest.raises(SystemExit, match=r"^error: fine-tuning of cp: the training loss diverged at epoch 1, step "
+                                         r"\d of 8: .*\(lr=10000.0\)"):
+        main(["experiment", *SYNTHETIC, "--weights", str(weights), "--finetune-lr", "1e4", "--out", str(tmp_path),
+              "--name", "cp"])
+    assert not (tmp_path / "cp" / "cp.pt").exists() and (tmp_path / "cp" / "cp-start.pt").exists()

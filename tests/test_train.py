@@ -140,6 +140,34 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     assert os.listdir(tmp_path) == ["run.ckpt"]  # the old file intact, no leftovers
 
 
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data, cfg, ckpt = _data(), T.TrainConfig(**dict(CFG, epochs=2)), tmp_path / "run.ckpt"
+    model, calls, after_epoch = _model(), {"n": 0}, {}
+
+    def poison(module, inputs, output):  # forward 9: epoch 2, batch 2 (6 batches + 1 evaluation an epoch)
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 9 else None
+
+    model.register_forward_hook(poison)
+    with pytest.raises(T.Diverged, match=r"^dense training: the training loss diverged at epoch 2, step 2 of 6: it "
+                                         r"became nan.*checkpoint .*run.ckpt holds the last good state \(epoch 1\)"):
+        T.fit(model, data, cfg, checkpoint=str(ckpt), progress=False, phase="dense training",
+              on_epoch=lambda r: after_epoch.update(torch.load(ckpt, weights_only=True)["model"]))
+    saved = torch.load(ckpt, weights_only=True)
+    assert (saved["epoch"], saved["batch"]) == (1, 0)
+    assert all(torch.equal(saved["model"][k], after_epoch[k]) for k in after_epoch)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the poisoned step was not taken
+
+
+def test_an_exploding_loss_stops_training(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(T.Diverged, match=r"^train: the training loss diverged at epoch 1, step \d of 6: it stayed "
+                                         r"above .* for \d steps.*lower the learning rate \(lr=10000.0\).*no "
+                                         r"checkpoint was written"):
+        T.fit(_model(), _data(), T.TrainConfig(**dict(CFG, lr=1e4)), checkpoint=str(ckpt), progress=False)
+    assert not ckpt.exists()  # the first epoch ended exploding: its weights are not saved
+
+
 def test_distillation_and_bad_config():
     data = _data()
     teacher = _model()

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_and_world", "init_distributed", "barrier", "all_sum", "all_mean_", "reduce_signal"]
+__all__ = ["rank_and_world", "init_distributed", "barrier", "all_sum", "all_max", "all_mean_", "reduce_signal"]
 
 
 def rank_and_world() -> tuple:
@@ -51,6 +51,11 @@ def all_sum(values: list, device) -> list:
     return _all_reduce(values, device, dist.ReduceOp.SUM)
 
 
+def all_max(values: list, device) -> list:
+    """Element-wise maxima of ``values`` over all processes."""
+    return _all_reduce(values, device, dist.ReduceOp.MAX)
+
+
 def all_mean_(tensors, world: int) -> None:
     """Average each tensor over all processes, in place."""
     for t in tensors:
@@ -61,4 +66,4 @@ def all_mean_(tensors, world: int) -> None:
 def reduce_signal(signum: int, device) -> int:
     """The stop signal that every process acts on: the one any process received (0: none; of two
     different ones, the larger number). A maximum, not a sum: SIGTERM on two processes is SIGTERM."""
-    return int(_all_reduce([signum], device, dist.ReduceOp.MAX)[0])
+    return int(all_max([signum], device)[0])

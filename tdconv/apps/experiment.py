@@ -247,7 +247,7 @@ def run(args) -> dict:
             else:
                 history = T.fit(dense, data, dense_cfg, device=device, checkpoint=os.path.join(out_dir, "dense.ckpt"),
                                 resume=args.resume, log=log, label="dense", progress=progress,
-                                identity={"phase": "dense"})
+                                identity={"phase": "dense"}, phase="dense training")
             macs, params = count_complexity(copy.deepcopy(dense).cpu().float(), input_size)
             record = {"macs": macs, "params": params, "train": history, "accuracy": T.evaluate(dense, data, device=device),
                       "train_seconds": sum(r["seconds"] for r in history) if history else
@@ -309,7 +309,8 @@ def run(args) -> dict:
 
             history = T.fit(small, data, finetune_cfg, device=device, checkpoint=os.path.join(out_dir, f"{method}.ckpt"),
                             resume=args.resume, teacher=dense if args.distill else None, log=log,
-                            label=method, progress=progress, identity={"phase": method}, on_epoch=on_epoch)
+                            label=method, progress=progress, identity={"phase": method}, on_epoch=on_epoch,
+                            phase=f"fine-tuning of {method}")
             record["finetune"] = history
             record["finetune_seconds"] = sum(r["seconds"] for r in history)
             record["accuracy"] = T.evaluate(small, data, device=device)

@@ -29,10 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageDataset, augment, batch_seed, epoch_order, normalize
-from .distributed import all_mean_, all_sum, barrier, rank_and_world, reduce_signal
+from .distributed import all_max, all_mean_, all_sum, barrier, rank_and_world, reduce_signal
 from ..utils import atomic_save
 
-__all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "Interrupted", "CheckpointMismatch", "stop_on_signals", "config_differences"]
+__all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "Interrupted", "Diverged", "CheckpointMismatch", "stop_on_signals", "config_differences"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,6 +43,15 @@ class Interrupted(KeyboardInterrupt):
                          (f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint path was given"))
         self.signum = signum
         self.checkpoint = checkpoint
+
+
+class Diverged(FloatingPointError):
+    """Training stopped because its loss became non-finite or exploded (see :class:`_DivergenceGuard`).
+    The weights of the diverged steps are not saved: ``checkpoint``, if any, holds the last good state."""
+
+    def __init__(self, message: str, epoch: int, step: int, checkpoint: str | None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
 
 
 class CheckpointMismatch(ValueError):
@@ -250,6 +259,47 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class _DivergenceGuard:
+    """Watches the training loss. Diverged: a non-finite loss, or one above ``FACTOR`` times the larger
+    of the run's first loss and log(classes) (the loss of a uniform guess) for ``STEPS`` steps in a
+    row, or at the end of an epoch (whose checkpoint would keep those weights), or non-finite weights.
+    Healthy training never comes near that bound; a learning rate far too high passes it within a few
+    steps and never comes back. Every process takes the same decision."""
+    FACTOR = 10.0
+    STEPS = 5
+
+    def __init__(self, device, world: int, initial: float | None = None, streak: int = 0):
+        self.device, self.world, self.initial, self.streak = device, world, initial, streak
+        self.last = None  # the loss last checked
+
+    def bound(self, classes: int) -> float:
+        return self.FACTOR * max(self.initial, math.log(max(classes, 2)))
+
+    def check(self, loss: torch.Tensor, classes: int) -> str | None:
+        """Before the step: why the loss has diverged, or None."""
+        value = self.last = float(loss.detach())
+        if self.initial is None:  # the first step of the run, on every process at once
+            self.initial = all_sum([value], self.device)[0] / self.world
+        flag = 2 if not (math.isfinite(value) and math.isfinite(self.initial)) else int(value > self.bound(classes))
+        if self.world > 1:
+            flag = int(all_max([flag], self.device)[0])
+        if flag == 2:
+            return f"it became {value}" if not math.isfinite(value) else "it became non-finite on another process"
+        self.streak = self.streak + 1 if flag else 0
+        if self.streak >= self.STEPS:
+            return (f"it stayed above {self.bound(classes):.3g} ({self.FACTOR:g} x the larger of the first loss "
+                    f"{self.initial:.3g} and log(classes)) for {self.streak} steps, reaching {value:.3g}")
+        return None
+
+    def at_epoch_end(self, model: nn.Module, classes: int) -> str | None:
+        """Before the epoch's checkpoint: why these weights must not be saved, or None."""
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return "the weights became non-finite"
+        if self.streak:
+            return f"the epoch ended with the loss above {self.bound(classes):.3g} for {self.streak} step(s)"
+        return None
+
+
 def _read_checkpoint(path: str, config: TrainConfig, identity: dict | None) -> dict:
     try:  # tensors and plain values only: a checkpoint never runs code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -276,7 +326,7 @@ def _read_checkpoint(path: str, config: TrainConfig, identity: dict | None) -> d
 def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None, *, device=None,
         checkpoint: str | None = None, resume: bool = False, teacher: nn.Module | None = None,
         log: str | None = None, label: str = "train", progress: bool = True, identity: dict | None = None,
-        on_epoch=None) -> list:
+        on_epoch=None, phase: str | None = None) -> list:
     """Train ``model`` in place for ``config.epochs`` epochs; returns the history (one dict per epoch:
     ``epoch, train_loss, train_acc, test_acc, lr, seconds, images_per_s``).
 
@@ -286,7 +336,9 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
     ``identity`` (extra arguments that define the run, e.g. the data set) raises
     :class:`CheckpointMismatch` naming the differences. ``teacher`` with ``config.distill > 0``: the
     loss adds ``distill * T^2 * KL(teacher || student)`` at temperature T. ``log``: JSON lines, one
-    per epoch. ``on_epoch(record)`` is called after each epoch on every process.
+    per epoch. ``on_epoch(record)`` is called after each epoch on every process. A diverging run
+    (non-finite or exploding loss, see :class:`_DivergenceGuard`) raises :class:`Diverged` without
+    saving the diverged weights; its message names ``phase`` (default: ``label``), epoch and step.
     """
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
@@ -309,6 +361,7 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
                                 nesterov=config.nesterov and config.momentum > 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps))
     history, start_epoch, start_batch, running = [], 0, 0, [0.0, 0.0, 0.0]
+    guard, saved_at = _DivergenceGuard(device, world), None
     if resume and os.path.exists(checkpoint):
         ckpt = _read_checkpoint(checkpoint, config, identity)
         model.load_state_dict(ckpt["model"])
@@ -316,6 +369,8 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
         scheduler.load_state_dict(ckpt["scheduler"])
         history, start_epoch, start_batch = ckpt["history"], ckpt["epoch"], ckpt["batch"]
         running = ckpt["running"]
+        guard = _DivergenceGuard(device, world, ckpt.get("initial_loss"), ckpt.get("streak", 0))
+        saved_at = (start_epoch, start_batch)
         if rank == 0 and progress:
             where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch + 1}"
             print(f"{label}: resuming from {checkpoint} at {where}", file=sys.stderr)
@@ -324,12 +379,24 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(epoch, batch, run):
+        nonlocal saved_at
         if checkpoint and rank == 0:
             atomic_save({"format": "tdconv-train/1", "config": dataclasses.asdict(config), "identity": identity or {},
                          "epoch": epoch, "batch": batch, "running": run, "history": history,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict()}, checkpoint)
+                         "scheduler": scheduler.state_dict(), "initial_loss": guard.initial,
+                         "streak": guard.streak}, checkpoint)
+        saved_at = (epoch, batch) if checkpoint else None
         barrier()
+
+    def diverged(epoch, step, why):
+        where = None if saved_at is None else f"epoch {saved_at[0]}" if not saved_at[1] else \
+            f"epoch {saved_at[0] + 1}, batch {saved_at[1]}"
+        kept = f"the checkpoint {checkpoint} holds the last good state ({where})" if where else \
+            "no checkpoint was written"
+        return Diverged(f"{phase or label}: the training loss diverged at epoch {epoch + 1}, step {step} of {steps}: "
+                        f"{why}; lower the learning rate (lr={config.lr}). Training stopped without saving these "
+                        f"weights: {kept}", epoch + 1, step, checkpoint if where else None)
 
     with stop_on_signals() as stop:
         for epoch in range(start_epoch, config.epochs):
@@ -355,14 +422,14 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
                         kd = F.kl_div(F.log_softmax(out.float() / config.temperature, 1), target, log_target=True,
                                       reduction="batchmean") * config.temperature ** 2
                         loss = (1 - config.distill) * loss + config.distill * kd
+                why = guard.check(loss, data.num_classes)
+                if why:  # before the step: the weights stay those of the last step that was fine
+                    raise diverged(epoch, b + 1, why)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{label}: the loss became {loss.item()} at epoch {epoch + 1}, batch {b}; "
-                                             f"lower the learning rate (lr={config.lr})")
-                loss_sum += float(loss.detach()) * len(yb)
+                loss_sum += guard.last * len(yb)
                 correct += float((out.argmax(1) == yb).sum())
                 count += len(yb)
                 bar.update(b + 1, loss_sum / count, 100 * correct / count, count)
@@ -373,6 +440,9 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
                     save(epoch, b + 1, [loss_sum, correct, count])
                     raise Interrupted(signum, checkpoint)
             seconds = time.perf_counter() - t0
+            why = guard.at_epoch_end(model, data.num_classes)
+            if why:
+                raise diverged(epoch, steps, why)
             loss_sum, correct, count = all_sum([loss_sum, correct, count], device)
             bar.update(steps, loss_sum / count, 100 * correct / count, count, final=True)
             record = {"phase": label, "epoch": epoch + 1, "train_loss": loss_sum / count,
