@@ -19,7 +19,6 @@ import json
 import math
 import os
 import pickle
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,19 +29,11 @@ import torch.nn.functional as F
 
 from .data import ImageDataset, augment, batch_seed, epoch_order, normalize
 from .distributed import all_max, all_mean_, all_sum, barrier, rank_and_world, reduce_signal
+from .signals import Interrupted, stop_on_signals
 from ..utils import atomic_save
 
-__all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "Interrupted", "Diverged", "CheckpointMismatch", "stop_on_signals", "config_differences"]
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT / SIGTERM after saving its checkpoint (``.checkpoint``)."""
-
-    def __init__(self, signum: int, checkpoint: str | None):
-        super().__init__(f"stopped by signal {signum}; " +
-                         (f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint path was given"))
-        self.signum = signum
-        self.checkpoint = checkpoint
+__all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "Interrupted", "Diverged", "CheckpointMismatch",
+           "stop_on_signals", "config_differences"]
 
 
 class Diverged(FloatingPointError):
@@ -221,42 +212,6 @@ class _Progress:
                 f"{rate:6.0f} img/s {'' if final else f'eta {eta:4.0f}s'}")
         sys.stderr.write(line + ("\n" if final else ""))
         sys.stderr.flush()
-
-
-_SIGNAL_STATE = []
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Turn SIGINT / SIGTERM into a flag (``state["signum"]``) that loops check at safe points (main
-    thread only). Nested uses share the outermost flag, so a signal that arrives during the last step
-    of a :func:`fit` is still seen by the program around it."""
-    if _SIGNAL_STATE:
-        yield _SIGNAL_STATE[-1]
-        return
-    state = {"signum": 0}
-    if not (hasattr(signal, "SIGTERM") and _in_main_thread()):
-        yield state
-        return
-
-    def handler(signum, frame):
-        if state["signum"]:  # a second signal: give up at once
-            raise KeyboardInterrupt
-        state["signum"] = signum
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    _SIGNAL_STATE.append(state)
-    try:
-        yield state
-    finally:
-        _SIGNAL_STATE.pop()
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 class _DivergenceGuard:
