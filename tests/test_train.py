@@ -68,7 +68,7 @@ def test_interrupted_run_resumes_to_the_identical_result(tmp_path, at_call):
     ckpt = str(tmp_path / "run.ckpt")
     model = _model()
     handle = _interrupt_at(model, at_call)
-    with pytest.raises(T.Interrupted) as info:
+    with pytest.raises(T.Interrupted, match=f"stopped by signal {int(signal.SIGINT)}; checkpoint saved to") as info:
         T.fit(model, data, cfg, checkpoint=ckpt, progress=False)
     handle.remove()
     assert info.value.checkpoint == ckpt and info.value.signum == signal.SIGINT
@@ -168,14 +168,35 @@ def test_an_exploding_loss_stops_training(tmp_path):
     assert not ckpt.exists()  # the first epoch ended exploding: its weights are not saved
 
 
-def test_distillation_and_bad_config():
+class _Shifted(nn.Module):
+    """A teacher that answers class c + 1 (mod 10) wherever its model answers c."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).roll(1, dims=1)
+
+
+def test_distillation_pulls_the_student_toward_the_teacher():
     data = _data()
-    teacher = _model()
-    T.fit(teacher, data, T.TrainConfig(**dict(CFG, epochs=1)), progress=False)
+    trained = _model()
+    T.fit(trained, data, T.TrainConfig(**CFG), progress=False)
+    teacher = _Shifted(trained)
     student = _model()
-    history = T.fit(student, data, T.TrainConfig(**dict(CFG, epochs=1, distill=0.5)), teacher=teacher,
-                    progress=False)
-    assert torch.isfinite(torch.tensor(history[0]["train_loss"]))
+    # distill=1: no cross-entropy with the labels at all, only the teacher's answers
+    T.fit(student, data, T.TrainConfig(**dict(CFG, distill=1.0)), teacher=teacher, progress=False)
+    x = normalize(data.x_test, data.mean, data.std)
+    with torch.no_grad():
+        answers, taught = teacher.eval()(x).argmax(1), student.eval()(x).argmax(1)
+    agreement = (answers == taught).float().mean().item()
+    assert agreement > 0.5, agreement  # chance is 0.1; a student that learnt the labels would agree ~never
+    assert (taught == data.y_test).float().mean().item() < 0.3  # and it did not learn the labels
+
+
+def test_bad_config():
+    data = _data()
     with pytest.raises(ValueError, match="needs a teacher"):
         T.fit(_model(), data, T.TrainConfig(distill=0.5), progress=False)
     for bad, match in [({"lr": -1.0}, "lr must be a finite number"), ({"schedule": "step"}, "schedule must be"),
@@ -226,3 +247,37 @@ def test_the_signal_all_processes_act_on_is_the_one_received(tmp_path):
     for rank in range(2):  # a signal, not the sum of two (SIGTERM twice is not "signal 30")
         assert torch.load(tmp_path / f"signals{rank}.pt") == [term, term, stop, 0, stop]
     assert reduce_signal(term, "cpu") == term  # one process: as it is
+
+
+def _model_without_batchnorm():
+    """BatchNorm would normalise each process's half batch on its own, one process the whole batch."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), tdconv.FactorizedConv2d(8, 16, 3, 2, 1, rank=4),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 10))
+
+
+# one step: 64 images, a global batch of 64 (2 x 32 under two processes); no augmentation, whose
+# choices depend on the process
+ONE_STEP = dict(epochs=1, lr=0.2, seed=3, augment=False)
+
+
+def _one_step_data():
+    return load_dataset("synthetic").subset(train=64, test=64)
+
+
+def _ddp_worker(rank, out):
+    model = _model_without_batchnorm()
+    T.fit(model, _one_step_data(), T.TrainConfig(batch_size=32, **ONE_STEP), progress=False)
+    torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_two_processes_take_the_step_that_one_process_takes(tmp_path):
+    _run_two_processes(tmp_path, _ddp_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # the replicas stay identical
+    single = _model_without_batchnorm()
+    start = {k: v.clone() for k, v in single.state_dict().items()}
+    T.fit(single, _one_step_data(), T.TrainConfig(batch_size=64, **ONE_STEP), progress=False)
+    for k, v in single.state_dict().items():
+        assert not torch.equal(v, start[k]), k  # the step moved every parameter
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-6, msg=k)
