@@ -128,13 +128,17 @@ def evaluate(model: nn.Module, data: ImageDataset, *, batch_size: int = 512, spl
     return 100.0 * correct / count
 
 
+def _batchnorms(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, data: ImageDataset, *, batches: int = 40, batch_size: int = 256,
                           device=None, seed: int = 0) -> None:
     """Re-estimate every BatchNorm's running mean and variance on training images (no weight changes):
     after a decomposition the layers' outputs are slightly different, and stale statistics cost far
     more accuracy than the approximation itself. Averaged over processes under torchrun."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = _batchnorms(model)
     if not bns:
         return
     device = device or next(model.parameters()).device
@@ -398,6 +402,9 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
             why = guard.at_epoch_end(model, data.num_classes)
             if why:
                 raise diverged(epoch, steps, why)
+            if world > 1:  # each process's BatchNorm statistics saw only its shard: evaluate and save one model
+                with torch.no_grad():
+                    all_mean_([t for m in _batchnorms(model) for t in (m.running_mean, m.running_var)], world)
             loss_sum, correct, count = all_sum([loss_sum, correct, count], device)
             bar.update(steps, loss_sum / count, 100 * correct / count, count, final=True)
             record = {"phase": label, "epoch": epoch + 1, "train_loss": loss_sum / count,
