@@ -46,9 +46,6 @@ arguments.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import re
 import statistics
 import sys
 import time
@@ -56,12 +53,10 @@ from pathlib import Path
 
 import torch
 
-import tdconv
-from tdconv import info as tdinfo
-from tdconv.decompose import _cp_init
+from common import (SEED_LAYER, environment, print_environment, print_table, resnet18_kernels, tdconv, timed,
+                    write_json)
 
 METHODS = ("cp", "hosvd", "hooi")
-SEED_LAYER = re.compile(r"^layer\d\.\d\.conv2$")
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -119,61 +114,7 @@ def load_tensorly():
                               multi_mode_dot=multi_mode_dot, version=tl.__version__), None
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(args, tlns) -> dict:
-    env = tdinfo.collect()
-    env.update({
-        "cpu_model": cpu_model(),
-        "torch_num_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-        "tensorly": tlns.version if tlns else None,
-        "device": args.device,
-        "dtype": args.dtype,
-    })
-    return env
-
-
-def resnet18_layers(which: str, device, dtype) -> list:
-    """``[(name, weight)]`` of the requested layer set, weights detached on ``device`` in ``dtype``."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
-    layers = [(name, m.weight.detach().to(device=device, dtype=dtype))
-              for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    if which == "seed":
-        layers = [(n, w) for n, w in layers if SEED_LAYER.match(n)]
-    return layers
-
-
 # ---------------------------------------------------------------------------------------------- measuring
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int):
-    """Median wall time of ``repeats`` calls of ``fn`` and the last result."""
-    times, result = [], None
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
-
-
 def rel_error(x: torch.Tensor, approx: torch.Tensor) -> float:
     x = x.double()
     return float(torch.linalg.vector_norm(x - approx.double()) / torch.linalg.vector_norm(x))
@@ -193,7 +134,6 @@ class Bench:
     def __init__(self, args, tlns):
         self.device, self.tlns = args.device, tlns
         self.N, self.K, self.repeats = args.iters, args.tensorly_iters, args.repeats
-        self.use_ext = tdconv._ext.can_run(args.device)
 
     def _tdconv_row(self, td, x, N, repeats, rank) -> dict:
         """Time ``td(N)`` and start a row with its time and errors."""
@@ -208,8 +148,8 @@ class Bench:
         N, K, repeats = N or self.N, K or self.K, repeats or self.repeats
         x = w.reshape(w.shape[0], w.shape[1], -1)
         rank = cp_rank(w)
-        factors = [f[0] for f in _cp_init(x.unsqueeze(0), rank, "svd", 0, self.use_ext)]
-        ones = torch.ones(rank, dtype=x.dtype, device=x.device)
+        start = tdconv.initialize_cp(x, rank, init="svd", seed=0)  # weights all ones
+        ones, factors = start.weights, list(start.factors)
 
         def td(n):
             return tdconv.cp_als(x, rank, n_iter_max=n, tol=0.0, init=(ones, factors))
@@ -309,7 +249,7 @@ def rank_str(r) -> str:
     return "x".join(map(str, r)) if isinstance(r, (tuple, list)) else str(r)
 
 
-def print_table(title: str, rows: list) -> None:
+def print_rows(title: str, rows: list) -> None:
     cols = ["layer", "shape", "method", "rank", "iters", "tdconv s", "tensorly s", "speed-up",
             "err@", "tdconv err", "tensorly err"]
     body = [[r["layer"], "x".join(map(str, r["shape"])), r["method"], rank_str(r["rank"]), str(r["iters"]),
@@ -318,15 +258,8 @@ def print_table(title: str, rows: list) -> None:
              fmt(r["speedup"], ".1f") + ("x" if r["speedup"] is not None else ""),
              str(r["error_iters"]), fmt(r["tdconv_rel_error"], ".5f"), fmt(r.get("tensorly_rel_error"), ".5f")]
             for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
-    left = {0, 1, 2}
-    line = lambda cells: "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
     print(f"\n== {title} ==")
-    print(line(cols))
-    print(line(["-" * w for w in widths]))
-    for b in body:
-        print(line(b))
+    print_table(cols, body, right=range(3, len(cols)))
 
 
 def totals(rows: list, methods: list) -> dict:
@@ -383,7 +316,7 @@ def main(argv=None) -> int:
         print("error: --device cuda requested but torch sees no CUDA device "
               f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})", file=sys.stderr)
         return 2
-    if not tdconv._ext.can_run(args.device):
+    if tdconv.unavailable_reasons(args.device):
         print("warning: tdconv's compiled ops cannot run on", args.device, "-",
               "; ".join(tdconv.unavailable_reasons(args.device)), "(timing the pure-PyTorch fallback)")
 
@@ -393,16 +326,13 @@ def main(argv=None) -> int:
         if tlns is None:
             print(f"note: TensorLy is not importable ({reason}); timing tdconv only")
 
-    env = environment(args, tlns)
-    print("== environment ==")
-    for key in ("tdconv", "torch", "torch_cuda", "tensorly", "cpu_model", "torch_num_threads", "gpu",
-                "extension_loaded", "cpu_kernels", "cuda_kernels_usable", "device", "dtype"):
-        print(f"{key:<20} {env.get(key) if env.get(key) is not None else '-'}")
+    env = environment(args.device, tensorly=tlns.version if tlns else None, dtype=args.dtype)
+    print_environment(env, ["tensorly", "dtype"])
     print(f"{'settings':<20} iters {args.iters}, tensorly iters {args.tensorly_iters if tlns else '-'}, "
           f"repeats {args.repeats}, methods {','.join(args.methods)}")
 
     dtype = getattr(torch, args.dtype)
-    all_layers = resnet18_layers("all", args.device, dtype)
+    all_layers = resnet18_kernels("all", args.device, dtype)
     sets = {"seed": [lw for lw in all_layers if SEED_LAYER.match(lw[0])], "all": all_layers}
     names = ["seed", "all"] if args.layers == "both" else [args.layers]
 
@@ -427,16 +357,14 @@ def main(argv=None) -> int:
             single = {r["layer"]: r["tdconv_rel_error_full"] for r in rows if r["method"] == "cp"}
             batched["max_abs_diff_vs_single"] = max(abs(e - single[n]) for n, e in batched["rel_errors"].items())
         tot = totals(rows, args.methods)
-        print_table(f"{set_name} layers ({len(layers)})", rows)
+        print_rows(f"{set_name} layers ({len(layers)})", rows)
         print_totals(tot, batched, set_name == "all" and args.device == "cuda" and args.iters == 100)
         results["sets"][set_name] = {"layers": [n for n, _ in layers], "rows": rows, "totals": tot,
                                      "batched": batched}
     print_legend(args, tlns)
     results["wall_s"] = time.perf_counter() - t_start
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    write_json(args.json, results)
     print(f"\nresults written to {args.json.resolve()}")
     return 0
 

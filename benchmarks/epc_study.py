@@ -14,9 +14,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tdconv.cli import main as tdconv_main  # noqa: E402
+from common import environment, print_environment
+from tdconv.cli import main as tdconv_main
 
 
 def run(args, epc: bool) -> dict:
@@ -75,13 +74,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
+    env = environment()
+    print_environment(env)
     off, on = run(args, False), run(args, True)
     text = table(off, on)
     print(text)
     with open(os.path.join(args.out, "epc-study.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "epc-study.json"), "w") as f:
-        json.dump({"als": off["models"], "epc": on["models"]}, f, indent=2)
+        json.dump({"environment": env, "als": off["models"], "epc": on["models"]}, f, indent=2, default=str)
     return 0
 
 

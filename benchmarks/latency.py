@@ -34,19 +34,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import tdconv
-import tdconv.info
-from tdconv.compress import count_complexity, select_layers
+from common import environment, median_times, print_environment, print_table, resnet18, tdconv, write_json
+from tdconv.compress import count_complexity
 
 INPUTS = {"imagenet32": ("imagenet", 32), "cifar32": ("cifar", 32), "imagenet224": ("imagenet", 224)}
 
@@ -74,33 +69,14 @@ def parse_args(argv=None):
     return args
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+ROUNDS = 7
 
 
 def median_latencies(fns: dict, device, min_time: float) -> dict:
     """Median seconds per call of each function, over 7 rounds that each time every function in turn
-    (interleaved, so that a slow phase of a noisy machine hits all candidates alike), after warm-up."""
-    reps = {}
-    for k, fn in fns.items():
-        for _ in range(3):
-            fn()
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        reps[k] = max(1, int(min_time / 7 / max(time.perf_counter() - t0, 1e-6)))
-    rounds = {k: [] for k in fns}
-    for _ in range(7):
-        for k, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(reps[k]):
-                fn()
-            sync(device)
-            rounds[k].append((time.perf_counter() - t) / reps[k])
-    return {k: statistics.median(v) for k, v in rounds.items()}
+    (interleaved, so that a slow phase of a noisy machine hits all candidates alike), after 3 warm-up
+    calls; each timed call repeats a function often enough that its rounds take about ``min_time``."""
+    return median_times(fns, rounds=ROUNDS, warmup=3, min_time=min_time, device=device)
 
 
 class _Free(nn.Module):
@@ -117,7 +93,6 @@ class _Free(nn.Module):
 
 def floor_model(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """``model`` with every FactorizedConv2d replaced by a free stand-in of the same output."""
-    import copy
     model = copy.deepcopy(model)
     outs = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=n: outs.__setitem__(name, out))
@@ -132,25 +107,12 @@ def floor_model(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model
 
 
-def resnet18(stem: str) -> nn.Module:
-    import torchvision
-    torch.manual_seed(0)
-    m = torchvision.models.resnet18(num_classes=10)
-    if stem == "cifar":
-        m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        m.maxpool = nn.Identity()
-    return m
-
-
-def select(model: nn.Module, config: str) -> list:
-    """Names of the convs a configuration factorises: "seed" (conv2 of every BasicBlock) or "all3x3"
-    (tdconv.compress's default: every 3x3 conv but the stem)."""
-    return select_layers(model, "seed" if config == "seed" else None)[0]
-
-
-def factorise(model: nn.Module, names: list, method: str) -> nn.Module:
+def factorise(model: nn.Module, config: str, method: str) -> nn.Module:
+    """``model`` with the convs of a configuration factorised at rank C/2: "seed" (conv2 of every
+    BasicBlock) or "all3x3" (tdconv.compress's default: every 3x3 conv but the stem)."""
     # Latency does not depend on the fit: a few sweeps keep the set-up short.
-    return tdconv.compress(model, method, 0.5, layers=names, n_iter_max=3, seed=0, progress=False)[0]
+    layers = "seed" if config == "seed" else None
+    return tdconv.compress(model, method, 0.5, layers=layers, n_iter_max=3, seed=0, progress=False)[0]
 
 
 def set_implementation(model: nn.Module, impl: str) -> nn.Module:
@@ -226,9 +188,8 @@ def model_rows(args, device, input_name, cl):
     fmt = torch.channels_last if cl else torch.contiguous_format
     variants = {"dense": dense}
     for config in args.configs:
-        names = select(dense, config)
         for method in ("cp", "tucker"):
-            variants[f"{method}-{config}"] = factorise(dense, names, method).eval()
+            variants[f"{method}-{config}"] = factorise(dense, config, method).eval()
     info = {k: count_complexity(m, (3, res, res)) for k, m in variants.items()}
     rows = []
     for batch in args.batches:
@@ -254,49 +215,31 @@ def model_rows(args, device, input_name, cl):
     return rows
 
 
-def print_table(rows, cols):
-    widths = [max(len(c), *(len(fmt_cell(r.get(c))) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(fmt_cell(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
-
-
-def fmt_cell(v):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
-    return str(v)
+def print_rows(rows: list, cols: list) -> None:
+    print_table(cols, [[r.get(c) for c in cols] for r in rows])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     cl = not args.no_channels_last
-    env = tdconv.info.collect()
-    env.update(cpu=platform.processor() or platform.machine(), channels_last=cl)
-    print("== environment ==")
-    for k in ("tdconv", "torch", "torch_cuda", "cpu_threads", "gpus", "extension_loaded", "cpu_kernels",
-              "cuda_kernels_usable"):
-        print(f"{k:<20} {env[k]}")
-    print(f"{'channels_last':<20} {cl}")
+    env = environment(device, channels_last=cl)
+    print_environment(env, ["channels_last"])
     result = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "layers": [], "models": []}
     for input_name in args.inputs:
         stem, res = INPUTS[input_name]
         print(f"\n== per layer: distinct 3x3 convs of resnet18 at {input_name}, rank C/2 ==")
         rows = layer_rows(args, device, res, stem, cl)
-        print_table(rows, ["layer", "shape", "input", "batch", "dense_ms", "cp_unfused_ms", "cp_fused_ms",
+        print_rows(rows, ["layer", "shape", "input", "batch", "dense_ms", "cp_unfused_ms", "cp_fused_ms",
                            "cp_fused_vs_unfused", "cp_fused_vs_dense", "cp_fused_gflops", "tucker_unfused_ms",
                            "tucker_fused_ms", "tucker_fused_vs_unfused", "tucker_fused_vs_dense"])
         result["layers"] += [dict(r, input_set=input_name) for r in rows]
         print(f"\n== whole models at {input_name} (ratio to dense measured in the same run) ==")
         rows = model_rows(args, device, input_name, cl)
-        print_table(rows, ["input", "batch", "model", "ms", "ratio_to_dense", "mmacs", "mparams"])
+        print_rows(rows, ["input", "batch", "model", "ms", "ratio_to_dense", "mmacs", "mparams"])
         result["models"] += rows
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nmedians of 7 rounds; results written to {args.json}")
+    write_json(args.json, result)
+    print(f"\nmedians of {ROUNDS} rounds; results written to {args.json}")
     return 0
 
 

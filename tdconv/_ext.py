@@ -7,6 +7,7 @@ implementations take over.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
@@ -64,6 +65,24 @@ def unavailable_reasons(device: torch.device | str | None = None) -> list[str]:
     elif dev is not None and dev.type not in ("cpu", "cuda"):
         reasons.append(f"device type {dev.type!r} is not supported by tdconv._C")
     return reasons
+
+
+class FallbackWarning(RuntimeWarning):
+    """An op ran on its plain-PyTorch reference because the compiled extension cannot run it (see
+    :func:`unavailable_reasons`): the result is the same, the speed is not. The test suite turns it
+    into an error, so that a broken build cannot pass on the fallback."""
+
+
+def use_extension(device: torch.device | str, what: str) -> bool:
+    """The one seam between tdconv's Python functions and the compiled ops: True when the extension can
+    run ``what`` (an op name, for the message) on ``device``; otherwise a :class:`FallbackWarning`
+    saying why, and False (the caller then runs the reference). Every op of the package asks here."""
+    reasons = unavailable_reasons(device)
+    if reasons:
+        warnings.warn(f"tdconv: {what}: the compiled op cannot run on {device} ({'; '.join(reasons)}); using "
+                      "the slower pure-PyTorch reference", FallbackWarning, stacklevel=3)
+        return False
+    return True
 
 
 def can_run(device: torch.device | str) -> bool:

@@ -9,17 +9,20 @@ report what it cost and what it saved.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import numbers
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from .nn import METHODS, FactorizedConv2d, LiveTapConv2d, resolve_rank
+from .decomposition import decompose_kernel
+from .geometry import ConvGeometry
+from .nn import FactorizedConv2d, LiveTapConv2d
+from .nn.mapping import cp_sensitivity
+from .ranks import METHODS, budget_ranks, data_rank, layer_cost, resolve_rank
+from .report import CompressionReport, LayerReport
 
 __all__ = ["compress", "CompressionReport", "LayerReport", "select_layers", "count_complexity"]
 
@@ -131,20 +134,6 @@ def _input_sizes(model: nn.Module, names: list, input_size: tuple) -> dict:
     return sizes
 
 
-def _conv_macs(conv: nn.Conv2d, hw: tuple) -> int:
-    """MACs of one image through a conv, as ptflops counts them (output elements x kernel x C_in/groups,
-    plus the bias)."""
-    if conv.padding == "same":
-        ho, wo = hw
-    else:
-        pads = (0, 0) if conv.padding == "valid" else conv.padding
-        ho, wo = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-                  for n, p, d, k, s in zip(hw, pads, conv.dilation, conv.kernel_size, conv.stride)]
-    kh, kw = conv.kernel_size
-    macs = conv.out_channels * ho * wo * (conv.in_channels // conv.groups) * kh * kw
-    return int(macs + (conv.out_channels * ho * wo if conv.bias is not None else 0))
-
-
 def count_complexity(model: nn.Module, input_size=(3, 32, 32)) -> tuple[int, int]:
     """(MACs, parameters) of one input of ``input_size``, counted by ptflops (``backend="pytorch"``,
     functional calls not counted, as the seed counted them), with :class:`FactorizedConv2d` counted as
@@ -166,140 +155,6 @@ def count_complexity(model: nn.Module, input_size=(3, 32, 32)) -> tuple[int, int
     return int(macs), int(params)
 
 
-@dataclass
-class LayerReport:
-    """What factorising one conv did."""
-    name: str
-    kernel_shape: list
-    method: str
-    rank: object
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    rel_error: float
-    # CP only: largest / smallest component norm, and sum of squared component norms / ||W||^2
-    # (large values flag a degenerate decomposition: terms that cancel each other).
-    max_component_norm: float | None = None
-    min_component_norm: float | None = None
-    norm_ratio: float | None = None
-    # CP only: the sensitivity of Phan et al. (ECCV 2020) of the layer's factors as stored, relative to
-    # ||W||^(2(N-1)/N) (see CPTensor.sensitivity); EPC (epc=True) lowers it at the same error.
-    sensitivity: float | None = None
-    kernel_norm: float | None = None  # ||W||_F of the original kernel
-    seconds: float = 0.0
-
-
-@dataclass
-class CompressionReport:
-    """Per-layer and whole-model figures of a compression; ``print(report)`` shows a table."""
-    method: str
-    input_size: tuple
-    layers: list = field(default_factory=list)   # LayerReport per factorised conv
-    skipped: list = field(default_factory=list)  # (name, reason)
-    macs_before: int | None = None               # whole model, ptflops
-    macs_after: int | None = None
-    params_before: int | None = None
-    params_after: int | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["input_size"] = list(self.input_size)
-        d["skipped"] = [list(s) for s in self.skipped]
-        return d
-
-    def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, default=str)
-
-    def _rows(self):
-        cols = ["layer", "kernel", "rank", "params", "MMac", "rel. error", "max/min comp.", "sum comp^2/|W|^2",
-                "sensitivity"]
-        rows = []
-        for r in self.layers:
-            ratio = (f"{r.max_component_norm / r.min_component_norm:.3g}"
-                     if r.max_component_norm is not None and r.min_component_norm else "-")
-            rows.append([r.name, "x".join(map(str, r.kernel_shape)), str(r.rank),
-                         f"{r.params_before} -> {r.params_after}",
-                         f"{r.macs_before / 1e6:.3f} -> {r.macs_after / 1e6:.3f}", f"{r.rel_error:.4f}", ratio,
-                         f"{r.norm_ratio:.3g}" if r.norm_ratio is not None else "-",
-                         f"{r.sensitivity:.4g}" if r.sensitivity is not None else "-"])
-        return cols, rows
-
-    def _totals(self) -> list:
-        lines = []
-        if self.macs_before is not None:
-            lines.append(f"MACs ({'x'.join(map(str, self.input_size))}, ptflops): {self.macs_before / 1e6:.2f} M -> "
-                         f"{self.macs_after / 1e6:.2f} M ({self.macs_after / self.macs_before:.1%})")
-            lines.append(f"parameters: {self.params_before / 1e6:.2f} M -> {self.params_after / 1e6:.2f} M "
-                         f"({self.params_after / self.params_before:.1%})")
-        return lines
-
-    def __str__(self) -> str:
-        cols, rows = self._rows()
-        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-        out = [f"tdconv.compress: method={self.method}, {len(self.layers)} conv(s) factorised"]
-        out.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-        out.append("  ".join("-" * w for w in widths))
-        out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-        out += [f"skipped {n}: {why}" for n, why in self.skipped]
-        out += self._totals()
-        return "\n".join(out)
-
-    def to_markdown(self) -> str:
-        cols, rows = self._rows()
-        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
-        out += ["", *[f"- skipped `{n}`: {why}" for n, why in self.skipped]]
-        out += ["", *[f"- {line}" for line in self._totals()]]
-        return "\n".join(out).rstrip() + "\n"
-
-
-def _budget_ranks(model, method, selected, fixed_ranks, overrides, sizes, before, metric, target, bias,
-                  min_rank) -> dict:
-    """Ranks of the selected layers not in ``overrides`` that fit the whole model into ``target``."""
-    from .ranks import allocate_budget, floor_rank, mode_tails
-
-    modules = dict(model.named_modules())
-    total = before[0] if metric == "macs" else before[1]
-    budget = int(math.floor(target * total))
-    spent_elsewhere = total
-    free = []
-    for name in selected:
-        conv = modules[name]
-        hw = sizes.get(name)
-        if hw is None:
-            raise ValueError(f"layer {name!r} is not reached by a forward pass at input_size; a budget needs "
-                             "every selected layer's input size")
-        dense = _conv_macs(conv, hw) if metric == "macs" else sum(p.numel() for p in conv.parameters())
-        probe = FactorizedConv2d.like(conv, method, (1, 1) if method == "tucker" else 1, bias=bias, device="meta")
-        spent_elsewhere -= dense
-        if name in overrides:
-            r = fixed_ranks[name]
-            spent_elsewhere += probe.macs(hw, r) if metric == "macs" else probe.num_params(r)
-            continue
-        free.append({"name": name, "probe": probe, "hw": hw, "dense_cost": dense, "tails": mode_tails(conv.weight)})
-    if not free:
-        return {}
-    try:
-        ranks = allocate_budget(free, method, budget - spent_elsewhere, metric, min_rank)
-    except ValueError as exc:
-        floors = [floor_rank(f["probe"], method, min_rank) for f in free]
-        low = spent_elsewhere + sum(f["probe"].macs(f["hw"], r) if metric == "macs" else f["probe"].num_params(r)
-                                    for f, r in zip(free, floors))
-        where = "at rank 1" if min_rank == 0 else f"at min_rank={min_rank}"
-        raise ValueError(f"target_{metric}={target} is unreachable by factorising these layers: the smallest "
-                         f"achievable is {low / total:.4f} of the model's {metric} (every selected layer {where})"
-                         ) from exc
-    achieved = spent_elsewhere + sum(
-        f["probe"].macs(f["hw"], ranks[f["name"]]) if metric == "macs" else f["probe"].num_params(ranks[f["name"]])
-        for f in free)
-    if achieved < 0.98 * budget:
-        raise ValueError(f"target_{metric}={target} is above what factorising these layers can use: at most "
-                         f"{achieved / total:.4f} of the model's {metric} (each layer up to its dense cost); "
-                         "select more layers or leave the layers dense")
-    return ranks
-
-
 def _layer_report(name, conv, layer, hw, seconds) -> LayerReport:
     w = conv.weight.detach()
     wn = float(w.double().norm())
@@ -309,28 +164,16 @@ def _layer_report(name, conv, layer, hw, seconds) -> LayerReport:
                       rank=list(layer.rank) if isinstance(layer.rank, tuple) else layer.rank,
                       params_before=sum(p.numel() for p in conv.parameters()),
                       params_after=sum(p.numel() for p in layer.parameters()),
-                      macs_before=_conv_macs(conv, hw), macs_after=layer.macs(hw), rel_error=err, seconds=seconds,
-                      kernel_norm=wn)
+                      macs_before=layer_cost(ConvGeometry.of(conv), "dense", None, "macs", hw),
+                      macs_after=layer.macs(hw), rel_error=err, seconds=seconds, kernel_norm=wn)
     if layer.method in ("cp", "cp4"):
         norms = layer.component_norms().double()
         rep.max_component_norm = float(norms.max())
         rep.min_component_norm = float(norms.min())
         rep.norm_ratio = float(norms.square().sum()) / wn ** 2 if wn > 0 else float("nan")
-        rep.sensitivity = _layer_sensitivity(layer, wn)
+        rep.sensitivity = cp_sensitivity(layer.method, layer.first, layer.spatial, layer.last,
+                                         getattr(layer, "spatial_w", None), wn)
     return rep
-
-
-def _layer_sensitivity(layer: FactorizedConv2d, w_norm: float) -> float:
-    """sum_n I_n sum_r prod_{m != n} ||f_{m,r}||^2 over the CP layer's factors as stored, / ||W||^(2(N-1)/N)."""
-    with torch.no_grad():
-        factors = [layer.last.flatten(1).t(), layer.first.flatten(1), layer.spatial.flatten(1)]
-        if layer.method == "cp4":
-            factors.append(layer.spatial_w.flatten(1))
-        sq = torch.stack([f.double().square().sum(1) for f in factors])  # [N, R]
-        sizes = [f.shape[1] for f in factors]
-        total = sum(size * float((sq.prod(0) / sq[n].clamp_min(1e-300)).sum()) for n, size in enumerate(sizes))
-    n = len(factors)
-    return total / w_norm ** (2.0 * (n - 1) / n) if w_norm > 0 else float("nan")
 
 
 def _progress(enabled, i, n, name, t0):
@@ -386,8 +229,8 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     progress : bool, optional
         A progress line on stderr (default: when stderr is a terminal and more than 4 layers).
     **decomposition_options
-        Passed to :meth:`FactorizedConv2d.from_conv` (``n_iter_max``, ``tol``, ``init``, ``seed``, ...).
-        ``seed`` is accepted for every method; Tucker (HOSVD-initialised HOOI) does not use it.
+        Passed to :func:`tdconv.decomposition.decompose_kernel` (``n_iter_max``, ``tol``, ``init``, ``seed``,
+        ``epc``, ...). ``seed`` is accepted for every method; Tucker (HOSVD-initialised HOOI) does not use it.
 
     Returns
     -------
@@ -403,8 +246,9 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     if not (isinstance(input_size, (tuple, list)) and len(input_size) == 3
             and all(isinstance(v, numbers.Integral) and v >= 1 for v in input_size)):
         raise ValueError(f"input_size must be (C, H, W) of positive ints, got {input_size!r}")
-    if method == "tucker":
-        decomposition_options.pop("seed", None)  # deterministic: nothing to seed
+    if bias not in (None, True):
+        raise ValueError(f"bias must be None (keep each conv's) or True (a bias on every factorised layer), "
+                         f"got {bias!r}")
     if target_macs is not None and target_params is not None:
         raise ValueError("give at most one of target_macs and target_params")
     metric, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
@@ -432,7 +276,6 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
         r = overrides.get(name, rank) if overrides else rank
         try:
             if isinstance(r, str):
-                from .ranks import data_rank
                 r = data_rank(r, conv.weight, method)
             ranks[name] = resolve_rank(r, method, conv.out_channels, conv.in_channels)
         except ValueError as exc:
@@ -440,29 +283,47 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     sizes = _input_sizes(model, selected, input_size)
     before = count_complexity(model, input_size)
     if target is not None:
-        ranks.update(_budget_ranks(model, method, selected, ranks, overrides or {}, sizes, before, metric, target,
-                                   bias, min_rank))
-    out = model if inplace else copy.deepcopy(model)
-    out_modules = dict(out.named_modules())
+        total = before[0] if metric == "macs" else before[1]
+        priced = {}
+        for name in selected:
+            conv = modules[name]
+            if name not in sizes:
+                raise ValueError(f"layer {name!r} is not reached by a forward pass at input_size; a budget needs "
+                                 "every selected layer's input size")
+            dense = ConvGeometry.of(conv)
+            factorised = ConvGeometry.of(FactorizedConv2d.like(conv, method, 1 if method != "tucker" else (1, 1),
+                                                               bias=bias, device="meta"))
+            priced[name] = (factorised, sizes[name], layer_cost(dense, "dense", None, metric, sizes[name]), conv.weight)
+        ranks.update(budget_ranks(priced, method, total, metric, target, min_rank,
+                                  fixed={n: ranks[n] for n in (overrides or {})}))
+    # Every layer is built before the model is touched: an error leaves ``model`` as it was.
     show = progress if progress is not None else (sys.stderr.isatty() and len(selected) > 4)
     report = CompressionReport(method=method, input_size=tuple(input_size), skipped=skipped)
+    new_layers = {}
     t0 = time.perf_counter()
     for i, name in enumerate(selected):
         _progress(show, i, len(selected), name, t0)
-        conv = out_modules[name]
+        conv = modules[name]
         t = time.perf_counter()
-        layer = FactorizedConv2d.from_conv(conv, method=method, rank=ranks[name], bias=bias, **decomposition_options)
-        layer.train(conv.training)
+        layer = FactorizedConv2d.like(conv, method, ranks[name], bias=bias, device=conv.weight.device,
+                                      dtype=conv.weight.dtype)
+        decomposition = decompose_kernel(conv.weight.detach(), method, layer.rank, **decomposition_options)
+        layer.load_decomposition(decomposition, conv.bias).train(conv.training)
+        if not bool(torch.isfinite(layer.kernel()).all()):
+            raise RuntimeError(f"the decomposition of layer {name!r} produced a non-finite kernel; the model is "
+                               "unchanged")
         hw = sizes.get(name)
         if hw is not None:
             report.layers.append(_layer_report(name, conv, layer, hw, time.perf_counter() - t))
         else:
             report.skipped.append((name, "not reached by a forward pass at input_size; factorised, not reported"))
+        new_layers[name] = layer
+    _progress(show, len(selected), len(selected), "done", t0)
+    out = model if inplace else copy.deepcopy(model)
+    out_modules = dict(out.named_modules())
+    for name, layer in new_layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(out_modules[parent_name] if parent_name else out, child, layer)
-    _progress(show, len(selected), len(selected), "done", t0)
     report.macs_before, report.params_before = before
     report.macs_after, report.params_after = count_complexity(out, input_size)
-    if not math.isfinite(sum(r.rel_error for r in report.layers)):
-        raise RuntimeError("a decomposition produced a non-finite kernel; see the report's rel_error column")
     return out, report

@@ -1,24 +1,27 @@
 """``python -m tdconv.info``: what was built, what is available here, and why not."""
 from __future__ import annotations
 
-import platform
 import sys
 
 import torch
 
 from . import _ext
+from .utils import describe_environment
 from .version import __version__
 
 
 def collect() -> dict:
-    """Build and runtime facts as a dict (what ``python -m tdconv.info`` prints)."""
+    """Build and runtime facts as a dict (what ``python -m tdconv.info`` prints): the environment of
+    :func:`tdconv.utils.describe_environment`, then what was built and what can run here."""
+    env = describe_environment()
     info = {
         "tdconv": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cpu_threads": torch.get_num_threads(),
+        "python": env["python"],
+        "platform": env["platform"],
+        "torch": env["torch"],
+        "torch_cuda": env["torch_cuda"],
+        "cpu": env["cpu"],
+        "cpu_threads": env["threads"],
         "extension_loaded": _ext.has_ext(),
         "extension_built_against_torch": getattr(_ext._C, "torch_version", None),
         "cpu_kernels": _ext.can_run("cpu"),

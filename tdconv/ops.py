@@ -8,15 +8,11 @@ import torch.nn.functional as F
 
 from . import _ext
 from . import reference as _ref
+from .utils import conv_output_size, is_tracing
 
 __all__ = ["cp_conv2d", "tucker_conv2d", "fused_unsupported_reasons"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _out_hw(h, w, k, stride, padding, dilation):
-    return ((h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1)
 
 
 # Which fused ops have a kernel for which device type.
@@ -46,19 +42,21 @@ def fused_unsupported_reasons(x: torch.Tensor, first: torch.Tensor, op: str = "c
 
 
 def _call(op: str, x, first, spatial, last, bias, stride, padding, dilation) -> torch.Tensor:
-    """The compiled op ``op`` where the extension is loaded, its plain-PyTorch reference otherwise.
+    """The compiled op ``op`` where the extension can run it (:func:`tdconv._ext.use_extension`: the one
+    seam and fallback policy of the package), its plain-PyTorch reference otherwise.
 
     Where no gradient can flow (grad mode off, or no argument requires grad) the op is called below
     the autograd dispatch key: its autograd formula is registered from Python, and passing through it
-    costs about 25 us per call even when it has nothing to record (a third of a small layer's time)."""
-    if not _ext.has_ext():
+    costs about 25 us per call even when it has nothing to record (a third of a small layer's time).
+    Never under a tracer or exporter, which must see the op itself."""
+    if not _ext.use_extension(x.device, op):
         return getattr(_ref, op)(x, first, spatial, last, bias, stride, padding, dilation)
     fn = getattr(torch.ops.tdconv, op).default
     args = (x, first, spatial, last, bias, [int(v) for v in stride], [int(v) for v in padding],
             [int(v) for v in dilation])
     no_grad = not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, first, spatial, last, bias))
-    if no_grad and not torch.compiler.is_compiling():
+    if no_grad and not is_tracing():
         with torch._C._AutoDispatchBelowAutograd():
             return fn(*args)
     return fn(*args)
@@ -97,7 +95,8 @@ if _ext.has_ext():
     def _conv_fake(x, first, spatial, last, bias, stride, padding, dilation):
         torch._check(x.dim() == 4, lambda: "the input must be 4-D")
         torch._check(first.shape[1] == x.shape[1], lambda: "channel mismatch between x and first")
-        ho, wo = _out_hw(x.shape[2], x.shape[3], spatial.shape[-2:], stride, padding, dilation)
+        ho, wo = conv_output_size(x.shape[2:], tuple(spatial.shape[-2:]), tuple(stride), tuple(padding),
+                                  tuple(dilation))
         return torch.empty((x.shape[0], last.shape[0], ho, wo), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
 

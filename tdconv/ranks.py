@@ -1,4 +1,6 @@
-"""Rank selection: fixed ranks (``tdconv.nn.resolve_rank``) and ranks fitted to a whole-model budget.
+"""Every rank rule: fixed ranks and fractions (:func:`resolve_rank`), data-driven ranks (EVBMF, energy),
+ranks fitted to a whole-model budget (:func:`budget_ranks`), and the one cost function that prices a
+layer at any rank (:func:`layer_cost`).
 
 A budget (``target_macs=0.5``: half the model's MACs; ``target_params=0.3``) is met by a greedy
 allocation over per-layer error-versus-rank curves: starting from rank 1 everywhere, the rank change with
@@ -17,13 +19,102 @@ over the layers, one rank step each in turn.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
 import torch
-from torch import nn
 
-__all__ = ["mode_tails", "allocate_budget"]
+from .geometry import ConvGeometry
+from .utils import conv_macs
+
+__all__ = ["METHODS", "resolve_rank", "layer_cost", "data_rank", "evbmf_rank", "energy_rank", "mode_tails",
+           "allocate_budget", "budget_ranks"]
+
+METHODS = ("cp", "cp4", "tucker")
+METRICS = ("macs", "params")
+
+
+# ---------------------------------------------------------------------------------------------- fixed ranks
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (numbers.Integral, bool))
+
+
+def resolve_rank(rank, method: str, out_channels: int, in_channels: int):
+    """The rank(s) a ``rank`` argument means for a conv with these channel counts.
+
+    ``rank`` is an int (CP) or a pair ``(R_out, R_in)`` (Tucker), or a real number in (0, 1] (a Python or
+    NumPy float): that fraction of the channels (CP: of ``out_channels``; Tucker: of each channel mode),
+    at least 1.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if _is_fraction(rank):
+        rank = float(rank)
+        if not 0.0 < rank <= 1.0:
+            raise ValueError(f"rank as a fraction of the channels must be in (0, 1], got {rank}")
+        if method == "tucker":
+            return (max(1, int(rank * out_channels)), max(1, int(rank * in_channels)))
+        return max(1, int(rank * out_channels))
+    if method == "tucker":
+        if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+            rank = (rank, rank)
+        try:
+            r_out, r_in = rank
+        except (TypeError, ValueError):
+            raise ValueError(f"rank for method='tucker' must be an int, a pair (R_out, R_in) or a fraction, "
+                             f"got {rank!r}") from None
+        r_out, r_in = _positive_int(r_out, "rank (R_out)"), _positive_int(r_in, "rank (R_in)")
+        if r_out > out_channels or r_in > in_channels:
+            raise ValueError(f"rank {(r_out, r_in)} out of range: Tucker ranks must be at most "
+                             f"(out_channels, in_channels) = {(out_channels, in_channels)}")
+        return (r_out, r_in)
+    return _positive_int(rank, "rank")
+
+
+# ---------------------------------------------------------------------------------------------- cost
+def layer_cost(geometry: ConvGeometry, method: str, rank, metric: str, in_hw=None) -> int:
+    """Parameters, or MACs of one image of spatial size ``in_hw``, of a conv of ``geometry`` kept dense
+    (``method="dense"``) or factorised by ``method`` at ``rank``.
+
+    MACs are counted as ptflops counts the chain of standard convolutions the layer is equivalent to
+    (:meth:`tdconv.FactorizedConv2d.to_chain`): the first 1x1 at the input's resolution, the spatial
+    conv(s) at theirs (cp4's ``kh x 1`` conv keeps the input's width, padded where the chain pads
+    explicitly), the last 1x1 and the bias at the output's.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    g = geometry
+    kh, kw = g.kernel_size
+    bias = g.out_channels if g.bias else 0
+    if method == "dense":
+        if metric == "params":
+            return int(g.out_channels * (g.in_channels // g.groups) * kh * kw + bias)
+        return conv_macs(g.in_channels, g.out_channels, g.kernel_size, g.output_size(in_hw), groups=g.groups,
+                         bias=g.bias)
+    if method not in METHODS:
+        raise ValueError(f"method must be 'dense' or one of {METHODS}, got {method!r}")
+    r_out, r_in = tuple(rank) if method == "tucker" else (rank, rank)
+    spatial = {"cp": r_in * kh * kw, "cp4": r_in * (kh + kw), "tucker": r_out * r_in * kh * kw}[method]
+    if metric == "params":
+        return int(r_in * g.in_channels + spatial + g.out_channels * r_out + bias)
+    h, w = in_hw
+    ho, wo = g.output_size(in_hw)
+    macs = g.in_channels * r_in * h * w + (r_out * g.out_channels + (1 if g.bias else 0) * g.out_channels) * ho * wo
+    if method == "cp4":  # kh x 1 at (Ho, W'), then 1 x kw at (Ho, Wo); W' is W, padded when the chain pads first
+        pad = g.explicit_pad
+        w_mid = w + (pad[0] + pad[1] if pad is not None else 0)
+        return int(macs + r_in * kh * ho * w_mid + r_in * kw * ho * wo)
+    return int(macs + spatial * ho * wo)
+
+
+# ---------------------------------------------------------------------------------------------- budgets
 
 
 def mode_tails(weight: torch.Tensor) -> tuple:
@@ -50,10 +141,10 @@ def _error(tails, method, rank) -> float:
     return math.sqrt(min(1.0, max(a, b, 1.0 - (1.0 - a) * (1.0 - b))))
 
 
-def floor_rank(probe, method: str, min_rank: float):
+def floor_rank(geometry: ConvGeometry, method: str, min_rank: float):
     """The smallest rank a layer may take: ``min_rank`` of its channels, at least 1."""
-    r_out = max(1, math.ceil(min_rank * probe.out_channels))
-    r_in = max(1, math.ceil(min_rank * probe.in_channels))
+    r_out = max(1, math.ceil(min_rank * geometry.out_channels))
+    r_in = max(1, math.ceil(min_rank * geometry.in_channels))
     return (r_out, r_in) if method == "tucker" else r_out
 
 
@@ -61,7 +152,7 @@ def _path(layer, method, cost, min_rank) -> list:
     """Ranks a layer may take, in steps of 1/64 of its channels (Tucker: both ranks together, in
     proportion to their channels), from its floor up to where the factorised form would cost more than
     the dense conv."""
-    p = layer["probe"]
+    p = layer["geometry"]
     so, si = max(1, p.out_channels // 64), max(1, p.in_channels // 64)
     path = [floor_rank(p, method, min_rank)]
     while True:
@@ -81,8 +172,8 @@ def _path(layer, method, cost, min_rank) -> list:
 def allocate_budget(layers: list, method: str, budget: int, metric: str, min_rank: float = 0.0) -> dict:
     """Ranks for ``layers`` whose total cost is at most ``budget`` and as close to it as rank steps allow.
 
-    ``layers``: dicts with ``name``, ``probe`` (a FactorizedConv2d of the layer's geometry: its
-    ``macs(hw, rank)`` / ``num_params(rank)`` price any rank), ``hw`` (the layer's input size), ``tails``
+    ``layers``: dicts with ``name``, ``geometry`` (the factorised layer's :class:`ConvGeometry`, priced at
+    any rank by :func:`layer_cost`), ``hw`` (the layer's input size), ``tails``
     (:func:`mode_tails`) and ``dense_cost``. No layer goes below ``min_rank`` of its channels.
     Returns ``{name: rank}``.
 
@@ -91,8 +182,7 @@ def allocate_budget(layers: list, method: str, budget: int, metric: str, min_ran
     convex-hull greedy of a multiple-choice knapsack), not merely the next step.
     """
     def cost(layer, rank):
-        p = layer["probe"]
-        return p.macs(layer["hw"], rank) if metric == "macs" else p.num_params(rank)
+        return layer_cost(layer["geometry"], method, rank, metric, layer["hw"])
 
     paths, costs, errors, pos = {}, {}, {}, {}
     for layer in layers:
@@ -135,6 +225,45 @@ def allocate_budget(layers: list, method: str, budget: int, metric: str, min_ran
                 pos[name] = i + 1
                 grew = True
     return {name: paths[name][pos[name]] for name in paths}
+
+
+def budget_ranks(layers: dict, method: str, total: int, metric: str, target: float, min_rank: float = 0.0,
+                 fixed: dict | None = None) -> dict:
+    """Ranks that bring a whole model of cost ``total`` (MACs or parameters, ``metric``) to ``target``
+    (a fraction of it) by factorising ``layers``.
+
+    ``layers``: ``{name: (geometry of the factorised layer, input size (H, W), dense cost, weight)}``;
+    ``fixed``: ``{name: rank}`` for those of them whose rank is given (they are priced, not chosen).
+    Raises ``ValueError`` with the achievable range when the target cannot be met within 2 %.
+    """
+    fixed = fixed or {}
+    budget = int(math.floor(target * total))
+    spent_elsewhere = total
+    free = []
+    for name, (geometry, hw, dense, weight) in layers.items():
+        spent_elsewhere -= dense
+        if name in fixed:
+            spent_elsewhere += layer_cost(geometry, method, fixed[name], metric, hw)
+            continue
+        free.append({"name": name, "geometry": geometry, "hw": hw, "dense_cost": dense, "tails": mode_tails(weight)})
+    if not free:
+        return {}
+    try:
+        ranks = allocate_budget(free, method, budget - spent_elsewhere, metric, min_rank)
+    except ValueError as exc:
+        low = spent_elsewhere + sum(layer_cost(f["geometry"], method, floor_rank(f["geometry"], method, min_rank),
+                                               metric, f["hw"]) for f in free)
+        where = "at rank 1" if min_rank == 0 else f"at min_rank={min_rank}"
+        raise ValueError(f"target_{metric}={target} is unreachable by factorising these layers: the smallest "
+                         f"achievable is {low / total:.4f} of the model's {metric} (every selected layer {where})"
+                         ) from exc
+    achieved = spent_elsewhere + sum(layer_cost(f["geometry"], method, ranks[f["name"]], metric, f["hw"])
+                                     for f in free)
+    if achieved < 0.98 * budget:
+        raise ValueError(f"target_{metric}={target} is above what factorising these layers can use: at most "
+                         f"{achieved / total:.4f} of the model's {metric} (each layer up to its dense cost); "
+                         "select more layers or leave the layers dense")
+    return ranks
 
 
 # ---------------------------------------------------------------------------------------------- data-driven ranks

@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 __all__ = ["conv_output_size", "conv_macs", "time_interleaved", "median_times", "describe_environment",
-           "atomic_save", "atomic_write_text", "atomic_write_json"]
+           "atomic_save", "atomic_write_text", "atomic_write_json", "is_tracing"]
 
 
 # ---------------------------------------------------------------------------------------------- conv arithmetic
@@ -31,7 +31,7 @@ def conv_output_size(size: Sequence[int], kernel_size, stride=1, padding=0, dila
     pairs for asymmetric padding, as in ``((top, bottom), (left, right))``.
     """
     pads = [(p, p) if not isinstance(p, (tuple, list)) else tuple(p) for p in _pair(padding)]
-    return tuple(int((n + before + after - d * (k - 1) - 1) // s + 1)
+    return tuple((n + before + after - d * (k - 1) - 1) // s + 1
                  for n, (before, after), k, s, d in zip(size, pads, _pair(kernel_size), _pair(stride),
                                                        _pair(dilation)))
 
@@ -152,3 +152,16 @@ def atomic_write_json(path, obj, indent: int = 2) -> None:
     """``json.dump`` of ``obj`` to ``path``, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent, default=str))
 
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+def is_tracing() -> bool:
+    """True under any tracer or exporter (``torch.compile``, ``torch.export``, ``torch.jit.trace``/``script``,
+    ``torch.onnx.export``): code that would time, cache by identity or leave the autograd key must not."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    if exporting is not None and exporting():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and onnx.is_in_onnx_export())

@@ -18,6 +18,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=DEVICES)
 def device(request):
+    """Every device test runs on the CPU and, where a GPU is present, on CUDA. On CUDA the extension's
+    CUDA part must be there: a test must not pass on the pure-PyTorch fallback of a CPU-only build."""
+    if request.param == "cuda" and not tdconv.has_cuda_ext() and os.environ.get("TDCONV_ALLOW_NO_EXT") != "1":
+        pytest.fail("a GPU is present but tdconv._C was built without its CUDA part: "
+                    + "; ".join(tdconv.unavailable_reasons("cuda")))
     return torch.device(request.param)
 
 

@@ -87,15 +87,52 @@ def test_torchvision_models(require_ext, name, kwargs, expected_skips):
     model = getattr(torchvision.models, name)(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     small, report = tdconv.compress(model, n_iter_max=1, **kwargs)
-    assert small(x).shape == model(x).shape
+    with torch.no_grad():
+        assert small(x).shape == model(x).shape
     assert report.params_after < report.params_before and report.macs_after < report.macs_before
+    # The totals are what ptflops counts on the compressed model, and they change by exactly what the
+    # per-layer rows say (each row: the dense conv's count and the factorised layer's chain).
+    assert (report.macs_after, report.params_after) == count_complexity(small, (3, 32, 32))
+    assert report.macs_before - report.macs_after == sum(r.macs_before - r.macs_after for r in report.layers)
+    assert report.params_before - report.params_after == sum(r.params_before - r.params_after for r in report.layers)
+    for r in report.layers:
+        layer = small.get_submodule(r.name)
+        assert isinstance(layer, tdconv.FactorizedConv2d) and r.params_after == layer.num_params()
+        assert r.params_before == sum(p.numel() for p in model.get_submodule(r.name).parameters())
     assert len(report.skipped) == expected_skips
     if name == "mobilenet_v2":
         assert all("depthwise" in why for _, why in report.skipped)
 
 
+def test_inplace_failure_leaves_the_model_unchanged(require_ext):
+    # An error in the middle of the layers (here: an option the second method cannot take, or a
+    # decomposition that fails on a later layer) must not leave a half-compressed model behind.
+    model = _resnet18()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="unexpected decomposition options"):
+        tdconv.compress(model, "tucker", 0.5, layers="seed", inplace=True, init="random")
+    with torch.no_grad():
+        model.layer4[1].conv2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tdconv.compress(model, "cp", 0.5, layers="seed", inplace=True, **FAST)
+    assert all(type(m) is not tdconv.FactorizedConv2d for m in model.modules())
+    state = model.state_dict()
+    assert list(state) == list(before)
+
+
+def test_seed_option_for_every_method(require_ext):
+    model = _resnet18()
+    a, _ = tdconv.compress(model, "tucker", 0.5, layers=["layer1.0.conv2"], seed=0)
+    b, _ = tdconv.compress(model, "tucker", 0.5, layers=["layer1.0.conv2"], seed=1)
+    torch.testing.assert_close(a.layer1[0].conv2.kernel(), b.layer1[0].conv2.kernel())
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        tdconv.compress(model, "cp", 0.5, layers=["layer1.0.conv2"], seed=0.5)
+
+
 def test_bad_input(require_ext):
     model = _resnet18()
+    with pytest.raises(ValueError, match="bias must be None"):
+        tdconv.compress(model, "cp", 0.5, layers="seed", bias=False)
     with pytest.raises(ValueError, match="method must be one of"):
         tdconv.compress(model, "svd")
     with pytest.raises(ValueError, match="no convolution to factorise"):

@@ -3,13 +3,13 @@ import pytest
 import torch
 
 import tdconv
-from tdconv.decompose import _cp_init
 
 
 def _samples(device):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 5, 4, dtype=torch.float64, generator=g).to(device)
-    init = _cp_init(x, 3, "random", 0, True)
+    init = [f.expand(2, -1, -1).contiguous()
+            for f in tdconv.initialize_cp(x[0], 3, init="random", seed=0).factors]
     fill = [torch.randn(2, s, max(7 - s, 0), dtype=torch.float64, generator=g).to(device) for s in x.shape[1:]]
     _, factors = torch.ops.tdconv.tucker_hosvd(x, [3, 2], [0, 1])
     y = torch.randn(2, 4, 5, 3, generator=g).to(device)

@@ -1,0 +1,112 @@
+"""The choice of ``implementation="auto"``: the fused op or the chain, timed once per configuration.
+
+The state is one :class:`Autotuner` object (:data:`autotuner`); :func:`set_autotune` switches it, and
+:func:`autotuning` switches it for a ``with`` block and restores the previous setting on exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import torch
+
+from ..utils import is_tracing, median_times
+
+__all__ = ["AUTOTUNE_MARGIN", "Autotuner", "autotuner", "set_autotune", "autotuning"]
+
+# ``auto`` keeps the fused op unless the chain's median time is below fused / AUTOTUNE_MARGIN: single
+# timings on a shared machine vary by more than 10 %, and the fused op never allocates the two
+# intermediate feature maps (in the first whole-model runs, a smaller margin lost to plain "fused" by
+# picking the chain on layers where the two tie).
+AUTOTUNE_MARGIN = 1.1
+
+
+class Autotuner:
+    """Times the fused op against the unfused chain the first time it meets a configuration (layer,
+    input shape, strides, dtype, device, thread count) and remembers the faster one, like
+    ``torch.backends.cudnn.benchmark``.
+
+    Parameters
+    ----------
+    enabled : bool
+        When off, and always under a tracer or exporter (``torch.compile``, ``torch.export``,
+        ``torch.jit.trace``, ``torch.onnx.export``), :meth:`picks_fused` says True without timing: a
+        deterministic choice, the fused op wherever it can run.
+    margin : float
+        The chain must be faster than the fused op by this factor to be chosen.
+    rounds : int
+        Interleaved timing rounds (after one warm-up call of each).
+    clock : callable
+        The stopwatch (``time.perf_counter``).
+    """
+
+    def __init__(self, enabled: bool = True, margin: float = AUTOTUNE_MARGIN, rounds: int = 5,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.enabled = self._check(enabled)
+        self.margin = float(margin)
+        self.rounds = int(rounds)
+        self.clock = clock
+        self.choices: dict = {}
+        self.timings = 0  # how many configurations have been timed
+
+    @staticmethod
+    def _check(enabled) -> bool:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        return enabled
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch timing on or off; forgets the choices made so far."""
+        self.enabled = self._check(enabled)
+        self.choices.clear()
+
+    @property
+    def active(self) -> bool:
+        """Whether a choice would be timed now: enabled, and no tracer or exporter is running."""
+        return self.enabled and not is_tracing()
+
+    def picks_fused(self, key, fused: Callable[[], torch.Tensor], unfused: Callable[[], torch.Tensor],
+                    device=None) -> bool:
+        """Whether the configuration ``key`` runs the fused op: the remembered choice, or the outcome of
+        timing ``fused()`` against ``unfused()`` now."""
+        if not self.active:
+            return True
+        choice = self.choices.get(key)
+        if choice is None:
+            choice = self.choices[key] = self.fused_is_faster(fused, unfused, device)
+        return choice
+
+    def fused_is_faster(self, fused, unfused, device=None) -> bool:
+        """Whether the fused op's median time over interleaved rounds is within ``margin`` of the chain's."""
+        with torch.no_grad():
+            t = median_times({"fused": fused, "unfused": unfused}, rounds=self.rounds, warmup=1, device=device,
+                             clock=self.clock)
+        self.timings += 1
+        return t["fused"] <= t["unfused"] * self.margin
+
+
+autotuner = Autotuner()
+
+
+def set_autotune(enabled: bool) -> None:
+    """Whether ``implementation="auto"`` times the fused op against the unfused chain the first time it
+    meets a layer configuration and input (default: on). When off, ``"auto"`` takes the fused op
+    wherever it can run. ``implementation="fused"`` / ``"unfused"`` pin the choice (and the exact
+    rounding of the result). See :class:`Autotuner`."""
+    autotuner.set_enabled(enabled)
+
+
+@contextlib.contextmanager
+def autotuning(enabled: bool):
+    """``with tdconv.nn.autotuning(False): ...``: :func:`set_autotune` for the block; the previous setting
+    (and the choices made under it) come back on exit, also when the block raises."""
+    autotuner._check(enabled)
+    previous, choices = autotuner.enabled, dict(autotuner.choices)
+    autotuner.set_enabled(enabled)
+    try:
+        yield autotuner
+    finally:
+        autotuner.enabled = previous
+        autotuner.choices.clear()
+        autotuner.choices.update(choices)

@@ -1,0 +1,87 @@
+"""How a factorised layer computes: why the fused op cannot run (reasons), the fused and the unfused
+paths, and the layout of the result.
+
+Everything here takes a plain description of the layer (:class:`~tdconv.geometry.ConvGeometry`, the
+method, the rank and the parameter tensors), never the layer class. Both paths return the memory
+format ``nn.Conv2d`` would for the same input (channels_last when the input is channels_last,
+contiguous otherwise), so that code after the layer never depends on which path ran.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops as _ops
+from ..geometry import ConvGeometry
+from .live_taps import live_conv2d
+
+__all__ = ["IMPLEMENTATIONS", "fused_op_name", "layer_unsupported_reasons", "fused_unsupported_reasons",
+           "conv_memory_format", "fused_forward", "unfused_forward"]
+
+IMPLEMENTATIONS = ("auto", "fused", "unfused")
+
+
+def fused_op_name(method: str) -> str:
+    return "tucker_conv2d" if method == "tucker" else "cp_conv2d"
+
+
+def layer_unsupported_reasons(geometry: ConvGeometry) -> list:
+    """Why no fused op can compute a layer of this geometry, whatever the input (empty when one can)."""
+    reasons = []
+    if geometry.padding_mode != "zeros":
+        reasons.append(f"the fused op pads with zeros only, not padding_mode={geometry.padding_mode!r}")
+    if geometry.symmetric_padding is None:
+        reasons.append("padding='same' with an even dilated kernel pads asymmetrically; the fused op pads "
+                       "symmetrically")
+    return reasons
+
+
+def fused_unsupported_reasons(geometry: ConvGeometry, method: str, x: torch.Tensor, factor: torch.Tensor,
+                              explicit: bool) -> list:
+    """Why the fused op cannot compute the layer on the input ``x`` with parameters like ``factor``
+    (empty when it can). ``explicit=False`` is the question of ``implementation="auto"``: a kernel that
+    has not run on hardware yet counts as a reason too."""
+    return layer_unsupported_reasons(geometry) + _ops.fused_unsupported_reasons(x, factor, fused_op_name(method),
+                                                                                explicit=explicit)
+
+
+def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format ``nn.Conv2d`` gives its output for the input ``x``."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def fused_forward(geometry: ConvGeometry, method: str, x, first, spatial, last, bias, spatial_w=None):
+    """The layer by one fused op (which writes channels_last), in the layout ``nn.Conv2d`` would return."""
+    conv = (geometry.stride, geometry.symmetric_padding, geometry.dilation)
+    if method == "tucker":
+        y = _ops.tucker_conv2d(x, first.flatten(1), spatial, last.flatten(1), bias, *conv)
+    else:
+        s = spatial[:, 0]
+        if method == "cp4":
+            s = s * spatial_w[:, 0]  # [R, kh, 1] * [R, 1, kw]: the same function as the two 1-D filters
+        y = _ops.cp_conv2d(x, first.flatten(1), s, last.flatten(1), bias, *conv)
+    return y.contiguous(memory_format=conv_memory_format(x))
+
+
+def unfused_forward(geometry: ConvGeometry, method: str, rank, x, first, spatial, last, bias, spatial_w=None,
+                    skip_padding_taps: bool = False):
+    """The layer as its chain of standard convolutions (``to_chain``), in the layout ``nn.Conv2d`` would
+    return."""
+    fmt = conv_memory_format(x)
+    y = F.conv2d(x, first)
+    pad = geometry.explicit_pad
+    padding = geometry.symmetric_padding if pad is None else (0, 0)
+    if pad is not None:
+        y = F.pad(y, pad, mode="constant" if geometry.padding_mode == "zeros" else geometry.padding_mode)
+    conv = live_conv2d if pad is None and skip_padding_taps else F.conv2d
+    if method == "tucker":
+        y = conv(y, spatial, None, geometry.stride, padding, geometry.dilation, 1)
+    elif method == "cp":
+        y = conv(y, spatial, None, geometry.stride, padding, geometry.dilation, rank)
+    else:
+        (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
+        y = F.conv2d(y, spatial, None, (sh, 1), (padding[0], 0), (dh, 1), groups=rank)
+        y = F.conv2d(y, spatial_w, None, (1, sw), (0, padding[1]), (1, dw), groups=rank)
+    return F.conv2d(y, last, bias).contiguous(memory_format=fmt)
