@@ -53,16 +53,12 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _saved_report(saved: dict):
-    from tdconv.compress import CompressionReport, LayerReport
+def _saved_report(saved):
+    from tdconv import CompressionReport
     try:
-        return CompressionReport(method=saved["method"], input_size=tuple(saved["input_size"]),
-                                 layers=[LayerReport(**r) for r in saved["layers"]],
-                                 skipped=[tuple(s) for s in saved["skipped"]],
-                                 **{k: saved[k] for k in ("macs_before", "macs_after", "params_before",
-                                                          "params_after")})
+        return CompressionReport.from_dict(saved)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"its metadata 'report' is incomplete or damaged ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"its metadata 'report' is incomplete or damaged: {exc}") from None
 
 
 def cmd_report(args) -> int:
@@ -77,7 +73,7 @@ def cmd_report(args) -> int:
     saved = meta.get("report")
     try:
         if saved is not None:
-            print(_saved_report(saved if isinstance(saved, dict) else {}))
+            print(_saved_report(saved))
         else:
             print(f"{args.path}: {len(payload['layers'])} factorised layer(s): " + ", ".join(payload["layers"]))
         if "model" not in meta:
