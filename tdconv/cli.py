@@ -31,15 +31,15 @@ def cmd_compress(args) -> int:
         load_weights(model, args.weights)
     model = model.to(args.device).eval()
     layers = parse_layers(args.layers)
-    options = {"n_iter_max": args.n_iter_max}
+    engine = {"n_iter_max": args.n_iter_max}
     if args.seed is not None:
-        options["seed"] = args.seed
+        engine["seed"] = args.seed
     try:
         small, report = tdconv.compress(model, args.method, args.rank, layers=layers, target_macs=args.target_macs,
                                         target_params=args.target_params, min_rank=args.min_rank,
                                         bias=True if args.bias else None,
                                         input_size=args.input_size, inplace=True, progress=not args.quiet,
-                                        **options)
+                                        **engine)
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(report)
@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     c.add_argument("--out", help="write the compressed model (tdconv.save format)")
     c.add_argument("--json", help="write the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress line")
-    r = sub.add_parser("report", help="print the report of a model saved by 'tdconv compress --out'")
+    r = sub.add_parser("report", help="print the report of a model saved by 'tdconv compress --out' or "
+                                          "'tdconv experiment' and count its rebuilt model again")
     r.add_argument("path")
     e = sub.add_parser("experiment", help="train dense, compress with CP and Tucker, fine-tune, report (the seed's "
                                           "experiment); resumable, runs under torchrun")

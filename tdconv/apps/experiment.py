@@ -19,7 +19,6 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 
 import tdconv
 from tdconv.compress import count_complexity
