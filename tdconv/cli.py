@@ -12,96 +12,39 @@ nothing is ever downloaded).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from tdconv.apps import options
+from tdconv.apps.models import (build_from_meta, build_model, load_weights, model_meta, parse_device,
+                                parse_fraction, parse_input_size, parse_layers, parse_rank)
 
 __all__ = ["main"]
 
 
-def _rank(text: str):
-    """'0.5' -> 0.5 (fraction), '64' -> 64, '64,32' -> (64, 32); 'evbmf' and 'energy=F' as they are."""
-    if text == "evbmf" or text.startswith("energy="):
-        return text
-    try:
-        if "," in text:
-            a, b = text.split(",")
-            return (int(a), int(b))
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--rank must be an int, a pair 'R_out,R_in', a fraction like 0.5, "
-                                         f"evbmf or energy=F, "
-                                         f"got {text!r}") from None
-
-
-def _input_size(text: str):
-    try:
-        size = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        size = ()
-    if len(size) != 3 or min(size) < 1:
-        raise argparse.ArgumentTypeError(f"--input-size must be C,H,W (e.g. 3,32,32), got {text!r}")
-    return size
-
-
-def _fraction(text: str):
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"a budget must be a fraction in (0, 1], got {text!r}")
-    return v
-
-
-def build_model(name: str, num_classes: int):
-    import torchvision
-    builder = getattr(torchvision.models, name, None)
-    if builder is None or not callable(builder) or name.startswith("_"):
-        raise SystemExit(f"error: --model {name!r} is not a torchvision model (e.g. resnet18, resnet50, vgg11_bn, "
-                         "mobilenet_v2)")
-    return builder(weights=None, num_classes=num_classes)
-
-
-def load_weights(model, path: str) -> None:
-    import torch
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: --weights {path!r} does not exist") from None
-    except Exception as exc:
-        raise SystemExit(f"error: --weights {path!r} is not a readable state dict: {type(exc).__name__}: {exc}") \
-            from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    try:
-        model.load_state_dict(state)
-    except Exception as exc:
-        raise SystemExit(f"error: --weights {path!r} does not fit the model: {exc}") from None
-
-
 def cmd_compress(args) -> int:
     import tdconv
-    model = build_model(args.model, args.num_classes)
+    try:
+        model = build_model(args.model, args.num_classes)
+    except ValueError as exc:
+        raise SystemExit(f"error: --model: {exc}") from None
     if args.weights:
         load_weights(model, args.weights)
     model = model.to(args.device).eval()
-    layers = None if args.layers == "all" else "seed" if args.layers == "seed" else args.layers.split(",")
-    options = {"n_iter_max": args.n_iter_max}
+    layers = parse_layers(args.layers)
+    engine = {"n_iter_max": args.n_iter_max}
     if args.seed is not None:
-        options["seed"] = args.seed
+        engine["seed"] = args.seed
     try:
         small, report = tdconv.compress(model, args.method, args.rank, layers=layers, target_macs=args.target_macs,
                                         target_params=args.target_params, min_rank=args.min_rank,
                                         bias=True if args.bias else None,
                                         input_size=args.input_size, inplace=True, progress=not args.quiet,
-                                        **options)
+                                        **engine)
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(report)
     if args.out:
-        tdconv.save(small, args.out, meta={"model": args.model, "num_classes": args.num_classes,
+        tdconv.save(small, args.out, meta={**model_meta(args.model, args.num_classes, input_size=args.input_size),
                                           "report": report.to_dict()})
         print(f"saved to {args.out}")
     if args.json:
@@ -110,9 +53,17 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _saved_report(saved):
+    from tdconv import CompressionReport
+    try:
+        return CompressionReport.from_dict(saved)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"its metadata 'report' is incomplete or damaged: {exc}") from None
+
+
 def cmd_report(args) -> int:
     import tdconv
-    from tdconv.compress import CompressionReport, LayerReport, count_complexity
+    from tdconv.compress import count_complexity
     from tdconv.serialization import read
     try:
         payload = read(args.path)
@@ -120,21 +71,27 @@ def cmd_report(args) -> int:
         raise SystemExit(f"error: {exc}") from None
     meta = payload.get("meta") or {}
     saved = meta.get("report")
-    if isinstance(saved, dict):
-        report = CompressionReport(method=saved["method"], input_size=tuple(saved["input_size"]),
-                                   layers=[LayerReport(**r) for r in saved["layers"]],
-                                   skipped=[tuple(s) for s in saved["skipped"]],
-                                   **{k: saved[k] for k in ("macs_before", "macs_after", "params_before",
-                                                            "params_after")})
-        print(report)
-    else:
-        print(f"{args.path}: {len(payload['layers'])} factorised layer(s): " + ", ".join(payload["layers"]))
-    if "model" in meta:  # rebuild it and count again: the figures are those of the file's weights
-        model = tdconv.load(args.path, build_model(meta["model"], int(meta.get("num_classes", 1000))))
-        size = tuple(saved["input_size"]) if isinstance(saved, dict) else (3, 32, 32)
-        macs, params = count_complexity(model, size)
-        print(f"rebuilt {meta['model']} from the file: {macs / 1e6:.2f} MMac, {params / 1e6:.2f} M parameters at "
-              f"{'x'.join(map(str, size))}")
+    try:
+        if saved is not None:
+            print(_saved_report(saved))
+        else:
+            print(f"{args.path}: {len(payload['layers'])} factorised layer(s): " + ", ".join(payload["layers"]))
+        if "model" not in meta:
+            return 0
+        # rebuild it and count again: the figures are those of the file's weights
+        model, description = build_from_meta(meta)
+    except ValueError as exc:
+        raise SystemExit(f"error: {args.path}: {exc}") from None
+    try:
+        model = tdconv.load(args.path, model)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"error: {args.path}: the {description} that its metadata describes does not fit the "
+                         f"file's weights: {str(exc).strip()}") from None
+    size = tuple(saved["input_size"]) if saved is not None else \
+        tuple(meta.get("input_size") or (meta.get("in_channels", 3), 32, 32))
+    macs, params = count_complexity(model, size)
+    print(f"rebuilt {meta['model']} from the file: {macs / 1e6:.2f} MMac, {params / 1e6:.2f} M parameters at "
+          f"{'x'.join(map(str, size))}")
     return 0
 
 
@@ -147,26 +104,26 @@ def main(argv=None) -> int:
     c.add_argument("--num-classes", type=int, default=10)
     c.add_argument("--weights", help="state dict to load into the model before compressing")
     c.add_argument("--method", choices=("cp", "cp4", "tucker"), default="cp")
-    c.add_argument("--rank", type=_rank, default=0.5, help="int, 'R_out,R_in', a fraction of the channels, evbmf or energy=F")
-    c.add_argument("--target-macs", type=_fraction, help="whole-model MAC budget, a fraction of the model's")
-    c.add_argument("--target-params", type=_fraction, help="whole-model parameter budget, a fraction")
+    c.add_argument("--rank", type=parse_rank, default=0.5, help="int, 'R_out,R_in', a fraction of the channels, evbmf or energy=F")
+    c.add_argument("--target-macs", type=parse_fraction, help="whole-model MAC budget, a fraction of the model's")
+    c.add_argument("--target-params", type=parse_fraction, help="whole-model parameter budget, a fraction")
     c.add_argument("--min-rank", type=float, default=0.0,
                    help="with a budget: no layer below this fraction of its channels (e.g. 0.125)")
     c.add_argument("--layers", default="all", help="all (every eligible conv), seed, or comma-separated names")
     c.add_argument("--bias", action="store_true", help="give every factorised layer a bias (as the seed did)")
-    c.add_argument("--input-size", type=_input_size, default=(3, 32, 32), help="C,H,W of the MAC counts")
+    c.add_argument("--input-size", type=parse_input_size, default=(3, 32, 32), help="C,H,W of the MAC counts")
     c.add_argument("--n-iter-max", type=int, default=100, help="decomposition sweeps per layer")
     c.add_argument("--seed", type=int, default=0, help="seed of the CP initialisation")
-    c.add_argument("--device", default="cpu", help="where to decompose (cpu, cuda)")
+    c.add_argument("--device", type=parse_device, default="cpu", help="where to decompose (cpu, cuda, cuda:N)")
     c.add_argument("--out", help="write the compressed model (tdconv.save format)")
     c.add_argument("--json", help="write the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress line")
-    r = sub.add_parser("report", help="print the report of a model saved by 'tdconv compress --out'")
+    r = sub.add_parser("report", help="print the report of a model saved by 'tdconv compress --out' or "
+                                          "'tdconv experiment' and count its rebuilt model again")
     r.add_argument("path")
-    from tdconv.experiment import add_arguments
     e = sub.add_parser("experiment", help="train dense, compress with CP and Tucker, fine-tune, report (the seed's "
                                           "experiment); resumable, runs under torchrun")
-    add_arguments(e)
+    options.add_arguments(e)
     args = p.parse_args(argv)
     if args.command == "info":
         from tdconv import info
@@ -179,15 +136,15 @@ def main(argv=None) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from tdconv import experiment, train
-    from tdconv.data import DatasetError
+    from tdconv.apps import experiment, train
+    from tdconv.apps.data import DatasetError
     try:
         experiment.run(args)
     except train.Interrupted as exc:
         print(f"\ninterrupted by signal {exc.signum}; the run's checkpoints are saved. Continue it with the same "
               f"command and --resume", file=sys.stderr)
         return 130
-    except (DatasetError, train.CheckpointMismatch, FileExistsError, ValueError, TypeError) as exc:
+    except (DatasetError, train.CheckpointMismatch, train.Diverged, FileExistsError, ValueError, TypeError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return 0
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -41,16 +42,45 @@ def test_compress_budget_and_weights(require_ext, tmp_path, capsys):
     (["report", "missing.pt"], "does not exist"),
 ])
 def test_bad_arguments(require_ext, argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match=message):
         main(argv)
-    assert message in str(exc.value)
 
 
 @pytest.mark.parametrize("argv", [["compress", "--model", "resnet18", "--rank", "half"],
                                   ["compress", "--model", "resnet18", "--target-macs", "2"]])
 def test_bad_values_are_usage_errors(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         main(argv)
-    assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--rank must be" in err or "budget must be a fraction" in err
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"model": "resnet18", "stem": "cifar"}, r"metadata lacks 'num_classes'"),
+    ({"model": "resnet18", "num_classes": "ten"}, r"metadata has num_classes='ten': expected an int >= 1"),
+    ({"model": "resnet18", "num_classes": 10, "stem": "tiny"}, r"metadata has stem='tiny'"),
+    ({"model": "resnet18", "num_classes": 100}, r"resnet18 with 100 classes.*does not fit the file's weights"),
+    ({"model": "resnet999", "num_classes": 10}, r"'resnet999' is not a torchvision model"),
+    ({"model": "resnet18", "num_classes": 10, "report": {"method": "cp"}}, r"metadata 'report' is incomplete"),
+])
+def test_report_with_incomplete_metadata_says_what_is_missing(tmp_path, meta, match):
+    path = tmp_path / "model.pt"
+    tdconv.save(torchvision.models.resnet18(num_classes=10), path, meta=meta)
+    with pytest.raises(SystemExit, match=match):
+        main(["report", str(path)])
+
+
+@pytest.mark.parametrize("command", ["compress", "experiment"])
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device 'cuda': CUDA is not available on this machine"),
+    ("cuda:0", "--device 'cuda:0': CUDA is not available on this machine"),
+    ("tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_unusable_device_is_a_usage_error(monkeypatch, capsys, tmp_path, command, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [command, "--device", device] + (["--model", "resnet18"] if command == "compress" else
+                                            ["--dataset", "synthetic", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="^2$"):
+        main(argv)
+    assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdconv.data import (DEBIAN_FASHION_MNIST, DatasetError, augment, batch_seed, epoch_order, load_dataset,
+from tdconv.apps.data import (DEBIAN_FASHION_MNIST, DatasetError, augment, batch_seed, epoch_order, load_dataset,
                          normalize)
 
 
@@ -77,7 +77,7 @@ def test_fashion_mnist_from_torchvision_layout(tmp_path):
 
 
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("tdconv.data.DEBIAN_FASHION_MNIST", str(tmp_path / "none"))
+    monkeypatch.setattr("tdconv.apps.data.DEBIAN_FASHION_MNIST", str(tmp_path / "none"))
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", str(tmp_path), download=False)
 

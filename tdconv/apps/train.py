@@ -1,15 +1,15 @@
 """Training, fine-tuning and evaluation, with checkpoints that never lose work and data parallelism.
 
-:func:`fit` trains a model on an :class:`~tdconv.data.ImageDataset` with SGD (momentum, Nesterov),
+:func:`fit` trains a model on an :class:`~tdconv.apps.data.ImageDataset` with SGD (momentum, Nesterov),
 weight decay, a warm-up + cosine (or one-cycle) schedule, label smoothing and, optionally,
 knowledge distillation from a teacher. It writes an atomic checkpoint after every epoch, and on
 SIGINT / SIGTERM after the step in flight; ``resume=True`` continues from the checkpoint, to exactly
 the result an uninterrupted run gives (same seed, same device and thread count).
 
-Under ``torchrun`` (``WORLD_SIZE > 1``), :func:`init_distributed` starts the process group (NCCL on
-GPUs, Gloo on CPU); :func:`fit` then wraps the model in DistributedDataParallel, each process takes
-its shard of every epoch's permutation, metrics are summed over processes and only rank 0 writes
-files.
+Under ``torchrun`` (``WORLD_SIZE > 1``), :func:`tdconv.apps.distributed.init_distributed` starts the
+process group (NCCL on GPUs, Gloo on CPU); :func:`fit` then wraps the model in
+DistributedDataParallel, each process takes its shard of every epoch's permutation, metrics are
+summed over processes and only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -18,35 +18,36 @@ import dataclasses
 import json
 import math
 import os
-import signal
+import pickle
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ImageDataset, augment, batch_seed, epoch_order, normalize
-from .serialization import atomic_save as _atomic_save
+from .distributed import all_max, all_mean_, all_sum, barrier, rank_and_world, reduce_signal
+from .signals import Interrupted, stop_on_signals
+from ..utils import atomic_save
 
-__all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "init_distributed", "rank_and_world",
-           "Interrupted", "CheckpointMismatch", "stop_on_signals", "atomic_save", "config_differences"]
+__all__ = ["TrainConfig", "fit", "evaluate", "recalibrate_batchnorm", "Interrupted", "Diverged", "CheckpointMismatch",
+           "stop_on_signals", "config_differences"]
 
 
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT / SIGTERM after saving its checkpoint (``.checkpoint``)."""
+class Diverged(FloatingPointError):
+    """Training stopped because its loss became non-finite or exploded (see :class:`_DivergenceGuard`).
+    The weights of the diverged steps are not saved: ``checkpoint``, if any, holds the last good state."""
 
-    def __init__(self, signum: int, checkpoint: str | None):
-        super().__init__(f"stopped by signal {signum}; " +
-                         (f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint path was given"))
-        self.signum = signum
-        self.checkpoint = checkpoint
+    def __init__(self, message: str, epoch: int, step: int, checkpoint: str | None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint made with other arguments than those of the run that tries to resume from it."""
+    """A checkpoint that a run cannot resume from: made with other arguments, unreadable, or holding
+    more than tensors and plain values (which could run code when loaded)."""
 
 
 @dataclass
@@ -91,42 +92,6 @@ def config_differences(saved: dict, current: dict) -> list:
             for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>")]
 
 
-# ------------------------------------------------------------------------------------------- distributed
-def rank_and_world() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str = "cpu") -> tuple:
-    """Start the process group when launched by torchrun (``WORLD_SIZE > 1``): NCCL for CUDA, Gloo
-    otherwise. Returns ``(rank, world_size, device)``, the device being this process's GPU on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        cuda = str(device).startswith("cuda")
-        if cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = rank_and_world()
-    return rank, world, device
-
-
-def _all_sum(values: list, device) -> list:
-    if rank_and_world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def atomic_save(obj, path: str) -> None:
-    """:func:`tdconv.serialization.atomic_save`, creating the folder first."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_save(obj, path)
-
-
 # ------------------------------------------------------------------------------------------- evaluation
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -159,8 +124,12 @@ def evaluate(model: nn.Module, data: ImageDataset, *, batch_size: int = 512, spl
             correct += int((out.argmax(1) == y[b].to(device)).sum())
     finally:
         model.train(was_training)
-    correct, count = _all_sum([correct, len(idx)], device)
+    correct, count = all_sum([correct, len(idx)], device)
     return 100.0 * correct / count
+
+
+def _batchnorms(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 @torch.no_grad()
@@ -169,7 +138,7 @@ def recalibrate_batchnorm(model: nn.Module, data: ImageDataset, *, batches: int 
     """Re-estimate every BatchNorm's running mean and variance on training images (no weight changes):
     after a decomposition the layers' outputs are slightly different, and stale statistics cost far
     more accuracy than the approximation itself. Averaged over processes under torchrun."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = _batchnorms(model)
     if not bns:
         return
     device = device or next(model.parameters()).device
@@ -192,10 +161,7 @@ def recalibrate_batchnorm(model: nn.Module, data: ImageDataset, *, batches: int 
             m.momentum = momentum
             m.train(training)
     if world > 1:
-        for m in bns:
-            for t in (m.running_mean, m.running_var):
-                dist.all_reduce(t)
-                t.div_(world)
+        all_mean_([t for m in bns for t in (m.running_mean, m.running_var)], world)
 
 
 # ------------------------------------------------------------------------------------------------ fit
@@ -252,45 +218,57 @@ class _Progress:
         sys.stderr.flush()
 
 
-_SIGNAL_STATE = []
+class _DivergenceGuard:
+    """Watches the training loss. Diverged: a non-finite loss, or one above ``FACTOR`` times the larger
+    of the run's first loss and log(classes) (the loss of a uniform guess) for ``STEPS`` steps in a
+    row, or at the end of an epoch (whose checkpoint would keep those weights), or non-finite weights.
+    Healthy training never comes near that bound; a learning rate far too high passes it within a few
+    steps and never comes back. Every process takes the same decision."""
+    FACTOR = 10.0
+    STEPS = 5
 
+    def __init__(self, device, world: int, initial: float | None = None, streak: int = 0):
+        self.device, self.world, self.initial, self.streak = device, world, initial, streak
+        self.last = None  # the loss last checked
 
-@contextlib.contextmanager
-def stop_on_signals():
-    """Turn SIGINT / SIGTERM into a flag (``state["signum"]``) that loops check at safe points (main
-    thread only). Nested uses share the outermost flag, so a signal that arrives during the last step
-    of a :func:`fit` is still seen by the program around it."""
-    if _SIGNAL_STATE:
-        yield _SIGNAL_STATE[-1]
-        return
-    state = {"signum": 0}
-    if not (hasattr(signal, "SIGTERM") and _in_main_thread()):
-        yield state
-        return
+    def bound(self, classes: int) -> float:
+        return self.FACTOR * max(self.initial, math.log(max(classes, 2)))
 
-    def handler(signum, frame):
-        if state["signum"]:  # a second signal: give up at once
-            raise KeyboardInterrupt
-        state["signum"] = signum
+    def check(self, loss: torch.Tensor, classes: int) -> str | None:
+        """Before the step: why the loss has diverged, or None."""
+        value = self.last = float(loss.detach())
+        if self.initial is None:  # the first step of the run, on every process at once
+            self.initial = all_sum([value], self.device)[0] / self.world
+        flag = 2 if not (math.isfinite(value) and math.isfinite(self.initial)) else int(value > self.bound(classes))
+        if self.world > 1:
+            flag = int(all_max([flag], self.device)[0])
+        if flag == 2:
+            return f"it became {value}" if not math.isfinite(value) else "it became non-finite on another process"
+        self.streak = self.streak + 1 if flag else 0
+        if self.streak >= self.STEPS:
+            return (f"it stayed above {self.bound(classes):.3g} ({self.FACTOR:g} x the larger of the first loss "
+                    f"{self.initial:.3g} and log(classes)) for {self.streak} steps, reaching {value:.3g}")
+        return None
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    _SIGNAL_STATE.append(state)
-    try:
-        yield state
-    finally:
-        _SIGNAL_STATE.pop()
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
+    def at_epoch_end(self, model: nn.Module, classes: int) -> str | None:
+        """Before the epoch's checkpoint: why these weights must not be saved, or None."""
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return "the weights became non-finite"
+        if self.streak:
+            return f"the epoch ended with the loss above {self.bound(classes):.3g} for {self.streak} step(s)"
+        return None
 
 
 def _read_checkpoint(path: str, config: TrainConfig, identity: dict | None) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain values only: a checkpoint never runs code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        if found:  # torch names the callable or class it refused
+            raise CheckpointMismatch(f"cannot read checkpoint {path!r}: refusing to load {path!r}: it holds objects "
+                                     f"other than tensors and plain values, and loading them could run code "
+                                     f"({found[0]}). Delete it to start the run afresh") from None
+        raise CheckpointMismatch(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from None
     except Exception as exc:
         raise CheckpointMismatch(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "tdconv-train/1":
@@ -307,7 +285,7 @@ def _read_checkpoint(path: str, config: TrainConfig, identity: dict | None) -> d
 def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None, *, device=None,
         checkpoint: str | None = None, resume: bool = False, teacher: nn.Module | None = None,
         log: str | None = None, label: str = "train", progress: bool = True, identity: dict | None = None,
-        on_epoch=None) -> list:
+        on_epoch=None, phase: str | None = None) -> list:
     """Train ``model`` in place for ``config.epochs`` epochs; returns the history (one dict per epoch:
     ``epoch, train_loss, train_acc, test_acc, lr, seconds, images_per_s``).
 
@@ -317,7 +295,9 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
     ``identity`` (extra arguments that define the run, e.g. the data set) raises
     :class:`CheckpointMismatch` naming the differences. ``teacher`` with ``config.distill > 0``: the
     loss adds ``distill * T^2 * KL(teacher || student)`` at temperature T. ``log``: JSON lines, one
-    per epoch. ``on_epoch(record)`` is called after each epoch on every process.
+    per epoch. ``on_epoch(record)`` is called after each epoch on every process. A diverging run
+    (non-finite or exploding loss, see :class:`_DivergenceGuard`) raises :class:`Diverged` without
+    saving the diverged weights; its message names ``phase`` (default: ``label``), epoch and step.
     """
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
@@ -340,6 +320,7 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
                                 nesterov=config.nesterov and config.momentum > 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps))
     history, start_epoch, start_batch, running = [], 0, 0, [0.0, 0.0, 0.0]
+    guard, saved_at = _DivergenceGuard(device, world), None
     if resume and os.path.exists(checkpoint):
         ckpt = _read_checkpoint(checkpoint, config, identity)
         model.load_state_dict(ckpt["model"])
@@ -347,6 +328,8 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
         scheduler.load_state_dict(ckpt["scheduler"])
         history, start_epoch, start_batch = ckpt["history"], ckpt["epoch"], ckpt["batch"]
         running = ckpt["running"]
+        guard = _DivergenceGuard(device, world, ckpt.get("initial_loss"), ckpt.get("streak", 0))
+        saved_at = (start_epoch, start_batch)
         if rank == 0 and progress:
             where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch + 1}"
             print(f"{label}: resuming from {checkpoint} at {where}", file=sys.stderr)
@@ -355,13 +338,24 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(epoch, batch, run):
+        nonlocal saved_at
         if checkpoint and rank == 0:
             atomic_save({"format": "tdconv-train/1", "config": dataclasses.asdict(config), "identity": identity or {},
                          "epoch": epoch, "batch": batch, "running": run, "history": history,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict()}, checkpoint)
-        if world > 1:
-            dist.barrier()
+                         "scheduler": scheduler.state_dict(), "initial_loss": guard.initial,
+                         "streak": guard.streak}, checkpoint)
+        saved_at = (epoch, batch) if checkpoint else None
+        barrier()
+
+    def diverged(epoch, step, why):
+        where = None if saved_at is None else f"epoch {saved_at[0]}" if not saved_at[1] else \
+            f"epoch {saved_at[0] + 1}, batch {saved_at[1]}"
+        kept = f"the checkpoint {checkpoint} holds the last good state ({where})" if where else \
+            "no checkpoint was written"
+        return Diverged(f"{phase or label}: the training loss diverged at epoch {epoch + 1}, step {step} of {steps}: "
+                        f"{why}; lower the learning rate (lr={config.lr}). Training stopped without saving these "
+                        f"weights: {kept}", epoch + 1, step, checkpoint if where else None)
 
     with stop_on_signals() as stop:
         for epoch in range(start_epoch, config.epochs):
@@ -387,25 +381,31 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
                         kd = F.kl_div(F.log_softmax(out.float() / config.temperature, 1), target, log_target=True,
                                       reduction="batchmean") * config.temperature ** 2
                         loss = (1 - config.distill) * loss + config.distill * kd
+                why = guard.check(loss, data.num_classes)
+                if why:  # before the step: the weights stay those of the last step that was fine
+                    raise diverged(epoch, b + 1, why)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{label}: the loss became {loss.item()} at epoch {epoch + 1}, batch {b}; "
-                                             f"lower the learning rate (lr={config.lr})")
-                loss_sum += float(loss.detach()) * len(yb)
+                loss_sum += guard.last * len(yb)
                 correct += float((out.argmax(1) == yb).sum())
                 count += len(yb)
                 bar.update(b + 1, loss_sum / count, 100 * correct / count, count)
                 signum = stop["signum"]
                 if world > 1:
-                    signum = int(_all_sum([signum], device)[0])
+                    signum = reduce_signal(signum, device)
                 if signum and b + 1 < steps:  # at the last batch, finish the epoch (evaluate, save) first
                     save(epoch, b + 1, [loss_sum, correct, count])
                     raise Interrupted(signum, checkpoint)
             seconds = time.perf_counter() - t0
-            loss_sum, correct, count = _all_sum([loss_sum, correct, count], device)
+            why = guard.at_epoch_end(model, data.num_classes)
+            if why:
+                raise diverged(epoch, steps, why)
+            if world > 1:  # each process's BatchNorm statistics saw only its shard: evaluate and save one model
+                with torch.no_grad():
+                    all_mean_([t for m in _batchnorms(model) for t in (m.running_mean, m.running_var)], world)
+            loss_sum, correct, count = all_sum([loss_sum, correct, count], device)
             bar.update(steps, loss_sum / count, 100 * correct / count, count, final=True)
             record = {"phase": label, "epoch": epoch + 1, "train_loss": loss_sum / count,
                       "train_acc": 100 * correct / count, "test_acc": evaluate(model, data, device=device),
@@ -420,7 +420,7 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
                 on_epoch(record)
             signum = stop["signum"]
             if world > 1:
-                signum = int(_all_sum([signum], device)[0])
+                signum = reduce_signal(signum, device)
             if signum and epoch + 1 < config.epochs:
                 raise Interrupted(signum, checkpoint)
     return history

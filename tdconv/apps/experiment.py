@@ -11,49 +11,26 @@ Files of a run, in ``OUT/NAME/``: ``args.json`` (the arguments that define the r
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
-import torch.nn as nn
+
+import tdconv
+from tdconv.compress import count_complexity
+from tdconv.utils import atomic_write_json, atomic_write_text, describe_environment, median_times
 
 from . import train as T
-from .compress import compress, count_complexity
 from .data import load_dataset
-from .serialization import load as load_compressed
-from .serialization import save as save_compressed
+from .distributed import barrier, init_distributed
+from .models import build_model, is_resnet, load_weights, model_meta, parse_layers
+from .options import RUN_ARGUMENTS, defaults
 
-__all__ = ["build_resnet", "run", "add_arguments", "RUN_ARGUMENTS"]
-
-# The arguments that define a run's results: resuming with any of them changed is refused.
-RUN_ARGUMENTS = ("model", "stem", "dataset", "train_subset", "test_subset", "weights", "methods", "rank", "layers",
-                 "target_macs", "target_params", "min_rank", "n_iter_max", "epochs", "finetune_epochs", "batch_size",
-                 "lr", "finetune_lr", "weight_decay", "label_smoothing", "warmup_epochs", "schedule", "distill",
-                 "bn_recalibrate", "epc", "seed")
-
-
-def build_resnet(name: str, num_classes: int, stem: str = "imagenet", in_channels: int = 3) -> nn.Module:
-    """A torchvision ResNet with random weights. ``stem="imagenet"``: the 7x7 stride-2 conv and max-pool
-    (the seed's model, also on 32x32 inputs); ``"cifar"``: a 3x3 stride-1 conv and no max-pool."""
-    import torchvision.models.resnet as resnet
-    if not (name.startswith("resnet") or name.startswith("wide_resnet")) or not callable(getattr(resnet, name, None)):
-        raise ValueError(f"model must be a torchvision ResNet (resnet18, resnet34, resnet50, ...), got {name!r}")
-    if stem not in ("imagenet", "cifar"):
-        raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
-    model = getattr(resnet, name)(weights=None, num_classes=num_classes)
-    if stem == "cifar":
-        model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
-    elif in_channels != 3:
-        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-    return model
-
+__all__ = ["run", "measure_latency"]
 
 # ------------------------------------------------------------------------------------------------ output
 def _fmt_acc(v):
@@ -154,29 +131,21 @@ def _plots(out_dir: str, results: dict) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ latency
-@torch.no_grad()
 def measure_latency(models: dict, shape: tuple, device, *, runs: int = 20, warmup: int = 3) -> dict:
     """Median inference latency (ms) of each model on a random batch ``shape``, the models interleaved
     within each round so that they see the same machine state."""
     x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
 
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+    def call(m):
+        def forward():
+            with torch.no_grad():
+                m(x)
+        return forward
 
-    times = {n: [] for n in models}
     for m in models.values():
         m.eval()
-        for _ in range(warmup):
-            m(x)
-    for _ in range(runs):
-        for n, m in models.items():
-            sync()
-            t0 = time.perf_counter()
-            m(x)
-            sync()
-            times[n].append(1e3 * (time.perf_counter() - t0))
-    return {n: statistics.median(t) for n, t in times.items()}
+    seconds = median_times({n: call(m) for n, m in models.items()}, rounds=runs, warmup=warmup, device=device)
+    return {n: 1e3 * t for n, t in seconds.items()}
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -188,38 +157,8 @@ def _run_dir(args) -> str:
     return os.path.join(args.out, f"{args.model}-{args.stem}-{dataset}-{layers}-r{args.rank}-seed{args.seed}")
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _parse_layers(text: str):
-    return None if text == "all" else "seed" if text == "seed" else text.split(",")
-
-
-def _environment(device) -> dict:
-    import platform
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
-    if torch.device(device).type == "cuda":
-        env["device"] = torch.cuda.get_device_name(device)
-    else:
-        env["device"] = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        env["device"] = f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-                        break
-        except OSError:
-            pass
-    return env
-
-
 def run(args) -> dict:
     """Run (or resume) the experiment described by ``args`` (the parsed command line); returns the results."""
-    import tdconv
     run_args = {k: getattr(args, k) for k in RUN_ARGUMENTS}
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in ("dense", "cp", "cp4", "tucker")]
@@ -228,14 +167,15 @@ def run(args) -> dict:
     if args.latency_batch < 1 or args.latency_runs < 0:
         raise ValueError(f"--latency-batch must be >= 1 and --latency-runs >= 0, got {args.latency_batch} and "
                          f"{args.latency_runs}")
-    build_resnet(args.model, 10, args.stem)  # unknown model or stem: fail before any work
+    if not is_resnet(args.model):  # fail before any work
+        raise ValueError(f"--model must be a torchvision ResNet (resnet18, resnet34, resnet50, ...), got {args.model!r}")
     common = dict(batch_size=args.batch_size, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                   schedule=args.schedule, seed=args.seed)
     dense_cfg = T.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_epochs=args.warmup_epochs, **common)
     finetune_cfg = T.TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, warmup_epochs=0.0,
                                  distill=args.distill, **common)
     out_dir = _run_dir(args)
-    rank, world, device = T.init_distributed(args.device)
+    rank, world, device = init_distributed(args.device)
     lead = rank == 0
     args_path = os.path.join(out_dir, "args.json")
     if os.path.exists(args_path):
@@ -245,10 +185,8 @@ def run(args) -> dict:
         with open(args_path) as f:
             saved = json.load(f)
         # An argument added to tdconv after the run started is taken at its default value.
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-        defaults = vars(parser.parse_args([]))
-        saved = {**{k: defaults[k] for k in RUN_ARGUMENTS if k not in saved}, **saved}
+        default = defaults()
+        saved = {**{k: default[k] for k in RUN_ARGUMENTS if k not in saved}, **saved}
         diffs = T.config_differences(saved, json.loads(json.dumps(run_args)))
         if diffs:
             raise T.CheckpointMismatch(f"{out_dir} was started with other arguments; refusing to resume. Differences "
@@ -260,9 +198,8 @@ def run(args) -> dict:
     data = data.to(device)
     if lead and not os.path.exists(args_path):
         os.makedirs(out_dir, exist_ok=True)
-        _write_json(args_path, run_args)
-    if world > 1:
-        torch.distributed.barrier()
+        atomic_write_json(args_path, run_args)
+    barrier()
     input_size = data.shape
     results_path = os.path.join(out_dir, "results.json")
     results = {"args": run_args, "input_size": list(input_size), "num_classes": data.num_classes, "models": {}}
@@ -274,7 +211,7 @@ def run(args) -> dict:
 
     def save_results():
         if lead:
-            _write_json(results_path, results)
+            atomic_write_json(results_path, results)
 
     def say(text):
         if lead and progress:
@@ -284,14 +221,16 @@ def run(args) -> dict:
         if stop["signum"]:
             raise T.Interrupted(stop["signum"], out_dir)
 
-    tdconv.set_autotune(False)  # deterministic implementation choices while training and evaluating
     torch.manual_seed(args.seed)
     # Training and evaluation skip kernel taps that only read padding (same function, far less work on
     # small images: ResNet18's layer4 sees 1x1 maps at 32x32); latency is measured on the plain models.
     base = lambda: tdconv.skip_padding_taps(  # noqa: E731
-        build_resnet(args.model, data.num_classes, args.stem, input_size[0]))
+        build_model(args.model, data.num_classes, stem=args.stem, in_channels=input_size[0]))
+    meta = model_meta(args.model, data.num_classes, stem=args.stem, in_channels=input_size[0], input_size=input_size)
     finals = {}
-    with T.stop_on_signals() as stop:
+    # Deterministic implementation choices while training and evaluating; the caller's setting returns
+    # afterwards, also when the run stops early.
+    with tdconv.nn.autotuning(False), T.stop_on_signals() as stop:
         # ---- dense
         dense = base().to(device)
         dense_path = os.path.join(out_dir, "dense.pt")
@@ -302,13 +241,12 @@ def run(args) -> dict:
             t0 = time.perf_counter()
             history = []
             if args.weights:
-                from .cli import load_weights
                 load_weights(dense, args.weights)
                 dense.to(device)
             else:
                 history = T.fit(dense, data, dense_cfg, device=device, checkpoint=os.path.join(out_dir, "dense.ckpt"),
                                 resume=args.resume, log=log, label="dense", progress=progress,
-                                identity={"phase": "dense"})
+                                identity={"phase": "dense"}, phase="dense training")
             macs, params = count_complexity(copy.deepcopy(dense).cpu().float(), input_size)
             record = {"macs": macs, "params": params, "train": history, "accuracy": T.evaluate(dense, data, device=device),
                       "train_seconds": sum(r["seconds"] for r in history) if history else
@@ -329,17 +267,17 @@ def run(args) -> dict:
             final_path = os.path.join(out_dir, f"{method}.pt")
             record = results["models"].get(method) or {}
             if record.get("done") and os.path.exists(final_path):
-                finals[method] = tdconv.skip_padding_taps(load_compressed(final_path, base()).to(device))
+                finals[method] = tdconv.skip_padding_taps(tdconv.load(final_path, base()).to(device))
                 continue
             if record.get("after_bn") is not None and os.path.exists(start_path):
-                small = tdconv.skip_padding_taps(load_compressed(start_path, base()).to(device))
+                small = tdconv.skip_padding_taps(tdconv.load(start_path, base()).to(device))
             else:
                 t0 = time.perf_counter()
                 options = {"n_iter_max": args.n_iter_max}
                 if method in ("cp", "cp4"):
                     options["seed"] = args.seed
                     options["epc"] = args.epc
-                small, report = compress(copy.deepcopy(dense), method, args.rank, layers=_parse_layers(args.layers),
+                small, report = tdconv.compress(copy.deepcopy(dense), method, args.rank, layers=parse_layers(args.layers),
                                          target_macs=args.target_macs, target_params=args.target_params,
                                          min_rank=args.min_rank, input_size=input_size, inplace=True,
                                          progress=progress and lead, **options)
@@ -357,7 +295,7 @@ def run(args) -> dict:
                 else:
                     record["after_bn"] = record["after_decomposition"]
                 if lead:
-                    save_compressed(small, start_path, meta={"model": args.model, "stem": args.stem})
+                    tdconv.save(small, start_path, meta=meta)
                 results["models"][method] = record
                 save_results()
             say(f"{method}: {record['after_decomposition']:.2f}% right after decomposition, "
@@ -370,80 +308,35 @@ def run(args) -> dict:
 
             history = T.fit(small, data, finetune_cfg, device=device, checkpoint=os.path.join(out_dir, f"{method}.ckpt"),
                             resume=args.resume, teacher=dense if args.distill else None, log=log,
-                            label=method, progress=progress, identity={"phase": method}, on_epoch=on_epoch)
+                            label=method, progress=progress, identity={"phase": method}, on_epoch=on_epoch,
+                            phase=f"fine-tuning of {method}")
             record["finetune"] = history
             record["finetune_seconds"] = sum(r["seconds"] for r in history)
             record["accuracy"] = T.evaluate(small, data, device=device)
             record["done"] = True
             if lead:
-                save_compressed(small, final_path, meta={"model": args.model, "stem": args.stem})
+                tdconv.save(small, final_path, meta=meta)
             save_results()
             say(f"{method}: {record['accuracy']:.2f}% after {args.finetune_epochs} fine-tuning epoch(s)")
             finals[method] = small
             check_signal(stop)
 
     # ---- latency (rank 0) and reports
-    tdconv.set_autotune(True)
     results["latency_batch"] = args.latency_batch
-    results["environment"] = _environment(device)
+    results["environment"] = describe_environment(device)
     if lead and args.latency_runs > 0:
         plain = {n: tdconv.skip_padding_taps(m, False) for n, m in finals.items()}
-        lat = measure_latency(plain, (args.latency_batch, *input_size), device, runs=args.latency_runs)
+        with tdconv.nn.autotuning(True):  # each model at its fastest implementation
+            lat = measure_latency(plain, (args.latency_batch, *input_size), device, runs=args.latency_runs)
         for name, ms in lat.items():
             results["models"][name]["latency_ms"] = ms
     if lead:
         save_results()
         table = _table(results)
-        with open(os.path.join(out_dir, "results.md"), "w") as f:
-            f.write(table + "\n")
+        atomic_write_text(os.path.join(out_dir, "results.md"), table + "\n")
         print(table)
         for path in _plots(out_dir, results):
             say(f"wrote {path}")
         say(f"results in {out_dir}")
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     return results
-
-
-def add_arguments(p) -> None:
-    """The ``tdconv experiment`` options."""
-    from .cli import _fraction, _rank
-    p.add_argument("--model", default="resnet18", help="a torchvision ResNet (resnet18, resnet34, resnet50, ...)")
-    p.add_argument("--stem", choices=("imagenet", "cifar"), default="imagenet",
-                   help="imagenet: 7x7/2 conv + max-pool (the seed's model); cifar: 3x3/1 conv, no max-pool")
-    p.add_argument("--weights", help="start from this dense state dict instead of training the dense model")
-    p.add_argument("--methods", default="dense,cp,tucker", help="comma-separated: dense, cp, cp4, tucker")
-    p.add_argument("--rank", type=_rank, default=0.5,
-                   help="int, 'R_out,R_in', a fraction of the channels, evbmf or energy=F (as in tdconv compress)")
-    p.add_argument("--layers", default="seed", help="seed (conv2 of every block), all, or comma-separated names")
-    p.add_argument("--target-macs", type=_fraction, help="whole-model MAC budget, a fraction of the dense model's")
-    p.add_argument("--target-params", type=_fraction, help="whole-model parameter budget, a fraction")
-    p.add_argument("--min-rank", type=float, default=0.0, help="with a budget: no layer below this fraction")
-    p.add_argument("--n-iter-max", type=int, default=100, help="decomposition sweeps per layer")
-    p.add_argument("--dataset", default="cifar10", help="cifar10, fashion-mnist, npz:DIR or synthetic")
-    p.add_argument("--data-root", default="data", help="where torchvision data sets live or are downloaded to")
-    p.add_argument("--train-subset", type=int, help="use this many training images (a fixed random subset)")
-    p.add_argument("--test-subset", type=int, help="use this many test images")
-    p.add_argument("--epochs", type=int, default=15, help="epochs of dense training")
-    p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning epochs of each compressed model")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of dense training")
-    p.add_argument("--finetune-lr", type=float, default=0.01, help="peak learning rate of fine-tuning")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up of dense training")
-    p.add_argument("--schedule", choices=("cosine", "onecycle", "constant"), default="cosine")
-    p.add_argument("--distill", type=float, default=0.0,
-                   help="weight in [0, 1] of distillation from the dense model during fine-tuning (0: off)")
-    p.add_argument("--epc", action="store_true",
-                   help="CP: follow ALS by error preserving correction (same kernel error, smallest components)")
-    p.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
-                   help="do not re-estimate BatchNorm statistics after decomposition")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="runs", help="folder of runs; this run goes to OUT/NAME")
-    p.add_argument("--name", help="the run's folder name (default: made from the arguments)")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT/NAME from its checkpoints")
-    p.add_argument("--latency-batch", type=int, default=128)
-    p.add_argument("--latency-runs", type=int, default=20, help="timed rounds (0: no latency measurement)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
