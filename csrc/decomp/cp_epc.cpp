@@ -21,6 +21,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../common/checks.h"
 #include "../common/ops.h"
 #include "cp_common.h"
 
