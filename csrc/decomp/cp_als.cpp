@@ -10,9 +10,12 @@
 // tensor times R (three when the largest mode is not the first).
 //
 // The relative error comes from norms and inner products (||X||^2 - 2<X, X^> + ||X^||^2), in
-// float64; once it falls to where that formula's cancellation leaves too few digits (150 sqrt(eps)),
-// the residual is formed explicitly instead. Convergence is decided per batch member on the device; a converged member is frozen
-// (torch.where), so the only host synchronisation is `active.any()`, every `check_every` sweeps.
+// float64; once a member's error falls to where that formula's cancellation leaves too few digits
+// (150 sqrt(eps)), its residual is formed explicitly from the next sweep on. That switch, like
+// convergence, is decided per batch member and per sweep on the device (a flag, torch.where), so the
+// sweep at which a member stops, its error history and its factors do not depend on how often the
+// host looks: the only host synchronisation is reading `active.any()`, every `check_every` sweeps.
+// A converged member is frozen (torch.where) until then.
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -39,11 +42,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
   auto& G = cur.G;
   const auto& norm_x2 = tree.norm_x2();
   SweepTracker tracker(B, n_iter_max, tol, check_every, x.options());
-  const auto inf = at::full({}, std::numeric_limits<double>::infinity(), x.options().dtype(at::kDouble));
   const double exact_below = 150.0 * std::sqrt(x.scalar_type() == at::kDouble
                                                    ? std::numeric_limits<double>::epsilon()
                                                    : std::numeric_limits<float>::epsilon());
-  bool exact_error = false;
+  // Members whose error is formed explicitly: once set, a member's flag stays set.
+  auto exact = at::zeros({B}, x.options().dtype(at::kBool));
+  // Whether this sweep forms the explicit residual (one GEMM more) for the batch. The host knows that
+  // no running member needs it only at the sweeps where it reads the flags (every sweep on the CPU).
+  bool form_residual = false;
 
   for (int64_t it = 0; it < n_iter_max; ++it) {
     const auto previous = cur;
@@ -54,27 +60,24 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
       G[k] = gram(U[k]);
     }
 
-    at::Tensor err;
-    if (exact_error) {
-      // Near convergence the cancellation in the norm formula leaves only ~sqrt(eps) of accuracy;
-      // from then on the residual is formed explicitly (one GEMM more per sweep).
-      err = (tree.residual_norm(U, cur.weights).to(at::kDouble).square() / norm_x2).sqrt();
-    } else {
-      err = rel_error_from_norms(norm_x2, M, U, G, cur.weights);
+    auto err = rel_error_from_norms(norm_x2, M, U, G, cur.weights);
+    if (form_residual) {
+      // Near convergence the cancellation in the norm formula leaves only ~sqrt(eps) of accuracy.
+      auto explicit_err = (tree.residual_norm(U, cur.weights).to(at::kDouble).square() / norm_x2).sqrt();
+      err = at::where(exact, explicit_err, err);
     }
 
     // Members whose sweep was not accepted (converged earlier, or a non-finite error from a singular
     // system) keep their previous iterate.
     const auto step = tracker.record(it, err);
     cur.keep_unless(tracker, step, previous);
-    // Is anybody still running, and is anybody close enough to convergence that the norm-based
-    // error has become too coarse?
-    bool near = false;
-    const bool ask = !exact_error && tracker.is_check(it);
-    if (!tracker.keep_going(it, ask ? (at::where(tracker.active(), err, inf) < exact_below).any() : at::Tensor(),
-                            &near))
+    exact = exact.logical_or(err < exact_below);  // for the next sweep; a NaN error compares false
+    // Is anybody still running, and does any of them need the explicit residual next sweep?
+    const bool check = tracker.is_check(it);
+    bool any_exact = true;
+    if (!tracker.keep_going(it, check ? exact.logical_and(tracker.active()).any() : at::Tensor(), &any_exact))
       break;
-    exact_error = exact_error || near;
+    form_residual = !check || any_exact;
   }
   return {cur.weights, U, tracker.errors, tracker.n_iter};
 }
