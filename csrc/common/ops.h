@@ -74,7 +74,9 @@ class SweepTracker {
  public:
   SweepTracker(int64_t batch, int64_t n_iter_max, double tol, int64_t check_every, const at::TensorOptions& opts);
   // Records sweep `it`'s relative errors [B] (float64); returns the members whose sweep is accepted.
-  at::Tensor record(int64_t it, const at::Tensor& err);
+  // Where `may_settle` ([B] bool) is given, only its members can stop on convergence this sweep (a
+  // sweep whose step the caller rejected repeats the last value without having converged).
+  at::Tensor record(int64_t it, const at::Tensor& err, const at::Tensor& may_settle = at::Tensor());
   // Whether the caller must restore the previous iterate of the members not in `step`. Where the
   // stop flag is read every sweep anyway (check_every == 1, the CPU) the common case where every
   // member stepped is read too, saving the restoring launches.

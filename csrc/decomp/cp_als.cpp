@@ -36,7 +36,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
   const int64_t N = x.dim() - 1, B = x.size(0);
 
   // Modes are updated in the natural order 0..N-1 (as in every reference implementation).
-  DimTree tree(x, R, x.scalar_type());
+  DimTree tree(x, R);
   auto cur = start_iterate(init, at::ones({B, R}, x.options()), x.scalar_type());
   auto& U = cur.U;
   auto& G = cur.G;

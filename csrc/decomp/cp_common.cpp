@@ -32,11 +32,11 @@ int64_t check_cp_arguments(const char* op, const char* name, const at::Tensor& x
   return R;
 }
 
-DimTree::DimTree(const at::Tensor& x, int64_t rank, at::ScalarType dtype) : N_(x.dim() - 1), root_(0) {
+DimTree::DimTree(const at::Tensor& x, int64_t rank) : N_(x.dim() - 1), root_(0) {
   for (int64_t n = 1; n < N_; ++n)
     if (x.size(n + 1) > x.size(root_ + 1)) root_ = n;
   const int64_t B = x.size(0);
-  const auto xp = x.to(dtype).movedim(root_ + 1, 1).contiguous();  // [B, I_root, other modes in order]
+  const auto xp = x.movedim(root_ + 1, 1).contiguous();  // [B, I_root, other modes in order]
   X0_ = xp.view({B, xp.size(1), -1});
   X0t_ = X0_.transpose(1, 2);
   ysizes_.assign(xp.sizes().begin(), xp.sizes().end());
@@ -48,18 +48,18 @@ DimTree::DimTree(const at::Tensor& x, int64_t rank, at::ScalarType dtype) : N_(x
 at::Tensor DimTree::khatri_rao_of_others(const std::vector<at::Tensor>& U) const {
   std::vector<at::Tensor> others;
   for (int64_t m = 0; m < N_; ++m)
-    if (m != root_) others.push_back(U[m]);
+    if (m != root_) others.push_back(in_dtype(U[m]));
   return khatri_rao(others);
 }
 
 at::Tensor DimTree::mttkrp(const std::vector<at::Tensor>& U, int64_t k) {
   if (k == root_) return at::bmm(X0_, khatri_rao_of_others(U));
-  if (k == 0 || k == root_ + 1) shared_ = at::bmm(X0t_, U[root_]).view(ysizes_);  // Z, then Y
+  if (k == 0 || k == root_ + 1) shared_ = at::bmm(X0t_, in_dtype(U[root_])).view(ysizes_);  // Z, then Y
   // Position of mode m (m != root) in Y / Z, counting the batch dimension.
   auto pos = [this](int64_t m) { return m < root_ ? m + 1 : m; };
   at::Tensor M = shared_;
   for (int64_t m = N_ - 1; m >= 0; --m)
-    if (m != k && m != root_) M = mode_contract(M, U[m], pos(m));
+    if (m != k && m != root_) M = mode_contract(M, in_dtype(U[m]), pos(m));
   return M;
 }
 

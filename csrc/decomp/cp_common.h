@@ -68,26 +68,28 @@ int64_t check_cp_arguments(const char* op, const char* name, const at::Tensor& x
 // it (for a 512x512x9 conv kernel that product would have 262144 x R entries).
 class DimTree {
  public:
-  // Works on x converted to `dtype`.
-  DimTree(const at::Tensor& x, int64_t rank, at::ScalarType dtype);
+  // Works in x's dtype.
+  DimTree(const at::Tensor& x, int64_t rank);
 
-  // M_k [B, I_k, R]. Within a sweep the modes are visited in the order 0..N-1, each factor updated
-  // before the next mode's MTTKRP: those before the root share Z = X x_root U_root (old root factor),
-  // those after it share Y = X x_root U_root (new root factor), each computed once per sweep, so that
-  // a sweep costs two GEMMs of the size of the tensor times R (three when the root is not mode 0).
+  // M_k [B, I_k, R] in x's dtype (factors of another dtype are converted). Within a sweep the modes
+  // are visited in the order 0..N-1, each factor updated before the next mode's MTTKRP: those before
+  // the root share Z = X x_root U_root (old root factor), those after it share Y = X x_root U_root
+  // (new root factor), each computed once per sweep, so that a sweep costs two GEMMs of the size of
+  // the tensor times R (three when the root is not mode 0).
   at::Tensor mttkrp(const std::vector<at::Tensor>& U, int64_t k);
-  // Khatri-Rao product of the factors but the root's, rows in the order of X0's columns.
+  // Khatri-Rao product of the factors but the root's, rows in the order of the columns of X with
+  // the root mode first.
   at::Tensor khatri_rao_of_others(const std::vector<at::Tensor>& U) const;
-  // ||X - [[weights; U]]||, formed explicitly (one GEMM more), [B] in the working dtype.
+  // ||X - [[weights; U]]||, formed explicitly (one GEMM more), [B] in x's dtype (factors in it too).
   at::Tensor residual_norm(const std::vector<at::Tensor>& U, const at::Tensor& weights) const;
 
   int64_t root() const { return root_; }
-  // X with the root mode first, [B, I_root, prod(other sizes)], in the working dtype.
-  const at::Tensor& X0() const { return X0_; }
   // ||X||^2 per member, [B] float64.
   const at::Tensor& norm_x2() const { return norm_x2_; }
 
  private:
+  at::Tensor in_dtype(const at::Tensor& u) const { return u.to(X0_.scalar_type()); }
+
   int64_t N_, root_;
   at::Tensor X0_, X0t_, norm_x2_, shared_;
   std::vector<int64_t> ysizes_;  // [B, other modes in order, R]
