@@ -49,6 +49,24 @@ def test_cp_als_result_does_not_depend_on_check_every(require_ext):
         assert abs(_formula_error(xb, wb, fb) - explicit) > 5e-7, b
 
 
+
+def test_cp_epc_result_does_not_depend_on_check_every(require_ext):
+    # Members that stop at different sweeps, with sweeps kept and dropped per member.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 12, 9, generator=g, dtype=torch.float64)
+    init = [torch.randn(3, s, 10, generator=g, dtype=torch.float64) for s in x.shape[1:]]
+    w, fs, _, _ = torch.ops.tdconv.cp_als(x, init, 200, 0.0, 0.0, 1)
+    delta = torch.stack([torch.linalg.vector_norm(x[b] - ref.cp_to_tensor(w[b], [f[b] for f in fs])) for b in range(3)])
+    runs = {ce: torch.ops.tdconv.cp_epc(x, w, fs, delta, 150, 1e-6, ce) for ce in (1, 3, 8)}
+    w1, f1, norms1, n1, errs1 = runs[1]
+    assert len(set(n1.tolist())) == 3 and n1.max() < 150
+    for ce in (3, 8):
+        w, fs, norms, n, errs = runs[ce]
+        assert torch.equal(n, n1), (ce, n.tolist(), n1.tolist())
+        assert torch.equal(norms.nan_to_num(-1.0), norms1.nan_to_num(-1.0)), ce
+        assert torch.equal(errs.nan_to_num(-1.0), errs1.nan_to_num(-1.0)), ce
+        assert torch.equal(w, w1) and all(torch.equal(a, b) for a, b in zip(fs, f1)), ce
+
 def _degenerate(dtype, seed):
     """A random 24x24x9 tensor fitted at rank 16 by 400 ALS sweeps: components that cancel each other."""
     torch.manual_seed(seed)
