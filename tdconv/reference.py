@@ -157,7 +157,7 @@ def cp_epc(x: torch.Tensor, weights: torch.Tensor, factors: list[torch.Tensor], 
     lam = weights.double().clone()
     norm_x2 = float(xd.square().sum())
     c = max(norm_x2 - float(delta) ** 2, 0.0)
-    eps = torch.finfo(torch.float64).eps
+    eps, tiny = torch.finfo(torch.float64).eps, torch.finfo(torch.float64).tiny
     best = float(lam.square().sum()) / norm_x2
     before, start, extrapolated = cur, cur, False
     beta, beta_max = _EPC_BETA0, _EPC_BETA_MAX0
@@ -171,7 +171,7 @@ def cp_epc(x: torch.Tensor, weights: torch.Tensor, factors: list[torch.Tensor], 
             for f in others:
                 w = w * (f.T @ f)
             s, v = torch.linalg.eigh(w)
-            s = s.clamp_min(max(float(s.max()), torch.finfo(torch.float64).tiny) * 10 * eps)  # a ridge of a few ulps
+            s = s.clamp_min(max(float(s.max()), tiny) * 10 * eps)  # a ridge of a few ulps
             z_mat = (unfold(xd, n) @ khatri_rao(others)) @ v
             z = z_mat.square().sum(0)
             d = float((z / s).sum()) - c
