@@ -7,6 +7,7 @@ CUDA build; a visible GPU is never required. Environment variables:
 - ``CUDA_HOME`` / ``CUDA_PATH``: the CUDA toolkit to use (otherwise it is located, see below).
 - ``TORCH_CUDA_ARCH_LIST``: architectures to build for (default ``8.0;9.0+PTX``).
 - ``TDCONV_DEBUG=1``: build without optimisation, with debug symbols.
+- ``TDCONV_LIMITED_API=0``: build against the full Python C API instead of the stable ABI (abi3).
 - ``MAX_JOBS``: parallel compile jobs (ninja).
 """
 import glob
@@ -107,6 +108,28 @@ def torch_base_version():
     return torch.__version__.split("+")[0]
 
 
+def limited_api_version():
+    """``(major, minor)`` of the stable ABI the extension is compiled for, or None for the full C API.
+
+    torch's BuildExtension compiles every ``py_limited_api`` extension with
+    ``-DPy_LIMITED_API=cpp_extension.min_supported_cpython`` (the oldest Python that torch supports),
+    so the wheel's ``cpXY-abi3`` tag and ``python_requires`` are taken from that same value. A torch
+    whose cpp_extension does not define it gets a full-API build: nothing then says which limited
+    API the headers would be compiled for.
+    """
+    if os.environ.get("TDCONV_LIMITED_API", "1") == "0":
+        return None
+    hexcode = getattr(cpp_extension, "min_supported_cpython", None)
+    if hexcode is None:
+        log("torch's cpp_extension sets no Py_LIMITED_API: building against the full Python C API")
+        return None
+    v = int(hexcode, 16)
+    return (v >> 24) & 0xFF, (v >> 16) & 0xFF
+
+
+LIMITED_API = limited_api_version()
+
+
 def make_extension():
     build_cuda, root, reason = decide_cuda()
     debug = os.environ.get("TDCONV_DEBUG", "0") == "1"
@@ -114,8 +137,7 @@ def make_extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/decomp/*.cpp")
                      + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("TDCONV_TORCH_VERSION", f'"{torch_base_version()}"')]
-    # TDCONV_LIMITED_API=0 builds against the full Python C API instead of the stable ABI.
-    limited = os.environ.get("TDCONV_LIMITED_API", "1") != "0"
+    limited = LIMITED_API is not None
     cxx_flags = opt + ["-fdiagnostics-color=always", "-Wno-unused-parameter"]
     link_flags = []
     # at::parallel_for is an inline OpenMP loop in the headers of an OpenMP build of torch: without
@@ -158,7 +180,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tdconv", "tdconv.*"]),
-    python_requires=">=3.9",
+    # An abi3 wheel runs on every CPython from the limited API it was compiled for on.
+    python_requires=">=%d.%d" % (LIMITED_API or (3, 9)),
     # The extension is compiled against exactly this torch; pinning it at install time makes a
     # mismatched build/runtime pair impossible (pip upgrades or downgrades torch to match).
     install_requires=[f"torch=={torch_base_version()}", "numpy", "ptflops"],
@@ -168,6 +191,6 @@ setup(
     entry_points={"console_scripts": ["tdconv=tdconv.cli:main"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}} if os.environ.get("TDCONV_LIMITED_API", "1") != "0" else {},
+    options={"bdist_wheel": {"py_limited_api": "cp%d%d" % LIMITED_API}} if LIMITED_API else {},
     zip_safe=False,
 )

@@ -110,51 +110,96 @@ def cp_als(x: torch.Tensor, init: list[torch.Tensor], n_iter_max: int = 100, tol
     return weights, factors, errors, len(errors)
 
 
+# Extrapolation of EPC's sweeps (Ang & Gillis, Neural Computation 31(2), 2019), as in the engine: the
+# initial beta and its cap, the factor beta shrinks by when an extrapolated sweep is rejected, and the
+# factors beta and its cap grow by when one is accepted.
+_EPC_BETA0, _EPC_BETA_MAX0, _EPC_SHRINK, _EPC_GROW, _EPC_GROW_MAX = 0.5, 1.0, 1.5, 1.05, 1.01
+
+
+def _epc_secular_kappa(s: torch.Tensor, z: torch.Tensor, d: float) -> float:
+    """The ``kappa = 1 / mu`` where ``P(kappa) = sum (z / s) / (1 + s kappa)^2`` (decreasing from
+    ``sum z / s`` at 0 to 0) equals ``d``, by bisection to adjacent doubles; the side with
+    ``P > d`` (the bound just missed) is returned."""
+    def excess(k):
+        return float(((z / s) / (1 + s * k) ** 2).sum())
+
+    lo, hi = 0.0, 1.0
+    while excess(hi) > d:
+        lo, hi = hi, 2 * hi
+    for _ in range(2000):
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        lo, hi = (mid, hi) if excess(mid) > d else (lo, mid)
+    return lo
+
+
 def cp_epc(x: torch.Tensor, weights: torch.Tensor, factors: list[torch.Tensor], delta: float,
            n_iter_max: int = 100, tol: float = 1e-6):
     """Error preserving correction (Phan, Tichavsky, Cichocki, IEEE TSP 2019): mode by mode, the
-    least-norm factor ``A = U_n diag(weights)`` with ``||X_(n) - A K^T|| <= delta``, via the secular
-    equation in the eigenbasis of ``K^T K``; the scalar is found by bisection on ``log(mu)``.
+    least-norm factor ``A = U_n diag(weights)`` with ``||X_(n) - A K^T|| <= delta``. In the eigenbasis
+    ``W = K^T K = V diag(s) V^T`` the least-squares update ``Z diag(1/s) V^T`` (``Z = X_(n) K V``) is
+    shrunk to ``Z diag(1/(s + mu)) V^T``, which raises the residual by ``sum (z/s) (mu/(s + mu))^2``
+    (``z`` the squared column norms of ``Z``); ``mu`` makes that rise the slack ``d`` of the
+    least-squares update (none where ``d <= 0``: the least-squares update). Each sweep starts from the
+    extrapolation ``U + beta (U - U_prev)`` of the last two accepted iterates (columns renormalised);
+    an extrapolated sweep is kept if it ends within the bound with smaller norms, and beta grows, else
+    it is dropped, beta shrinks and the next sweep starts from the last accepted iterate. Everything
+    runs in float64.
 
     Returns ``(weights, factors, norms, n_iter, errors)``: ``norms`` is sum(weights^2) / ||X||^2 and
-    ``errors`` the relative error after every sweep.
+    ``errors`` the relative error of the accepted iterate after every sweep (a dropped sweep repeats
+    the last values); convergence (a change of the norms below ``tol``) is tested on kept sweeps.
     """
     n_modes = x.ndim
-    factors = [_normalise_columns(f)[0] for f in factors]
-    weights = weights.clone()
     xd = x.double()
+    cur = [_normalise_columns(f.double())[0] for f in factors]
+    lam = weights.double().clone()
     norm_x2 = float(xd.square().sum())
     c = max(norm_x2 - float(delta) ** 2, 0.0)
+    eps, tiny = torch.finfo(torch.float64).eps, torch.finfo(torch.float64).tiny
+    best = float(lam.square().sum()) / norm_x2
+    before, start, extrapolated = cur, cur, False
+    beta, beta_max = _EPC_BETA0, _EPC_BETA_MAX0
+    cur_err = math.nan
     norms, errors = [], []
     for _ in range(n_iter_max):
+        new = list(start)
         for n in range(n_modes):
-            others = [factors[m] for m in range(n_modes) if m != n]
-            w = torch.ones(weights.shape[0], weights.shape[0], dtype=torch.float64, device=x.device)
+            others = [new[m] for m in range(n_modes) if m != n]
+            w = torch.ones(lam.shape[0], lam.shape[0], dtype=torch.float64, device=x.device)
             for f in others:
-                w = w * (f.T @ f).double()
+                w = w * (f.T @ f)
             s, v = torch.linalg.eigh(w)
-            s = s.clamp_min(0)
-            z_mat = (unfold(xd, n) @ khatri_rao([f.double() for f in others])) @ v
+            s = s.clamp_min(max(float(s.max()), tiny) * 10 * eps)  # a ridge of a few ulps
+            z_mat = (unfold(xd, n) @ khatri_rao(others)) @ v
             z = z_mat.square().sum(0)
-
-            def fit(mu):
-                return float((z * (s + 2 * mu) / (s + mu) ** 2).sum())
-
-            lo = math.log(max(float(s.max()), 1e-300) * 10 * torch.finfo(torch.float64).eps)
-            hi = max(math.log(2 * float(z.sum()) / max(c, 1e-300)), lo)
-            if fit(math.exp(lo)) <= c:
-                mu = math.exp(lo)
+            d = float((z / s).sum()) - c
+            reach = d > 0
+            if reach:
+                kappa = _epc_secular_kappa(s, z, d)
+                scale = kappa / (1 + s * kappa)  # 1 / (s + mu), mu = 1 / kappa
             else:
-                for _ in range(64):
-                    mid = 0.5 * (lo + hi)
-                    lo, hi = (mid, hi) if fit(math.exp(mid)) > c else (lo, mid)
-                mu = math.exp(hi)
-            factors[n], weights = _normalise_columns(((z_mat / (s + mu)) @ v.T).to(x.dtype))
-        norms.append(float(weights.double().square().sum()) / norm_x2)
-        errors.append(float(torch.linalg.vector_norm(xd - cp_to_tensor(weights, factors).double()) / norm_x2 ** 0.5))
-        if len(norms) > 1 and abs(norms[-2] - norms[-1]) < tol:
+                scale = 1 / s
+            new[n], new_lam = _normalise_columns((z_mat * scale) @ v.T)
+        new_norm = float(new_lam.square().sum()) / norm_x2
+        accept = not extrapolated or (reach and new_norm <= best)
+        if accept:
+            old = best
+            before, cur, lam, best = cur, new, new_lam, new_norm
+            cur_err = float(torch.linalg.vector_norm(xd - cp_to_tensor(lam, cur)) / norm_x2 ** 0.5)
+            if extrapolated:
+                beta, beta_max = min(beta * _EPC_GROW, beta_max), min(beta_max * _EPC_GROW_MAX, 1.0)
+        else:
+            beta_max, beta = beta, beta / _EPC_SHRINK
+        norms.append(best)
+        errors.append(cur_err)
+        if accept and len(norms) > 1 and abs(old - best) < tol:
             break
-    return weights, factors, norms, len(norms), errors
+        extrapolated = accept and reach
+        start = cur if not extrapolated else [cur[0]] + [
+            _normalise_columns(u + beta * (u - p))[0] for u, p in zip(cur[1:], before[1:])]
+    return lam.to(x.dtype), [f.to(x.dtype) for f in cur], norms, len(norms), errors
 
 
 def tucker_hosvd(x: torch.Tensor, ranks: list[int], modes: list[int]):

@@ -228,7 +228,7 @@ def test_mode_contract_matches_reference(require_ext, device, shape, dim):
 
 def test_mode_contract_bad_input(require_ext):
     y = torch.randn(2, 4, 5, 3)
-    # Messages are assembled without std::ostream (see csrc/common/ops.h): check the formatting too.
+    # Messages are assembled without std::ostream (see csrc/common/checks.h): check the formatting too.
     with pytest.raises(RuntimeError, match=r"u must have shape \[2, 4, 3\], got \[2, 3, 3\]"):
         torch.ops.tdconv.mode_contract(y, torch.randn(2, 3, 3), 1)
     with pytest.raises(RuntimeError, match=r"tol must be >= 0, got -1\.0"):

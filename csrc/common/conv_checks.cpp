@@ -1,6 +1,7 @@
 // Argument checks and output-shape arithmetic shared by the CPU and CUDA factorised-conv kernels.
 #include <ATen/core/Tensor.h>
 
+#include "checks.h"
 #include "ops.h"
 
 namespace tdconv {

@@ -1,62 +1,16 @@
 // Declarations shared by the tdconv sources: the backend-independent drivers (decomp/) and the
 // entry points of the backend kernels, called through the dispatcher so that each runs on the
-// tensor's own device.
+// tensor's own device. The argument-check macros are in checks.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
 
-#include <string>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 namespace tdconv {
-
-// ---- argument checks shared by every entry point ------------------------------------------------
-// Error messages are assembled with std::string and std::to_string, never with std::ostream:
-// TORCH_CHECK's own formatting streams every argument through a std::ostringstream compiled into
-// this library, and where the C++ runtime loaded into the process differs from the one the library
-// was compiled against, those stream internals crash (seen with torch 2.11 + GCC 13: a segfault in
-// ostream::_M_insert<long> inside the failing check). A single std::string argument is passed
-// through by c10 untouched.
-namespace detail {
-inline void append(std::string& s, const char* v) { s += v; }
-inline void append(std::string& s, const std::string& v) { s += v; }
-inline void append(std::string& s, double v) { s += std::to_string(v); }
-inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
-inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
-inline void append(std::string& s, c10::IntArrayRef v) {
-  s += '[';
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(v[i]);
-  }
-  s += ']';
-}
-template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
-inline void append(std::string& s, T v) {
-  s += std::to_string(v);
-}
-template <typename... Args>
-std::string message(const Args&... args) {
-  std::string s;
-  (append(s, args), ...);
-  return s;
-}
-}  // namespace detail
-
-#define TDCONV_CHECK(cond, ...) TORCH_CHECK(cond, ::tdconv::detail::message(__VA_ARGS__))
-#define TDCONV_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::tdconv::detail::message(__VA_ARGS__))
-
-#define TDCONV_CHECK_FLOAT(t, name)                                                          \
-  TDCONV_CHECK_TYPE((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble,      \
-                    "tdconv: ", name, " must be float32 or float64, got ", (t).scalar_type())
-
-#define TDCONV_CHECK_SAME_DEVICE(a, b, name_a, name_b)                                        \
-  TDCONV_CHECK((a).device() == (b).device(), "tdconv: ", name_a, " is on ", (a).device(),     \
-               " but ", name_b, " is on ", (b).device())
 
 // ---- backend kernels (csrc/cpu, csrc/cuda) ------------------------------------------------------
 // y: [B, d_1, ..., d_k, R], u: [B, d_dim, R]  ->  [B, d_1, .., (d_dim removed), .., d_k, R]
@@ -120,7 +74,9 @@ class SweepTracker {
  public:
   SweepTracker(int64_t batch, int64_t n_iter_max, double tol, int64_t check_every, const at::TensorOptions& opts);
   // Records sweep `it`'s relative errors [B] (float64); returns the members whose sweep is accepted.
-  at::Tensor record(int64_t it, const at::Tensor& err);
+  // Where `may_settle` ([B] bool) is given, only its members can stop on convergence this sweep (a
+  // sweep whose step the caller rejected repeats the last value without having converged).
+  at::Tensor record(int64_t it, const at::Tensor& err, const at::Tensor& may_settle = at::Tensor());
   // Whether the caller must restore the previous iterate of the members not in `step`. Where the
   // stop flag is read every sweep anyway (check_every == 1, the CPU) the common case where every
   // member stepped is read too, saving the restoring launches.

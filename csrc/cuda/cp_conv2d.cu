@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
 #include "../common/ops.h"
 
 namespace tdconv {

@@ -6,22 +6,22 @@
 //   V_n = *_{m != n} U_m^T U_m                               (Hadamard product of Gram matrices)
 // by Cholesky, then normalises the columns of U_n into the weights.
 //
-// MTTKRP by a dimension tree: the largest mode ("root") is moved to the front once. Its MTTKRP is one
-// GEMM with the Khatri-Rao product of the *small* modes; the partial product X x_root U_root
-// ([prod(other sizes), R]) is shared by all the other modes, whose MTTKRPs are cheap contractions
-// of it (mode_contract kernel) instead of GEMMs against a Khatri-Rao product with the large root
-// mode in it (for a 512x512x9 conv kernel that product would have 262144 x R entries). A sweep costs
-// two GEMMs of the size of the tensor times R (three when the root is not the first mode).
+// The MTTKRPs come from the dimension tree of cp_common.h: a sweep costs two GEMMs of the size of the
+// tensor times R (three when the largest mode is not the first).
 //
 // The relative error comes from norms and inner products (||X||^2 - 2<X, X^> + ||X^||^2), in
-// float64; once it falls to where that formula's cancellation leaves too few digits (150 sqrt(eps)),
-// the residual is formed explicitly instead. Convergence is decided per batch member on the device; a converged member is frozen
-// (torch.where), so the only host synchronisation is `active.any()`, every `check_every` sweeps.
+// float64; once a member's error falls to where that formula's cancellation leaves too few digits
+// (150 sqrt(eps)), its residual is formed explicitly from the next sweep on. That switch, like
+// convergence, is decided per batch member and per sweep on the device (a flag, torch.where), so the
+// sweep at which a member stops, its error history and its factors do not depend on how often the
+// host looks: the only host synchronisation is reading `active.any()`, every `check_every` sweeps.
+// A converged member is frozen (torch.where) until then.
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <limits>
 
+#include "../common/checks.h"
 #include "../common/ops.h"
 #include "cp_common.h"
 
@@ -31,121 +31,55 @@ using namespace cp_detail;
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
     const at::Tensor& x, at::TensorList init, int64_t n_iter_max, double tol, double l2_reg,
     int64_t check_every) {
-  TDCONV_CHECK_FLOAT(x, "x");
-  TDCONV_CHECK(x.dim() >= 3, "tdconv::cp_als: x must be [batch, I_0, ..., I_{N-1}] with N >= 2, got shape ",
-              x.sizes());
-  const int64_t N = x.dim() - 1, B = x.size(0);
-  TDCONV_CHECK(B >= 1 && x.numel() > 0, "tdconv::cp_als: x must not be empty, got shape ", x.sizes());
-  TDCONV_CHECK(static_cast<int64_t>(init.size()) == N, "tdconv::cp_als: init must hold ", N,
-              " factors (one per mode), got ", init.size());
-  const int64_t R = init[0].size(-1);
-  TDCONV_CHECK(R >= 1, "tdconv::cp_als: rank must be >= 1");
-  for (int64_t n = 0; n < N; ++n) {
-    TDCONV_CHECK(init[n].dim() == 3 && init[n].size(0) == B && init[n].size(1) == x.size(n + 1) &&
-                    init[n].size(2) == R,
-                "tdconv::cp_als: init[", n, "] must have shape [", B, ", ", x.size(n + 1), ", ", R, "], got ",
-                init[n].sizes());
-    TDCONV_CHECK_TYPE(init[n].scalar_type() == x.scalar_type(), "tdconv::cp_als: init[", n, "] has dtype ",
-                     init[n].scalar_type(), " but x has ", x.scalar_type());
-    TDCONV_CHECK_SAME_DEVICE(x, init[n], "x", "init factor");
-  }
-  TDCONV_CHECK(n_iter_max >= 1, "tdconv::cp_als: n_iter_max must be >= 1, got ", n_iter_max);
-  TDCONV_CHECK(tol >= 0, "tdconv::cp_als: tol must be >= 0, got ", tol);
+  const int64_t R = check_cp_arguments("cp_als", "init", x, init, n_iter_max, tol, check_every);
   TDCONV_CHECK(l2_reg >= 0, "tdconv::cp_als: l2_reg must be >= 0, got ", l2_reg);
-  TDCONV_CHECK(check_every >= 1, "tdconv::cp_als: check_every must be >= 1, got ", check_every);
+  const int64_t N = x.dim() - 1, B = x.size(0);
 
-  // Root of the dimension tree: the largest mode. Modes are updated in the natural order 0..N-1 (as
-  // in every reference implementation); those before the root share Z = X x_root U_root (old root
-  // factor), those after it share Y = X x_root U_root (new root factor).
-  int64_t root = 0;
-  for (int64_t n = 1; n < N; ++n)
-    if (x.size(n + 1) > x.size(root + 1)) root = n;
-  const auto xp = x.movedim(root + 1, 1).contiguous();  // [B, I_root, other modes in order]
-  const int64_t Iroot = xp.size(1);
-  const auto X0 = xp.view({B, Iroot, -1});
-  const auto X0t = X0.transpose(1, 2);
-  std::vector<int64_t> ysizes(xp.sizes().begin(), xp.sizes().end());
-  ysizes.erase(ysizes.begin() + 1);
-  ysizes.push_back(R);  // [B, other modes in order, R]
-  // Position of mode k (k != root) in Y / Z, counting the batch dimension.
-  auto pos = [root](int64_t k) { return k < root ? k + 1 : k; };
-
-  std::vector<at::Tensor> U(N), G(N);
-  for (int64_t k = 0; k < N; ++k) {
-    U[k] = normalise_columns(init[k]).first;
-    G[k] = gram(U[k]);
-  }
-  // The Khatri-Rao product of the modes other than the root, rows in xp's order.
-  auto khatri_rao_of_others = [&](const std::vector<at::Tensor>& U) {
-    std::vector<at::Tensor> others;
-    for (int64_t m = 0; m < N; ++m)
-      if (m != root) others.push_back(U[m]);
-    return khatri_rao(others);
-  };
-  const auto norm_x2 = X0.to(at::kDouble).square().sum({1, 2});  // [B]
-  auto weights = at::ones({B, R}, x.options());
+  // Modes are updated in the natural order 0..N-1 (as in every reference implementation).
+  DimTree tree(x, R);
+  auto cur = start_iterate(init, at::ones({B, R}, x.options()), x.scalar_type());
+  auto& U = cur.U;
+  auto& G = cur.G;
+  const auto& norm_x2 = tree.norm_x2();
   SweepTracker tracker(B, n_iter_max, tol, check_every, x.options());
-  const auto inf = at::full({}, std::numeric_limits<double>::infinity(), x.options().dtype(at::kDouble));
   const double exact_below = 150.0 * std::sqrt(x.scalar_type() == at::kDouble
                                                    ? std::numeric_limits<double>::epsilon()
                                                    : std::numeric_limits<float>::epsilon());
-  bool exact_error = false;
+  // Members whose error is formed explicitly: once set, a member's flag stays set.
+  auto exact = at::zeros({B}, x.options().dtype(at::kBool));
+  // Whether this sweep forms the explicit residual (one GEMM more) for the batch. The host knows that
+  // no running member needs it only at the sweeps where it reads the flags (every sweep on the CPU).
+  bool form_residual = false;
 
   for (int64_t it = 0; it < n_iter_max; ++it) {
-    const auto U_old = U, G_old = G;
-    const auto w_old = weights;
-    at::Tensor shared, M;
+    const auto previous = cur;
+    at::Tensor M;
     for (int64_t k = 0; k < N; ++k) {
-      if (k == root) {
-        // The root's MTTKRP: one GEMM against the Khatri-Rao product of the other (small) modes.
-        M = at::bmm(X0, khatri_rao_of_others(U));
-      } else {
-        if (k == 0 || k == root + 1) shared = at::bmm(X0t, U[root]).view(ysizes);  // Z, then Y
-        M = shared;
-        for (int64_t m = N - 1; m >= 0; --m)
-          if (m != k && m != root) M = mode_contract(M, U[m], pos(m));
-      }
-      std::tie(U[k], weights) = solve_normalised(hadamard_grams(G, k), M, l2_reg);
+      M = tree.mttkrp(U, k);
+      std::tie(U[k], cur.weights) = solve_normalised(hadamard_grams(G, k), M, l2_reg);
       G[k] = gram(U[k]);
     }
 
-    at::Tensor err;
-    if (exact_error) {
-      // Near convergence the cancellation in the norm formula leaves only ~sqrt(eps) of accuracy;
-      // from then on the residual is formed explicitly (one GEMM more per sweep).
-      auto xhat = at::bmm(U[root] * weights.unsqueeze(1), khatri_rao_of_others(U).transpose(1, 2));
-      err = (at::linalg_vector_norm(X0 - xhat, 2, {1, 2}, false, c10::nullopt).to(at::kDouble).square() / norm_x2)
-                .sqrt();
-    } else {
-      // ||X - X^||^2 = ||X||^2 - 2 <X, X^> + ||X^||^2, with <X, X^> from the last mode's MTTKRP.
-      auto lam = weights.to(at::kDouble);
-      auto inner = ((M.to(at::kDouble) * U[N - 1].to(at::kDouble)).sum(1) * lam).sum(-1);
-      auto vall = hadamard_grams(G, -1).to(at::kDouble);
-      auto norm_hat2 = (at::bmm(lam.unsqueeze(1), vall).squeeze(1) * lam).sum(-1);
-      err = ((norm_x2 - 2 * inner + norm_hat2).clamp_min(0) / norm_x2).sqrt();
+    auto err = rel_error_from_norms(norm_x2, M, U, G, cur.weights);
+    if (form_residual) {
+      // Near convergence the cancellation in the norm formula leaves only ~sqrt(eps) of accuracy.
+      auto explicit_err = (tree.residual_norm(U, cur.weights).to(at::kDouble).square() / norm_x2).sqrt();
+      err = at::where(exact, explicit_err, err);
     }
 
     // Members whose sweep was not accepted (converged earlier, or a non-finite error from a singular
     // system) keep their previous iterate.
     const auto step = tracker.record(it, err);
-    if (tracker.must_freeze(step)) {
-      auto s3 = step.view({-1, 1, 1});
-      for (int64_t k = 0; k < N; ++k) {
-        U[k] = at::where(s3, U[k], U_old[k]);
-        G[k] = at::where(s3, G[k], G_old[k]);
-      }
-      weights = at::where(step.view({-1, 1}), weights, w_old);
-    }
-    // Is anybody still running, and is anybody close enough to convergence that the norm-based
-    // error has become too coarse?
-    bool near = false;
-    const bool ask = !exact_error && tracker.is_check(it);
-    if (!tracker.keep_going(it, ask ? (at::where(tracker.active(), err, inf) < exact_below).any() : at::Tensor(),
-                            &near))
+    cur.keep_unless(tracker, step, previous);
+    exact = exact.logical_or(err < exact_below);  // for the next sweep; a NaN error compares false
+    // Is anybody still running, and does any of them need the explicit residual next sweep?
+    const bool check = tracker.is_check(it);
+    bool any_exact = true;
+    if (!tracker.keep_going(it, check ? exact.logical_and(tracker.active()).any() : at::Tensor(), &any_exact))
       break;
-    exact_error = exact_error || near;
+    form_residual = !check || any_exact;
   }
-  return {weights, U, tracker.errors, tracker.n_iter};
+  return {cur.weights, U, tracker.errors, tracker.n_iter};
 }
 
 std::vector<at::Tensor> cp_init_svd(const at::Tensor& x, int64_t rank, at::TensorList random_fill) {

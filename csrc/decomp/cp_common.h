@@ -1,4 +1,6 @@
-// Small helpers shared by the CP drivers (cp_als.cpp, cp_epc.cpp). Internal to csrc/decomp.
+// What the CP drivers (cp_als.cpp, cp_epc.cpp) share: their argument checks, the MTTKRPs by a
+// dimension tree, the error from norms, and the iterate that members which stopped keep. Internal
+// to csrc/decomp; the non-inline parts are in cp_common.cpp.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -7,6 +9,8 @@
 #include <vector>
 
 namespace tdconv {
+class SweepTracker;
+
 namespace cp_detail {
 
 // Khatri-Rao product of factors [B, I_k, R], rows in C order of (I_a, I_b, ..): [B, prod I_k, R].
@@ -49,6 +53,65 @@ inline std::pair<at::Tensor, at::Tensor> solve_normalised(at::Tensor v, const at
 }
 
 inline at::Tensor gram(const at::Tensor& u) { return at::bmm(u.transpose(1, 2), u); }
+
+// The checks common to the CP drivers of x [B, I_0, .., I_{N-1}] (float32/float64, N >= 2, not empty)
+// and its factors [B, I_n, R] (named `name` in the messages, e.g. "init"), and of the sweep
+// arguments. `op` is the op's name ("cp_als"). Returns R.
+int64_t check_cp_arguments(const char* op, const char* name, const at::Tensor& x, at::TensorList factors,
+                           int64_t n_iter_max, double tol, int64_t check_every);
+
+// The MTTKRPs M_k = X_(k) (Khatri-Rao of the factors but U_k) of a batch x [B, I_0, ..] by a
+// dimension tree. The largest mode ("root") is moved to the front once. Its MTTKRP is one GEMM with
+// the Khatri-Rao product of the *small* modes; the partial product X x_root U_root ([prod(other
+// sizes), R]) is shared by all the other modes, whose MTTKRPs are cheap contractions of it
+// (mode_contract kernel) instead of GEMMs against a Khatri-Rao product with the large root mode in
+// it (for a 512x512x9 conv kernel that product would have 262144 x R entries).
+class DimTree {
+ public:
+  // Works in x's dtype.
+  DimTree(const at::Tensor& x, int64_t rank);
+
+  // M_k [B, I_k, R] in x's dtype (factors of another dtype are converted). Within a sweep the modes
+  // are visited in the order 0..N-1, each factor updated before the next mode's MTTKRP: those before
+  // the root share Z = X x_root U_root (old root factor), those after it share Y = X x_root U_root
+  // (new root factor), each computed once per sweep, so that a sweep costs two GEMMs of the size of
+  // the tensor times R (three when the root is not mode 0).
+  at::Tensor mttkrp(const std::vector<at::Tensor>& U, int64_t k);
+  // Khatri-Rao product of the factors but the root's, rows in the order of the columns of X with
+  // the root mode first.
+  at::Tensor khatri_rao_of_others(const std::vector<at::Tensor>& U) const;
+  // ||X - [[weights; U]]||, formed explicitly (one GEMM more), [B] in x's dtype (factors in it too).
+  at::Tensor residual_norm(const std::vector<at::Tensor>& U, const at::Tensor& weights) const;
+
+  int64_t root() const { return root_; }
+  // ||X||^2 per member, [B] float64.
+  const at::Tensor& norm_x2() const { return norm_x2_; }
+
+ private:
+  at::Tensor in_dtype(const at::Tensor& u) const { return u.to(X0_.scalar_type()); }
+
+  int64_t N_, root_;
+  at::Tensor X0_, X0t_, norm_x2_, shared_;
+  std::vector<int64_t> ysizes_;  // [B, other modes in order, R]
+};
+
+// The relative error sqrt(||X||^2 - 2 <X, X^> + ||X^||^2) / ||X|| [B] (float64) of the model
+// [[weights; U]] with unit-column factors U and their Gram matrices G, without forming X^: <X, X^>
+// comes from the last mode's MTTKRP M [B, I_{N-1}, R]. Cancellation leaves it ~sqrt(eps) accurate.
+at::Tensor rel_error_from_norms(const at::Tensor& norm_x2, const at::Tensor& M, const std::vector<at::Tensor>& U,
+                                const std::vector<at::Tensor>& G, const at::Tensor& weights);
+
+// A CP iterate of the batch: unit-column factors, their Gram matrices, the weights.
+struct CpIterate {
+  std::vector<at::Tensor> U, G;
+  at::Tensor weights;
+  // Members not in `step` ([B] bool) take `previous`'s values; skipped where the tracker says every
+  // member stepped (see SweepTracker::must_freeze).
+  void keep_unless(const SweepTracker& tracker, const at::Tensor& step, const CpIterate& previous);
+};
+
+// Factors [B, I_n, R] with unit columns (in dtype) and their Gram matrices.
+CpIterate start_iterate(at::TensorList factors, const at::Tensor& weights, at::ScalarType dtype);
 
 }  // namespace cp_detail
 }  // namespace tdconv

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "../common/checks.h"
 #include "../common/ops.h"
 
 #include <limits>
@@ -78,7 +79,7 @@ SweepTracker::SweepTracker(int64_t batch, int64_t n_iter_max, double tol, int64_
       tol_(tol),
       check_every_(check_every) {}
 
-at::Tensor SweepTracker::record(int64_t it, const at::Tensor& err) {
+at::Tensor SweepTracker::record(int64_t it, const at::Tensor& err, const at::Tensor& may_settle) {
   const auto finite = at::isfinite(err);
   const auto step = active_ & finite;
   const auto failed_now = active_ & finite.logical_not();
@@ -87,7 +88,9 @@ at::Tensor SweepTracker::record(int64_t it, const at::Tensor& err) {
   col.copy_(at::where(step, err, at::where(failed_now, inf, col)));
   n_iter.add_(step.to(at::kLong));
   if (it > 0) {
-    active_ = step & ((errors.select(1, it - 1) - err).abs() < tol_).logical_not();
+    auto settled = (errors.select(1, it - 1) - err).abs() < tol_;
+    if (may_settle.defined()) settled = settled & may_settle;
+    active_ = step & settled.logical_not();
   } else {
     active_ = step;
   }

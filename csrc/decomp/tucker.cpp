@@ -11,6 +11,7 @@
 
 #include <limits>
 
+#include "../common/checks.h"
 #include "../common/ops.h"
 
 namespace tdconv {

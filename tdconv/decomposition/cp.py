@@ -158,8 +158,12 @@ def cp_epc(cp, tensor: torch.Tensor, *, delta: float | None = None, n_iter_max: 
     low-rank tensor decomposition for compression of convolutional neural network", ECCV 2020. Mode by
     mode, the update is a least-norm problem under a sphere constraint; in the eigenbasis of the
     Hadamard product of the other factors' Gram matrices it reduces to a scalar secular equation,
-    solved by bisection on the device. Each update keeps the error at ``delta`` and cannot increase
-    the objective. Where a mode cannot reach ``delta`` (a ``delta`` below the current error) the
+    solved by a few Newton steps on the device. Each update keeps the error at ``delta`` and cannot
+    increase the objective. Each sweep starts from an extrapolation of the last two accepted iterates
+    and is kept only if it ends within ``delta`` with smaller norms (A. Ang, N. Gillis, "Accelerating
+    nonnegative matrix factorization algorithms using extrapolation", Neural Computation 31(2), 2019);
+    ``n_iter`` counts dropped sweeps too, which repeat the last values in ``errors`` and
+    ``norm_history``. The iterate is float64 whatever the tensor's dtype. Where a mode cannot reach ``delta`` (a ``delta`` below the current error) the
     update is the least-squares one, as in ALS.
 
     Examples
