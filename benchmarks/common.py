@@ -72,16 +72,10 @@ def resnet18(stem: str = "imagenet", num_classes: int = 10, seed: int = 0) -> nn
     """torchvision's resnet18 with seeded random weights. ``stem="imagenet"``: torchvision's own (7x7
     stride-2 conv and max-pool; the seed's model, also on 32x32 images); ``"cifar"``: a 3x3 stride-1
     conv and no max-pool."""
-    import torchvision
+    from tdconv.apps.models import build_model  # the one model builder, shared with the command line
 
-    if stem not in ("imagenet", "cifar"):
-        raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
     torch.manual_seed(seed)
-    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
-    if stem == "cifar":
-        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
-    return model
+    return build_model("resnet18", num_classes, stem=stem)
 
 
 def resnet18_kernels(which: str = "all", device="cpu", dtype=torch.float32) -> list:

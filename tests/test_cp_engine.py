@@ -4,7 +4,6 @@ import torch
 
 import tdconv
 from tdconv import reference as ref
-from tdconv.decompose import _cp_init
 
 from conftest import planted_cp
 
@@ -27,7 +26,7 @@ def test_cp_als_result_does_not_depend_on_check_every(require_ext):
     # to an error (~1e-6) far below what the norm formula resolves in float32 (~sqrt(eps) = 3e-4), so
     # the engine must switch it to the explicit residual; the others converge later or not at all.
     x = torch.stack([planted_cp((9, 8, 7), 3, torch.float32, seed=s) for s in range(3)])
-    init = _cp_init(x, 3, "random", 0, True)
+    init = [f.expand(3, -1, -1).contiguous() for f in tdconv.initialize_cp(x[0], 3, init="random", seed=0).factors]
     runs = {ce: torch.ops.tdconv.cp_als(x, init, 60, 1e-7, 0.0, ce) for ce in (1, 3, 8)}
     w1, f1, e1, n1 = runs[1]
     assert n1[0] < 10 and n1[2] == 60  # one member stops early, one runs to the end
@@ -60,6 +59,8 @@ def test_cp_epc_result_does_not_depend_on_check_every(require_ext):
     runs = {ce: torch.ops.tdconv.cp_epc(x, w, fs, delta, 150, 1e-6, ce) for ce in (1, 3, 8)}
     w1, f1, norms1, n1, errs1 = runs[1]
     assert len(set(n1.tolist())) == 3 and n1.max() < 150
+    # A dropped (rejected) sweep repeats the last norm: the rejection path ran.
+    assert any(bool((norms1[b, 1:n1[b]] == norms1[b, :n1[b] - 1]).any()) for b in range(3))
     for ce in (3, 8):
         w, fs, norms, n, errs = runs[ce]
         assert torch.equal(n, n1), (ce, n.tolist(), n1.tolist())
@@ -75,8 +76,9 @@ def _degenerate(dtype, seed):
 
 
 @pytest.mark.parametrize("dtype, seed", [(torch.float64, 0), (torch.float32, 5)])
-def test_epc_converges_within_its_default_sweeps(require_ext, dtype, seed):
-    # Measured: float64 seed 0: ALS 11.15, default EPC 4.941, long run 4.906 (before: 5.575 after the
+def test_epc_gets_near_its_solution_within_its_default_sweeps(require_ext, dtype, seed):
+    # The default 100 sweeps stop at the cap, within 2 % of where a long run converges. Measured: float64
+    # seed 0: ALS 11.15, default EPC 4.941, long run 4.906 (converged after 238 sweeps) (before: 5.575 after the
     # default 100 sweeps, 5.001 after 1,000); float32 seed 5: ALS 7.64, default 5.004, long 4.994
     # (before: 6.742 and 4.977).
     x, cp = _degenerate(dtype, seed)

@@ -159,6 +159,10 @@ def test_ddp_two_processes(tmp_path):
     (["--methods", "dense,svd"], "--methods must be a comma-separated subset"),
     (["--finetune-lr", "-1"], "lr must be a finite number >= 0"),
     (["--latency-batch", "0"], "--latency-batch must be >= 1"),
+    # compression arguments are checked before the dense phase, not after it
+    (["--rank", "0"], r"compression arguments do not fit resnet18 \(method cp\).*rank must be a positive integer"),
+    (["--layers", "nope"], r"does not have: \['nope'\]"),
+    (["--min-rank", "2"], r"min_rank must be a fraction"),
 ])
 def test_bad_input(tmp_path, args, match):
     with pytest.raises(SystemExit, match=match):
@@ -205,7 +209,7 @@ def test_report_rebuilds_the_models_the_experiment_wrote(tmp_path, capsys):
 
 def test_a_diverging_run_stops_with_an_error_naming_the_phase_and_step(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: dense training: the training loss diverged at epoch 1, step \d of "
-                                         r"8: .*lower the learning rate \(lr=10000.0\)"):
+                                         r"8: .*\(lr=10000.0\) defines the run, so a lower one is a new run"):
         main(["experiment", *SYNTHETIC, "--lr", "1e4", "--out", str(tmp_path), "--name", "dense"])
     assert not (tmp_path / "dense" / "dense.pt").exists() and not (tmp_path / "dense" / "results.json").exists()
     # fine-tuning, from given dense weights

@@ -41,7 +41,9 @@ inline std::pair<at::Tensor, at::Tensor> normalise_columns(const at::Tensor& u) 
 
 // Solve U V = M (V [B, R, R] symmetric positive semi-definite, M [B, I, R]) by Cholesky on
 // V + (l2_reg + 10 eps max diag V) I: the ridge, plus a jitter of a few ulps so that a V that is
-// semi-definite only up to rounding still factors. Returns U with unit columns and their norms.
+// semi-definite only up to rounding still factors. Returns U with unit columns and their norms. A member
+// whose V still does not factor gets a NaN U (LAPACK leaves a finite partial factor, whose solve would be
+// a finite wrong answer): its sweep error is then non-finite, and the driver keeps its last good iterate.
 inline std::pair<at::Tensor, at::Tensor> solve_normalised(at::Tensor v, const at::Tensor& m, double l2_reg) {
   const double eps = v.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
                                                      : std::numeric_limits<float>::epsilon();
@@ -49,6 +51,8 @@ inline std::pair<at::Tensor, at::Tensor> solve_normalised(at::Tensor v, const at
   diag.add_((diag.amax(-1, true) * (10.0 * eps)).add_(l2_reg));
   auto chol = at::linalg_cholesky_ex(v);
   auto u = at::cholesky_solve(m.transpose(1, 2), std::get<0>(chol)).transpose(1, 2);
+  const auto failed = (std::get<1>(chol) != 0).view({-1, 1, 1});  // on the device: no host synchronisation
+  u = at::where(failed, at::full({}, std::numeric_limits<double>::quiet_NaN(), u.options()), u);
   return normalise_columns(u);
 }
 

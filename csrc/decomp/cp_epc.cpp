@@ -19,7 +19,8 @@
 // Comput. 4(3), 1983), for which 1 / sqrt(P(kappa)) is concave and increasing: Newton's method on
 // 1 / sqrt(P) - 1 / sqrt(d) from kappa = 0 (where P = sum z / s >= d) increases monotonically to the
 // root and converges quadratically, to rounding in a handful of steps. A fixed number of steps is run,
-// batched on the device (no host synchronisation). Each update keeps the error at delta and cannot
+// batched on the device (the solve itself needs no host synchronisation; the symmetric eigendecompositions
+// that precede it check their status on the host, once per mode and sweep on CUDA). Each update keeps the error at delta and cannot
 // increase sum lambda^2, since the current iterate is feasible.
 //
 // Those block updates only move within the thin slice of each block that keeps the error at delta,

@@ -22,7 +22,7 @@ import torch
 
 import tdconv
 from tdconv.compress import count_complexity
-from tdconv.utils import atomic_write_json, atomic_write_text, describe_environment, median_times
+from tdconv.utils import atomic_save, atomic_write_json, atomic_write_text, describe_environment, median_times
 
 from . import train as T
 from .data import load_dataset
@@ -196,6 +196,18 @@ def run(args) -> dict:
     if args.train_subset or args.test_subset:
         data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     data = data.to(device)
+    # Bad compression arguments (ranks, layers, budgets) fail now, not after the dense phase: each method
+    # once, with one sweep, on an untrained model (the random state is left as it was).
+    with torch.random.fork_rng():
+        for method in (m for m in methods if m != "dense"):
+            try:
+                tdconv.compress(build_model(args.model, data.num_classes, stem=args.stem, in_channels=data.shape[0]),
+                                method, args.rank, layers=parse_layers(args.layers), target_macs=args.target_macs,
+                                target_params=args.target_params, min_rank=args.min_rank, input_size=data.shape,
+                                n_iter_max=1, progress=False)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"the compression arguments do not fit {args.model} (method {method}): {exc}") \
+                    from None
     if lead and not os.path.exists(args_path):
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_json(args_path, run_args)
@@ -252,7 +264,7 @@ def run(args) -> dict:
                       "train_seconds": sum(r["seconds"] for r in history) if history else
                       time.perf_counter() - t0, "done": True}
             if lead:
-                T.atomic_save(dense.state_dict(), dense_path)
+                atomic_save(dense.state_dict(), dense_path)
             results["models"]["dense"] = record
             save_results()
         say(f"dense: {results['models']['dense']['accuracy']:.2f}%")

@@ -335,7 +335,10 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
             print(f"{label}: resuming from {checkpoint} at {where}", file=sys.stderr)
     net = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Each process keeps the BatchNorm statistics of its own shard (no broadcast of rank 0's buffers at
+        # every forward); they are averaged at the end of every epoch.
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
 
     def save(epoch, batch, run):
         nonlocal saved_at
@@ -354,8 +357,9 @@ def fit(model: nn.Module, data: ImageDataset, config: TrainConfig | None = None,
         kept = f"the checkpoint {checkpoint} holds the last good state ({where})" if where else \
             "no checkpoint was written"
         return Diverged(f"{phase or label}: the training loss diverged at epoch {epoch + 1}, step {step} of {steps}: "
-                        f"{why}; lower the learning rate (lr={config.lr}). Training stopped without saving these "
-                        f"weights: {kept}", epoch + 1, step, checkpoint if where else None)
+                        f"{why}. Training stopped without saving these weights: {kept}. The learning rate "
+                        f"(lr={config.lr}) defines the run, so a lower one is a new run (another --name, or another "
+                        f"output folder; --weights reuses a dense model already trained)", epoch + 1, step, checkpoint if where else None)
 
     with stop_on_signals() as stop:
         for epoch in range(start_epoch, config.epochs):
