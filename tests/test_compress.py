@@ -135,7 +135,12 @@ def test_seed_option_for_every_method(require_ext):
 def test_bad_input(require_ext):
     model = _resnet18()
     with pytest.raises(ValueError, match="bias must be None"):
-        tdconv.compress(model, "cp", 0.5, layers="seed", bias=False)
+        tdconv.compress(model, "cp", 0.5, layers="seed", bias="yes")
+    biased = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    with pytest.raises(ValueError, match=r"bias=False would drop the bias of \['0'\]"):
+        tdconv.compress(biased, "cp", 4, bias=False, input_size=(8, 8, 8))
+    small, _ = tdconv.compress(biased, "cp", 4, layers=["1"], bias=False, input_size=(8, 8, 8), **FAST)
+    assert small[1].bias is None
     with pytest.raises(ValueError, match="method must be one of"):
         tdconv.compress(model, "svd")
     with pytest.raises(ValueError, match="no convolution to factorise"):

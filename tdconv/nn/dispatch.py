@@ -14,6 +14,7 @@ from torch._prims_common import suggest_memory_format
 
 from .. import ops as _ops
 from ..geometry import ConvGeometry
+from ..utils import is_tracing
 from .live_taps import live_conv2d
 
 __all__ = ["IMPLEMENTATIONS", "fused_op_name", "layer_unsupported_reasons", "fused_unsupported_reasons",
@@ -46,12 +47,28 @@ def fused_unsupported_reasons(geometry: ConvGeometry, method: str, x: torch.Tens
                                                                                 explicit=explicit)
 
 
+def _strides_like_channels_last(t: torch.Tensor) -> bool:
+    """Whether the strides of the 4-D ``t`` run in channels_last order (C innermost, then W, H, N), as
+    ``suggest_memory_format`` decides; size-1 dimensions do not count."""
+    if torch.compiler.is_compiling():  # symbolic sizes: torch's own rule handles them
+        return suggest_memory_format(t) == torch.channels_last
+    sizes, strides = [int(v) for v in t.shape], t.stride()  # (the jit tracer hands sizes out as tensors)
+    if t.dim() != 4 or strides[1] == 0:
+        return False
+    lowest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lowest or (d == 0 and lowest == strides[1]):
+            return False
+        lowest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
 def _suggests_channels_last(t: torch.Tensor) -> bool:
     if t.is_contiguous():
         return False
     if t.is_contiguous(memory_format=torch.channels_last):
         return True
-    return suggest_memory_format(t) == torch.channels_last  # strided views: by the order of the strides
+    return _strides_like_channels_last(t)  # strided views: by the order of the strides
 
 
 _WEIGHTS_CHANNELS_LAST: dict = {}
@@ -61,15 +78,14 @@ def _weights_channels_last(weights) -> bool:
     """Whether a 4-D weight is in channels_last (as after ``model.to(memory_format=torch.channels_last)``),
     by the order of its strides: the factors' 1x1 and depthwise shapes are contiguous in both formats,
     so only the strides tell. Remembered per shape and strides (asked on every call)."""
-    if torch.compiler.is_compiling():
-        return any(w.dim() == 4 and suggest_memory_format(w) == torch.channels_last for w in weights)
+    if is_tracing():
+        return any(w.dim() == 4 and _strides_like_channels_last(w) for w in weights)
     key = tuple((tuple(w.shape), w.stride()) for w in weights)
     hit = _WEIGHTS_CHANNELS_LAST.get(key)
     if hit is None:
         if len(_WEIGHTS_CHANNELS_LAST) > 4096:
             _WEIGHTS_CHANNELS_LAST.clear()
-        hit = _WEIGHTS_CHANNELS_LAST[key] = any(
-            w.dim() == 4 and suggest_memory_format(w) == torch.channels_last for w in weights)
+        hit = _WEIGHTS_CHANNELS_LAST[key] = any(w.dim() == 4 and _strides_like_channels_last(w) for w in weights)
     return hit
 
 
