@@ -9,7 +9,6 @@ report what it cost and what it saved.
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import sys
 import time
