@@ -1,4 +1,5 @@
 """fit / evaluate / BatchNorm re-estimation; checkpoints, exact resume, signals, refusal of a mismatched resume."""
+import gc
 import os
 import signal
 
@@ -227,6 +228,10 @@ def _in_group(rank, world, store, fn, args):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, *args)
+        # Whatever fn built over the group (a DDP reducer and its threads) goes before the group does, and
+        # both processes leave together: tearing the group down under a live reducer can abort the process.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
