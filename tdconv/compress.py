@@ -9,6 +9,7 @@ report what it cost and what it saved.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import numbers
 import sys
 import time
@@ -154,11 +155,10 @@ def count_complexity(model: nn.Module, input_size=(3, 32, 32)) -> tuple[int, int
     return int(macs), int(params)
 
 
-def _layer_report(name, conv, layer, hw, seconds) -> LayerReport:
+def _layer_report(name, conv, layer, kernel, hw, seconds) -> LayerReport:
     w = conv.weight.detach()
     wn = float(w.double().norm())
-    with torch.no_grad():
-        err = float((layer.kernel().double() - w.double()).norm()) / wn if wn > 0 else float("nan")
+    err = float((kernel.double() - w.double()).norm()) / wn if wn > 0 else float("nan")
     rep = LayerReport(name=name, kernel_shape=list(w.shape), method=layer.method,
                       rank=list(layer.rank) if isinstance(layer.rank, tuple) else layer.rank,
                       params_before=sum(p.numel() for p in conv.parameters()),
@@ -295,8 +295,7 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
                 raise ValueError(f"layer {name!r} is not reached by a forward pass at input_size; a budget needs "
                                  "every selected layer's input size")
             dense = ConvGeometry.of(conv)
-            factorised = ConvGeometry.of(FactorizedConv2d.like(conv, method, 1 if method != "tucker" else (1, 1),
-                                                               bias=bias, device="meta"))
+            factorised = dataclasses.replace(dense, bias=dense.bias or bias is True)  # the layer from_conv makes
             priced[name] = (factorised, sizes[name], layer_cost(dense, "dense", None, metric, sizes[name]), conv.weight)
         ranks.update(budget_ranks(priced, method, total, metric, target, min_rank,
                                   fixed={n: ranks[n] for n in (overrides or {})}))
@@ -311,12 +310,14 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
         t = time.perf_counter()
         decomposition = decompose_kernel(conv.weight.detach(), method, ranks[name], **decomposition_options)
         layer = FactorizedConv2d.from_decomposition(conv, method, decomposition, bias=bias).train(conv.training)
-        if not bool(torch.isfinite(layer.kernel()).all()):
+        with torch.no_grad():
+            kernel = layer.kernel()
+        if not bool(torch.isfinite(kernel).all()):
             raise RuntimeError(f"the decomposition of layer {name!r} produced a non-finite kernel; the model is "
                                "unchanged")
         hw = sizes.get(name)
         if hw is not None:
-            report.layers.append(_layer_report(name, conv, layer, hw, time.perf_counter() - t))
+            report.layers.append(_layer_report(name, conv, layer, kernel, hw, time.perf_counter() - t))
         else:
             report.skipped.append((name, "not reached by a forward pass at input_size; factorised, not reported"))
         new_layers[name] = layer

@@ -1,4 +1,4 @@
-"""Argument checks and the one seam to the compiled engine, shared by every decomposition."""
+"""Argument checks shared by every decomposition."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,6 @@ import warnings
 
 import torch
 
-from .. import _ext
 
 
 def _check_tensor(tensor, name: str = "tensor") -> torch.Tensor:
@@ -89,10 +88,6 @@ def _check_tucker_ranks(ranks, shape: tuple, modes: tuple) -> tuple:
             raise ValueError(f"ranks: rank {r} of mode {m} exceeds that mode's size {shape[m]}")
         out.append(r)
     return tuple(out)
-
-
-def _use_ext(device: torch.device, what: str) -> bool:
-    return _ext.use_extension(device, what)
 
 
 def _check_seed(seed, name: str = "seed"):

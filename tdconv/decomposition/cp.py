@@ -6,8 +6,9 @@ import math
 import torch
 
 from .. import reference as _ref
+from .._ext import use_extension
 from ._common import (_check_every, _check_float, _check_int, _check_seed, _check_tensor, _rel_error,
-                      _trim_errors, _use_ext)
+                      _trim_errors)
 from ._containers import CPTensor
 
 __all__ = ["initialize_cp", "cp_als", "cp_epc"]
@@ -67,13 +68,13 @@ def initialize_cp(tensor: torch.Tensor, rank: int, *, init: str = "svd", seed: i
     seed = _check_seed(seed)
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
-    factors = _init_factors(x.unsqueeze(0), rank, init, seed, _use_ext(x.device, "cp_init_svd"))
+    factors = _init_factors(x.unsqueeze(0), rank, init, seed, use_extension(x.device, "cp_init_svd"))
     return CPTensor(torch.ones(rank, dtype=x.dtype, device=x.device), [f[0] for f in factors])
 
 
 def _cp_als_group(x: torch.Tensor, rank: int, n_iter_max: int, tol: float, init, l2_reg: float, seed) -> list:
     """CP-ALS of a batch of equally shaped tensors ``x`` [B, I_0, ...]: one extension call."""
-    use_ext = _use_ext(x.device, "cp_als")
+    use_ext = use_extension(x.device, "cp_als")
     if isinstance(init, str):
         factors0 = _init_factors(x, rank, init, seed, use_ext)
     else:  # a CPTensor or a (weights, factors) pair: warm start, identical for every member
@@ -106,7 +107,7 @@ def _cp_epc_group(x: torch.Tensor, cps: list, delta: list, n_iter_max: int, tol:
     weights = torch.stack([cp.weights.to(x) for cp in cps])
     factors = [torch.stack([cp.factors[n].to(x) for cp in cps]) for n in range(x.dim() - 1)]
     d = torch.tensor(delta, dtype=torch.float64, device=x.device)
-    if _use_ext(x.device, "cp_epc"):
+    if use_extension(x.device, "cp_epc"):
         w, fs, norms, n_iter, errs = torch.ops.tdconv.cp_epc(x, weights, factors, d, n_iter_max, tol,
                                                                _check_every(x.device))
         n_iter, errs, norms = n_iter.tolist(), errs.cpu(), norms.cpu()

@@ -4,15 +4,16 @@ from __future__ import annotations
 import torch
 
 from .. import reference as _ref
+from .._ext import use_extension
 from ._common import (_check_every, _check_float, _check_int, _check_modes, _check_tensor, _check_tucker_ranks,
-                      _rel_error, _trim_errors, _use_ext)
+                      _rel_error, _trim_errors)
 from ._containers import TuckerTensor
 
 __all__ = ["tucker_hosvd", "tucker_hooi"]
 
 
 def _tucker_group(x: torch.Tensor, ranks: tuple, modes: tuple, hooi: bool, n_iter_max: int, tol: float) -> list:
-    use_ext = _use_ext(x.device, "tucker_hooi" if hooi else "tucker_hosvd")
+    use_ext = use_extension(x.device, "tucker_hooi" if hooi else "tucker_hosvd")
     B = x.shape[0]
     if use_ext:
         core, factors = torch.ops.tdconv.tucker_hosvd(x, list(ranks), list(modes))

@@ -47,6 +47,12 @@ def _pair_of(value, name: str, minimum: int) -> tuple:
     return tuple(int(v) for v in pair)
 
 
+def _check_container(method: str, decomposition) -> None:
+    expected = TuckerTensor if method == "tucker" else CPTensor
+    if not isinstance(decomposition, expected):
+        raise TypeError(f"a {method} layer is made of a {expected.__name__}, got {type(decomposition).__name__}")
+
+
 class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
     """A 2-D convolution with a CP or Tucker-2 factorised kernel; the semantics of ``nn.Conv2d``.
 
@@ -167,9 +173,8 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
                            bias: bool | None = None) -> "FactorizedConv2d":
         """The layer of ``conv``'s arguments made of ``decomposition`` (of its kernel, as
         :func:`tdconv.decomposition.decompose_kernel` returns it for ``method``), with ``conv``'s bias."""
-        rank = getattr(decomposition, "ranks" if method == "tucker" else "rank", None)
-        if rank is None:  # the wrong container: load_decomposition says which one it needs
-            rank = (1, 1) if method == "tucker" else 1
+        _check_container(method, decomposition)
+        rank = tuple(decomposition.ranks) if method == "tucker" else decomposition.rank
         return cls._like_checked(conv, method, rank, bias, implementation).load_decomposition(decomposition, conv.bias)
 
     @classmethod
@@ -190,10 +195,7 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         """Set the parameters from a decomposition of the kernel (a ``CPTensor`` for cp / cp4, a Tucker-2
         ``TuckerTensor`` for tucker, of this layer's ranks) and ``bias`` (zero when None); returns self."""
         shape = (self.out_channels, self.in_channels, *self.kernel_size)
-        expected = TuckerTensor if self.method == "tucker" else CPTensor
-        if not isinstance(decomposition, expected):
-            raise TypeError(f"a {self.method} layer is made of a {expected.__name__}, got "
-                            f"{type(decomposition).__name__}")
+        _check_container(self.method, decomposition)
         if tuple(decomposition.shape) != (shape if self.method != "cp" else shape[:2] + (shape[2] * shape[3],)):
             raise ValueError(f"the decomposition is of a tensor of shape {tuple(decomposition.shape)}, not of this "
                              f"layer's kernel {shape} (method={self.method})")
@@ -297,8 +299,8 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         chain = nn.Sequential(*mods)
         convs = [m for m in mods if isinstance(m, nn.Conv2d)]
         with torch.no_grad():
-            for conv, value in zip(convs, self._factors()[:2] + ([self.spatial_w] if self.method == "cp4" else [])
-                                   + [self.last]):
+            order = [self.first, self.spatial] + ([self.spatial_w] if self.method == "cp4" else []) + [self.last]
+            for conv, value in zip(convs, order):  # the chain's convs in order
                 conv.weight.copy_(value)
             if self.bias is not None:
                 convs[-1].bias.copy_(self.bias)
