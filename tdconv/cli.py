@@ -3,6 +3,7 @@
     tdconv info
     tdconv compress --model resnet18 --num-classes 10 --method cp --rank 0.5 --layers seed --out small.pt
     tdconv compress --model resnet18 --method tucker --target-macs 0.5 --weights dense.pt --out small.pt
+    tdconv compress --model resnet18 --method tucker --weights dense.pt --calibration 2048 --dataset npz:DIR
     tdconv report small.pt
     tdconv experiment --dataset npz:cifar10 --epochs 15 --finetune-epochs 5 --out runs
 
@@ -34,6 +35,17 @@ def cmd_compress(args) -> int:
     engine = {"n_iter_max": args.n_iter_max}
     if args.seed is not None:
         engine["seed"] = args.seed
+    if args.calibration:
+        from tdconv.apps.data import calibration_images, load_dataset
+        try:
+            data = load_dataset(args.dataset, args.data_root)
+            if data.shape != tuple(args.input_size):
+                raise ValueError(f"--dataset {args.dataset} has images {data.shape}; --input-size is "
+                                 f"{tuple(args.input_size)}")
+            engine.update(calibration=calibration_images(data, args.calibration, seed=args.seed or 0),
+                          refine_steps=args.refine_steps)
+        except ValueError as exc:
+            raise SystemExit(f"error: --calibration: {exc}") from None
     try:
         small, report = tdconv.compress(model, args.method, args.rank, layers=layers, target_macs=args.target_macs,
                                         target_params=args.target_params, min_rank=args.min_rank,
@@ -115,6 +127,11 @@ def main(argv=None) -> int:
     c.add_argument("--n-iter-max", type=int, default=100, help="decomposition sweeps per layer")
     c.add_argument("--seed", type=int, default=0, help="seed of the CP initialisation")
     c.add_argument("--device", type=parse_device, default="cpu", help="where to decompose (cpu, cuda, cuda:N)")
+    c.add_argument("--calibration", type=int, default=0, metavar="N",
+                   help="fit each layer to its outputs on N training images of --dataset (no labels); 0: kernel fits")
+    c.add_argument("--dataset", default="cifar10", help="calibration images: cifar10, fashion-mnist, npz:DIR, synthetic")
+    c.add_argument("--data-root", default="data", help="where torchvision data sets live or are downloaded to")
+    c.add_argument("--refine-steps", type=int, default=0, help="with --calibration: Adam steps per residual block")
     c.add_argument("--out", help="write the compressed model (tdconv.save format)")
     c.add_argument("--json", help="write the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress line")

@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from . import calibration as cal
 from .decomposition import decompose_kernel
 from .geometry import ConvGeometry
 from .nn import FactorizedConv2d, LiveTapConv2d
@@ -188,6 +189,7 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
              target_macs: float | None = None, target_params: float | None = None, min_rank: float = 0.0,
              inplace: bool = False,
              bias: bool | None = None, input_size=(3, 32, 32), progress: bool | None = None,
+             calibration=None, sequential: bool = True, refine_steps: int = 0, reestimate_bn="auto",
              **decomposition_options):
     """Replace convolutions of ``model`` by :class:`FactorizedConv2d` layers.
 
@@ -227,6 +229,24 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
         Input of the MAC counts in the report (the seed's 3x32x32 by default).
     progress : bool, optional
         A progress line on stderr (default: when stderr is a terminal and more than 4 layers).
+    calibration : tensor [N, C, H, W] or iterable of batches, optional
+        Inputs as the model sees them (normalised; tensors or ``(inputs, labels)`` tuples, labels
+        ignored). Each layer is then fitted to its output on these inputs instead of to its kernel (see
+        :mod:`tdconv.calibration`); the last 1/8 of the images are held out to measure the fits. The
+        batches are moved to the model's device and dtype. With a budget, the ranks come from the
+        layers' output-error spectra on the data.
+    sequential : bool
+        With calibration: fit the layers in forward order, each on the inputs the already compressed
+        model gives it, against the dense model's outputs (default); False fits each layer on the
+        dense model's inputs.
+    refine_steps : int
+        With calibration: after the layers of a block (the parent module of factorised layers, a
+        residual block in a ResNet) are fitted, this many Adam steps on the block's output error
+        against the dense model on the calibration images, updating the block's factorised layers and
+        BatchNorm affine parameters; kept only where the held-out error goes down. 0: off.
+    reestimate_bn : "auto", bool
+        With calibration: re-estimate every BatchNorm's statistics on the calibration images after the
+        fits; ``"auto"`` does so only where that lowers the model's output error on the held-out images.
     **decomposition_options
         Passed to :func:`tdconv.decomposition.decompose_kernel` (``n_iter_max``, ``tol``, ``init``, ``seed``,
         ``epc``, ...). ``seed`` is accepted for every method; Tucker (HOSVD-initialised HOOI) does not use it.
@@ -286,47 +306,164 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
             raise ValueError(f"rank for layer {name!r} ({conv.out_channels}x{conv.in_channels}): {exc}") from None
     sizes = _input_sizes(model, selected, input_size)
     before = count_complexity(model, input_size)
-    if target is not None:
-        total = before[0] if metric == "macs" else before[1]
-        priced = {}
-        for name in selected:
-            conv = modules[name]
-            if name not in sizes:
-                raise ValueError(f"layer {name!r} is not reached by a forward pass at input_size; a budget needs "
-                                 "every selected layer's input size")
-            dense = ConvGeometry.of(conv)
-            factorised = dataclasses.replace(dense, bias=dense.bias or bias is True)  # the layer from_conv makes
-            priced[name] = (factorised, sizes[name], layer_cost(dense, "dense", None, metric, sizes[name]), conv.weight)
-        ranks.update(budget_ranks(priced, method, total, metric, target, min_rank,
-                                  fixed={n: ranks[n] for n in (overrides or {})}))
-    # Every layer is built before the model is touched: an error leaves ``model`` as it was.
     show = progress if progress is not None else (sys.stderr.isatty() and len(selected) > 4)
-    report = CompressionReport(method=method, input_size=tuple(input_size), skipped=skipped)
+    fitter = None
+    if calibration is not None:
+        fitter = cal.SequentialFit(model, selected, calibration, channels=input_size[0], sequential=sequential,
+                                   refine_steps=refine_steps, reestimate_bn=reestimate_bn)
+    try:
+        if target is not None:
+            total = before[0] if metric == "macs" else before[1]
+            priced = {}
+            for name in selected:
+                conv = modules[name]
+                if name not in sizes:
+                    raise ValueError(f"layer {name!r} is not reached by a forward pass at input_size; a budget needs "
+                                     "every selected layer's input size")
+                dense = ConvGeometry.of(conv)
+                factorised = dataclasses.replace(dense, bias=dense.bias or bias is True)  # the layer from_conv makes
+                priced[name] = (factorised, sizes[name], layer_cost(dense, "dense", None, metric, sizes[name]),
+                                conv.weight)
+            free = [n for n in selected if n not in (overrides or {})]
+            tails = fitter.tails(free) if fitter is not None else None
+            ranks.update(budget_ranks(priced, method, total, metric, target, min_rank,
+                                      fixed={n: ranks[n] for n in (overrides or {})}, tails=tails))
+        report = CompressionReport(method=method, input_size=tuple(input_size), skipped=skipped)
+        if fitter is None:
+            new_layers = _kernel_fits(model, selected, method, ranks, bias, sizes, report, show,
+                                      decomposition_options)
+        else:
+            student, new_layers = _data_fits(fitter, model, method, ranks, bias, sizes, report, show,
+                                             decomposition_options)
+    finally:
+        if fitter is not None:
+            fitter.restore_teacher()
+    # Every layer is built before the model is touched: an error leaves ``model`` as it was.
+    if fitter is not None and not inplace:
+        out = student
+    else:
+        out = model if inplace else copy.deepcopy(model)
+        out_modules = dict(out.named_modules())
+        for name, layer in new_layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(out_modules[parent_name] if parent_name else out, child, layer)
+        if fitter is not None:
+            out.load_state_dict(student.state_dict())  # BatchNorm statistics and refined parameters
+    if fitter is not None:
+        flags = {n: m.training for n, m in model.named_modules()}
+        for n, m in out.named_modules():
+            if n in flags:
+                m.training = flags[n]
+    report.macs_before, report.params_before = before
+    report.macs_after, report.params_after = count_complexity(out, input_size)
+    return out, report
+
+
+def _built_layer(conv, method, rank, bias, options, name):
+    decomposition = decompose_kernel(conv.weight.detach(), method, rank, **options)
+    layer = FactorizedConv2d.from_decomposition(conv, method, decomposition, bias=bias).train(conv.training)
+    _check_finite(layer, name)
+    return layer
+
+
+def _check_finite(layer, name):
+    with torch.no_grad():
+        kernel = layer.kernel()
+    if not bool(torch.isfinite(kernel).all()):
+        raise RuntimeError(f"the decomposition of layer {name!r} produced a non-finite kernel; the model is "
+                           "unchanged")
+    return kernel
+
+
+def _report_layer(report, name, conv, layer, sizes, seconds, **extra):
+    hw = sizes.get(name)
+    if hw is None:
+        report.skipped.append((name, "not reached by a forward pass at input_size; factorised, not reported"))
+        return
+    rep = _layer_report(name, conv, layer, _check_finite(layer, name), hw, seconds)
+    for k, v in extra.items():
+        setattr(rep, k, v)
+    report.layers.append(rep)
+
+
+def _kernel_fits(model, selected, method, ranks, bias, sizes, report, show, options) -> dict:
+    """Each layer fitted to its kernel."""
+    modules = dict(model.named_modules())
     new_layers = {}
     t0 = time.perf_counter()
     for i, name in enumerate(selected):
         _progress(show, i, len(selected), name, t0)
+        t = time.perf_counter()
+        new_layers[name] = layer = _built_layer(modules[name], method, ranks[name], bias, options, name)
+        _report_layer(report, name, modules[name], layer, sizes, time.perf_counter() - t)
+    _progress(show, len(selected), len(selected), "done", t0)
+    return new_layers
+
+
+def _data_fit(fitter, name, conv, method, rank, bias, options, student):
+    """The layer fitted on the calibration data, and what the report says about it."""
+    m = fitter.moments(name, student if fitter.sequential else None, fitter.fit_batches)
+    cal.check_sample_count(name, m)
+    held = (fitter.moments(name, student if fitter.sequential else None, fitter.held_batches)
+            if fitter.held_batches else None)
+    scale = fitter.scales.get(name)
+    layer = _built_layer(conv, method, rank, bias, options, name)
+    with_bias = layer.bias is not None
+    candidates = {"kernel": cal.LayerFit.of_layer(layer)}
+    if method == "tucker":
+        candidates["data"] = cal.fit_tucker(m, layer.rank, scale, with_bias)
+    else:
+        kh, kw = conv.kernel_size
+        live = m.ss.diagonal()[:-1].reshape(conv.in_channels, kh * kw).sum(0) > 0
+        start = candidates["kernel"]
+        if not bool(live.all()) and bool(live.any()):  # no rank spent on taps that only read padding
+            masked = conv.weight.detach() * live.reshape(1, 1, kh, kw).to(conv.weight)
+            start = cal.LayerFit.of_layer(FactorizedConv2d.from_decomposition(
+                conv, method, decompose_kernel(masked, method, rank, **options), bias=bias))
+        candidates["data"] = cal.fit_cp(m, start, scale, with_bias)
+    c_out = conv.out_channels
+    errors = {k: cal.output_error(m, f.kernel_aug(c_out), scale) for k, f in candidates.items()}
+    best = min(errors, key=errors.get)
+    with torch.no_grad():
+        for pname, value in candidates[best].parameters_for(layer).items():
+            getattr(layer, pname).copy_(value)
+    _check_finite(layer, name)
+    info = {"fit": "data" if best == "data" else "kernel (better on the calibration data)",
+            "output_error": errors[best], "kernel_fit_output_error": errors["kernel"]}
+    if held is not None:
+        info["held_out_error"] = cal.output_error(held, candidates[best].kernel_aug(c_out), scale)
+        info["kernel_fit_held_out_error"] = cal.output_error(held, candidates["kernel"].kernel_aug(c_out), scale)
+    return layer, info
+
+
+def _data_fits(fitter, model, method, ranks, bias, sizes, report, show, options) -> tuple:
+    """Each layer fitted on the calibration data, in forward order; returns the student and its layers."""
+    modules = dict(model.named_modules())
+    student = cal.copy_for_fitting(model)
+    s_modules = dict(student.named_modules())
+    names = fitter.order + fitter.unreached
+    last_of_block = {name.rpartition(".")[0]: name for name in fitter.order}
+    new_layers, refined = {}, []
+    t0 = time.perf_counter()
+    for i, name in enumerate(names):
+        _progress(show, i, len(names), name, t0)
         conv = modules[name]
         t = time.perf_counter()
-        decomposition = decompose_kernel(conv.weight.detach(), method, ranks[name], **decomposition_options)
-        layer = FactorizedConv2d.from_decomposition(conv, method, decomposition, bias=bias).train(conv.training)
-        with torch.no_grad():
-            kernel = layer.kernel()
-        if not bool(torch.isfinite(kernel).all()):
-            raise RuntimeError(f"the decomposition of layer {name!r} produced a non-finite kernel; the model is "
-                               "unchanged")
-        hw = sizes.get(name)
-        if hw is not None:
-            report.layers.append(_layer_report(name, conv, layer, kernel, hw, time.perf_counter() - t))
+        if name in fitter.unreached:
+            layer = _built_layer(conv, method, ranks[name], bias, options, name)
+            info = {"fit": "kernel (not reached by the calibration data)"}
         else:
-            report.skipped.append((name, "not reached by a forward pass at input_size; factorised, not reported"))
+            with torch.no_grad():
+                layer, info = _data_fit(fitter, name, conv, method, ranks[name], bias, options, student)
+        parent, _, child = name.rpartition(".")
+        setattr(s_modules[parent] if parent else student, child, layer)
         new_layers[name] = layer
-    _progress(show, len(selected), len(selected), "done", t0)
-    out = model if inplace else copy.deepcopy(model)
-    out_modules = dict(out.named_modules())
-    for name, layer in new_layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(out_modules[parent_name] if parent_name else out, child, layer)
-    report.macs_before, report.params_before = before
-    report.macs_after, report.params_after = count_complexity(out, input_size)
-    return out, report
+        if fitter.refine_steps and parent and name in fitter.order and last_of_block.get(parent) == name:
+            refined.append(fitter.refine(parent, student))
+        _report_layer(report, name, conv, layer, sizes, time.perf_counter() - t, **info)
+    _progress(show, len(names), len(names), "done", t0)
+    bn = fitter.decide_batchnorm(student)
+    report.calibration = {"images": fitter.images, "held_out_images": fitter.held_images,
+                          "sequential": fitter.sequential, "batchnorm": bn, "refine": refined,
+                          "seconds": time.perf_counter() - t0}
+    return student, new_layers

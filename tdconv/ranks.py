@@ -233,12 +233,14 @@ def allocate_budget(layers: list, method: str, budget: int, metric: str, min_ran
 
 
 def budget_ranks(layers: dict, method: str, total: int, metric: str, target: float, min_rank: float = 0.0,
-                 fixed: dict | None = None) -> dict:
+                 fixed: dict | None = None, tails: dict | None = None) -> dict:
     """Ranks that bring a whole model of cost ``total`` (MACs or parameters, ``metric``) to ``target``
     (a fraction of it) by factorising ``layers``.
 
     ``layers``: ``{name: (geometry of the factorised layer, input size (H, W), dense cost, weight)}``;
-    ``fixed``: ``{name: rank}`` for those of them whose rank is given (they are priced, not chosen).
+    ``fixed``: ``{name: rank}`` for those of them whose rank is given (they are priced, not chosen);
+    ``tails``: ``{name: (tail_out, tail_in)}`` error curves to use instead of the weight's
+    :func:`mode_tails` (from calibration data: :func:`tdconv.calibration.data_tails`).
     Raises ``ValueError`` with the achievable range when the target cannot be met within 2 %.
     """
     fixed = fixed or {}
@@ -250,7 +252,7 @@ def budget_ranks(layers: dict, method: str, total: int, metric: str, target: flo
         if name in fixed:
             spent_elsewhere += layer_cost(geometry, method, fixed[name], metric, hw)
             continue
-        free.append({"name": name, "geometry": geometry, "hw": hw, "dense_cost": dense, "tails": mode_tails(weight)})
+        free.append({"name": name, "geometry": geometry, "hw": hw, "dense_cost": dense, "tails": (tails or {}).get(name) or mode_tails(weight)})
     if not free:
         return {}
     try:

@@ -29,6 +29,14 @@ class LayerReport:
     sensitivity: float | None = None
     kernel_norm: float | None = None  # ||W||_F of the original kernel
     seconds: float = 0.0
+    # With calibration data: which fit the layer got ("data", or the kernel fit where it was better),
+    # and the relative output error sqrt(E||D (y - y^)||^2 / E||D y||^2) (D: the scale of the BatchNorm
+    # that follows) on the calibration images and on the held-out ones, with the kernel fit's beside it.
+    fit: str = "kernel"
+    output_error: float | None = None
+    held_out_error: float | None = None
+    kernel_fit_output_error: float | None = None
+    kernel_fit_held_out_error: float | None = None
 
 
 @dataclass
@@ -42,6 +50,9 @@ class CompressionReport:
     macs_after: int | None = None
     params_before: int | None = None
     params_after: int | None = None
+    # With calibration data: images used and held out, sequential or not, the BatchNorm decision, the
+    # block refinements, seconds.
+    calibration: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -66,7 +77,7 @@ class CompressionReport:
         except TypeError as exc:
             raise ValueError(f"the saved report's layers are damaged: {exc}") from None
         return cls(method=d["method"], input_size=tuple(d["input_size"]), layers=layers,
-                   skipped=[tuple(s) for s in d.get("skipped", [])],
+                   skipped=[tuple(s) for s in d.get("skipped", [])], calibration=d.get("calibration"),
                    **{k: d.get(k) for k in ("macs_before", "macs_after", "params_before", "params_after")})
 
     def _rows(self):

@@ -260,3 +260,15 @@ def normalize(x: torch.Tensor, mean: tuple, std: tuple, dtype=torch.float32) -> 
     s = torch.tensor(std, dtype=dtype, device=x.device)[None, :, None, None]
     y = (x.to(dtype) / 255.0 - m) / s
     return y.contiguous(memory_format=torch.channels_last)
+
+
+def calibration_images(data: ImageDataset, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` training images, normalised as the model sees them at test time (no augmentation, no
+    labels): the first ``n`` of a fixed shuffle of the training set (``seed``), float32 ``[n, C, H, W]``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of calibration images must be a positive int, got {n!r}")
+    if n > len(data.y_train):
+        raise ValueError(f"{n} calibration images asked for, the training set has {len(data.y_train)}")
+    g = torch.Generator().manual_seed(seed + 7919)  # not the subset's or the epochs' shuffle
+    idx = torch.randperm(len(data.y_train), generator=g)[:n].to(data.x_train.device)
+    return normalize(data.x_train[idx], data.mean, data.std).contiguous()

@@ -25,7 +25,7 @@ from tdconv.compress import count_complexity
 from tdconv.utils import atomic_save, atomic_write_json, atomic_write_text, describe_environment, median_times
 
 from . import train as T
-from .data import load_dataset
+from .data import calibration_images, load_dataset
 from .distributed import barrier, init_distributed
 from .models import build_model, is_resnet, load_weights, model_meta, parse_layers
 from .options import RUN_ARGUMENTS, defaults
@@ -68,6 +68,24 @@ def _table(results: dict) -> str:
               f"{a['epochs']} dense epochs, {a['finetune_epochs']} fine-tuning epochs, seed {a['seed']}. Accuracy in % "
               f"on the test set; MACs and params by ptflops at {'x'.join(map(str, results['input_size']))}; latency: "
               f"median of interleaved runs at batch {results.get('latency_batch')} on {env.get('device', '?')}."]
+    if "dense+ft" in models:
+        lines += ["", "dense+ft: the control, the dense model fine-tuned with the fine-tuning epochs and schedule of "
+                  "the compressed rows."]
+    for name, m in models.items():
+        c = m.get("calibration")
+        if c:
+            bn = c.get("batchnorm", {})
+            kept = sum(1 for r in c.get("refine", []) if r.get("kept"))
+            fits = [r.get("fit", "kernel") for r in m.get("layers", [])]
+            lines.append(f"{name}: data-aware fits on {c['images']} calibration images ({c['held_out_images']} more "
+                         f"held out), {'sequential' if c['sequential'] else 'independent'}, "
+                         f"{fits.count('data')}/{len(fits)} layers kept the data fit, BatchNorm "
+                         f"{'re-estimated' if bn.get('reestimated') else 'not re-estimated'} "
+                         + (f"({bn['reason']})" if "reason" in bn else
+                            f"({'it lowered' if bn.get('reestimated') else 'it did not lower'} the held-out output "
+                            "error)")
+                         + (f", {kept}/{len(c['refine'])} block refinements kept" if c.get("refine") else "")
+                         + f", {c['seconds']:.0f} s.")
     return "\n".join(lines)
 
 
@@ -167,6 +185,9 @@ def run(args) -> dict:
     if args.latency_batch < 1 or args.latency_runs < 0:
         raise ValueError(f"--latency-batch must be >= 1 and --latency-runs >= 0, got {args.latency_batch} and "
                          f"{args.latency_runs}")
+    if args.calibration < 0 or args.refine_steps < 0:
+        raise ValueError(f"--calibration and --refine-steps must be >= 0, got {args.calibration} and "
+                         f"{args.refine_steps}")
     if not is_resnet(args.model):  # fail before any work
         raise ValueError(f"--model must be a torchvision ResNet (resnet18, resnet34, resnet50, ...), got {args.model!r}")
     common = dict(batch_size=args.batch_size, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
@@ -195,6 +216,8 @@ def run(args) -> dict:
     data = load_dataset(args.dataset, args.data_root)
     if args.train_subset or args.test_subset:
         data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
+    if args.calibration > len(data.y_train):
+        raise ValueError(f"--calibration {args.calibration} is more than the {len(data.y_train)} training images")
     data = data.to(device)
     # Bad compression arguments (ranks, layers, budgets) fail now, not after the dense phase: each method
     # once, with one sweep, on an untrained model (the random state is left as it was).
@@ -271,24 +294,52 @@ def run(args) -> dict:
         finals["dense"] = dense
         check_signal(stop)
 
-        # ---- compressed
+        # ---- control: the dense model fine-tuned with the same epochs and schedule
+        rows = []
+        if args.control and args.finetune_epochs > 0:
+            rows.append(("dense+ft", "dense", False))
         for method in methods:
-            if method == "dense":
-                continue
-            start_path = os.path.join(out_dir, f"{method}-start.pt")
-            final_path = os.path.join(out_dir, f"{method}.pt")
-            record = results["models"].get(method) or {}
+            if method != "dense":
+                rows.append((method, method, False))
+                if args.calibration:
+                    rows.append((f"{method}+data", method, True))
+        calibration = None
+        for row, method, use_data in rows:
+            start_path = os.path.join(out_dir, f"{row}-start.pt")
+            final_path = os.path.join(out_dir, f"{row}.pt")
+            record = results["models"].get(row) or {}
+            def load(path, method=method):
+                if method == "dense":
+                    model = base().to(device)
+                    model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+                    return model
+                return tdconv.skip_padding_taps(tdconv.load(path, base()).to(device))
+
             if record.get("done") and os.path.exists(final_path):
-                finals[method] = tdconv.skip_padding_taps(tdconv.load(final_path, base()).to(device))
+                finals[row] = load(final_path)
                 continue
             if record.get("after_bn") is not None and os.path.exists(start_path):
-                small = tdconv.skip_padding_taps(tdconv.load(start_path, base()).to(device))
+                small = load(start_path)
+            elif method == "dense":
+                small = copy.deepcopy(dense)
+                record = {"macs": results["models"]["dense"]["macs"], "params": results["models"]["dense"]["params"],
+                          "after_decomposition": results["models"]["dense"]["accuracy"]}
+                record["after_bn"] = record["after_decomposition"]
+                if lead:
+                    atomic_save(small.state_dict(), start_path)
+                results["models"][row] = record
+                save_results()
             else:
                 t0 = time.perf_counter()
                 options = {"n_iter_max": args.n_iter_max}
                 if method in ("cp", "cp4"):
                     options["seed"] = args.seed
                     options["epc"] = args.epc
+                if use_data:
+                    if calibration is None:
+                        calibration = calibration_images(data, args.calibration, seed=args.seed)
+                    options.update(calibration=calibration, refine_steps=args.refine_steps,
+                                   reestimate_bn="auto" if args.bn_recalibrate else False)
                 small, report = tdconv.compress(copy.deepcopy(dense), method, args.rank, layers=parse_layers(args.layers),
                                          target_macs=args.target_macs, target_params=args.target_params,
                                          min_rank=args.min_rank, input_size=input_size, inplace=True,
@@ -300,17 +351,20 @@ def run(args) -> dict:
                           "kernel_error": {r.name: r.rel_error for r in report.layers},
                           "layers": [dataclasses.asdict(r) for r in report.layers],
                           "ranks": {r.name: r.rank for r in report.layers},
+                          "calibration": report.calibration,
                           "after_decomposition": T.evaluate(small, data, device=device)}
-                if args.bn_recalibrate:
+                if use_data:  # compress re-estimated BatchNorm where that helped on held-out calibration images
+                    record["after_bn"] = record["after_decomposition"]
+                elif args.bn_recalibrate:
                     T.recalibrate_batchnorm(small, data, batch_size=args.batch_size, device=device, seed=args.seed)
                     record["after_bn"] = T.evaluate(small, data, device=device)
                 else:
                     record["after_bn"] = record["after_decomposition"]
                 if lead:
                     tdconv.save(small, start_path, meta=meta)
-                results["models"][method] = record
+                results["models"][row] = record
                 save_results()
-            say(f"{method}: {record['after_decomposition']:.2f}% right after decomposition, "
+            say(f"{row}: {record['after_decomposition']:.2f}% right after decomposition, "
                 f"{record['after_bn']:.2f}% with BatchNorm statistics re-estimated")
             check_signal(stop)
 
@@ -318,19 +372,22 @@ def run(args) -> dict:
                 record["finetune"] = [x for x in record.get("finetune", []) if x["epoch"] < r["epoch"]] + [r]
                 save_results()
 
-            history = T.fit(small, data, finetune_cfg, device=device, checkpoint=os.path.join(out_dir, f"{method}.ckpt"),
+            history = T.fit(small, data, finetune_cfg, device=device, checkpoint=os.path.join(out_dir, f"{row}.ckpt"),
                             resume=args.resume, teacher=dense if args.distill else None, log=log,
-                            label=method, progress=progress, identity={"phase": method}, on_epoch=on_epoch,
-                            phase=f"fine-tuning of {method}")
+                            label=row, progress=progress, identity={"phase": row}, on_epoch=on_epoch,
+                            phase=f"fine-tuning of {row}")
             record["finetune"] = history
             record["finetune_seconds"] = sum(r["seconds"] for r in history)
             record["accuracy"] = T.evaluate(small, data, device=device)
             record["done"] = True
             if lead:
-                tdconv.save(small, final_path, meta=meta)
+                if method == "dense":
+                    atomic_save(small.state_dict(), final_path)
+                else:
+                    tdconv.save(small, final_path, meta=meta)
             save_results()
-            say(f"{method}: {record['accuracy']:.2f}% after {args.finetune_epochs} fine-tuning epoch(s)")
-            finals[method] = small
+            say(f"{row}: {record['accuracy']:.2f}% after {args.finetune_epochs} fine-tuning epoch(s)")
+            finals[row] = small
             check_signal(stop)
 
     # ---- latency (rank 0) and reports

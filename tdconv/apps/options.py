@@ -15,7 +15,7 @@ __all__ = ["add_arguments", "defaults", "RUN_ARGUMENTS"]
 RUN_ARGUMENTS = ("model", "stem", "dataset", "train_subset", "test_subset", "weights", "methods", "rank", "layers",
                  "target_macs", "target_params", "min_rank", "n_iter_max", "epochs", "finetune_epochs", "batch_size",
                  "lr", "finetune_lr", "weight_decay", "label_smoothing", "warmup_epochs", "schedule", "distill",
-                 "bn_recalibrate", "epc", "seed")
+                 "bn_recalibrate", "epc", "seed", "calibration", "refine_steps", "control")
 
 
 def defaults() -> dict:
@@ -58,6 +58,13 @@ def add_arguments(p) -> None:
                    help="CP: follow ALS by error preserving correction (same kernel error, smallest components)")
     p.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
                    help="do not re-estimate BatchNorm statistics after decomposition")
+    p.add_argument("--calibration", type=int, default=4096,
+                   help="training images (a fixed subset, no labels) for the data-aware rows (METHOD+data) next to "
+                        "each kernel-fitted row; 0: kernel fits only")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="data-aware rows: Adam steps of block reconstruction per residual block (0: off)")
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="no control row (the dense model fine-tuned with the same epochs and schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda where there is one)")
