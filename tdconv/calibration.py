@@ -274,12 +274,29 @@ def _ridge(mat: torch.Tensor, rel: float = RIDGE) -> torch.Tensor:
 
 
 def _solve_right(rhs: torch.Tensor, mat: torch.Tensor, rel: float = RIDGE) -> torch.Tensor:
-    """``rhs @ (mat + ridge)^-1`` for a symmetric positive semi-definite ``mat``."""
-    a = _ridge(mat, rel)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs.T, chol).T
-    return torch.linalg.lstsq(a, rhs.T).solution.T
+    """``rhs @ (mat + ridge)^-1`` for a symmetric positive semi-definite ``mat``. Sums of float32 products
+    can leave ``mat`` slightly indefinite; the ridge then grows tenfold until the Cholesky factorisation
+    succeeds (at most to 0.1 of the mean eigenvalue), and an eigendecomposition solves what is left."""
+    mat = 0.5 * (mat + mat.T)
+    while rel <= 0.1:
+        chol, info = torch.linalg.cholesky_ex(_ridge(mat, rel))
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs.T, chol).T
+        rel *= 10.0
+    ev, vecs = torch.linalg.eigh(mat)
+    floor = rel * float(ev.clamp_min(0).mean())
+    inv = torch.where(ev > floor, 1.0 / ev.clamp_min(floor if floor > 0 else 1e-300), torch.zeros_like(ev))
+    return (rhs @ vecs) * inv @ vecs.T
+
+
+def _whitener(cov: torch.Tensor, rel: float) -> torch.Tensor:
+    """A lower-triangular ``L`` with ``L L^T = cov + ridge`` (the ridge grown as in :func:`_solve_right`)."""
+    cov = 0.5 * (cov + cov.T)
+    while True:
+        chol, info = torch.linalg.cholesky_ex(_ridge(cov, rel))
+        if int(info) == 0 or rel > 1.0:
+            return chol
+        rel *= 10.0
 
 
 def _scale(d_scale, c_out, like):
@@ -409,8 +426,7 @@ def fit_tucker(m: Moments, ranks: tuple, d_scale, with_bias: bool) -> LayerFit:
     s = m.ss[:-1, :-1]
     rhs = (u.T @ (dsc[:, None] * m.target))[:, :-1]               # E[(U^T D y) p_s^T]
     b_star = _solve_right(rhs, s, m.ridge)                                  # [R_out, d]
-    sc = _ridge(_tap_covariance(m, c_in, taps), m.ridge)
-    chol = torch.linalg.cholesky_ex(sc)[0]
+    chol = _whitener(_tap_covariance(m, c_in, taps), m.ridge)
     unf = b_star.reshape(r_out, c_in, taps).permute(1, 0, 2).reshape(c_in, -1)
     left = torch.linalg.svd(chol.T @ unf, full_matrices=False)[0][:, :r_in]
     v = torch.linalg.solve_triangular(chol.T, left, upper=True)
@@ -463,7 +479,7 @@ def data_tails(m: Moments, d_scale) -> tuple:
     dsc = _scale(d_scale, c_out, m.ss)
     ev_out = torch.linalg.eigvalsh(dsc[:, None] * m.yy * dsc[None, :]).flip(0).clamp_min(0)
     b_star = _solve_right((dsc[:, None] * m.target)[:, :-1], m.ss[:-1, :-1], m.ridge)
-    chol = torch.linalg.cholesky_ex(_ridge(_tap_covariance(m, c_in, taps), m.ridge))[0]
+    chol = _whitener(_tap_covariance(m, c_in, taps), m.ridge)
     unf = b_star.reshape(c_out, c_in, taps).permute(1, 0, 2).reshape(c_in, -1)
     ev_in = torch.linalg.svdvals(chol.T @ unf).square()
     tails = []

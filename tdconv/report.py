@@ -92,10 +92,22 @@ class CompressionReport:
                          f"{r.macs_before / 1e6:.3f} -> {r.macs_after / 1e6:.3f}", f"{r.rel_error:.4f}", ratio,
                          f"{r.norm_ratio:.3g}" if r.norm_ratio is not None else "-",
                          f"{r.sensitivity:.4g}" if r.sensitivity is not None else "-"])
+        if any(r.output_error is not None for r in self.layers):
+            cols += ["fit", "output error: fit / held out (kernel fit's)"]
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            for r, row in zip(self.layers, rows):
+                row += [r.fit, f"{fmt(r.output_error)} / {fmt(r.held_out_error)} ({fmt(r.kernel_fit_output_error)} / "
+                        f"{fmt(r.kernel_fit_held_out_error)})"]
         return cols, rows
 
     def _totals(self) -> list:
         lines = []
+        c = self.calibration
+        if c:
+            bn = c.get("batchnorm", {})
+            lines.append(f"calibration: {c['images']} images fitted, {c['held_out_images']} held out, "
+                         f"{'sequential' if c['sequential'] else 'independent'} fits, BatchNorm "
+                         f"{'re-estimated' if bn.get('reestimated') else 'kept'}, {c['seconds']:.1f} s")
         if self.macs_before is not None:
             lines.append(f"MACs ({'x'.join(map(str, self.input_size))}, ptflops): {self.macs_before / 1e6:.2f} M -> "
                          f"{self.macs_after / 1e6:.2f} M ({self.macs_after / self.macs_before:.1%})")

@@ -35,6 +35,19 @@ def test_compress_budget_and_weights(require_ext, tmp_path, capsys):
     assert "37.18 M -> 18." in text  # at or under half, within 2 %
 
 
+def test_compress_with_calibration(require_ext, capsys):
+    assert main(["compress", "--model", "resnet18", "--method", "tucker", "--layers", "layer2.0.conv2,layer4.1.conv2",
+                 "--calibration", "64",
+                 "--dataset", "synthetic", "--n-iter-max", "2", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "layer4.1.conv2" in text and "fit" in text
+    with pytest.raises(SystemExit, match="--calibration: .*training set has"):
+        main(["compress", "--model", "resnet18", "--calibration", "100000", "--dataset", "synthetic", "--quiet"])
+    with pytest.raises(SystemExit, match=r"--calibration: --dataset synthetic has images \(3, 32, 32\); --input-size"):
+        main(["compress", "--model", "resnet18", "--calibration", "8", "--dataset", "synthetic", "--input-size",
+              "3,64,64", "--quiet"])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["compress", "--model", "resnet999"], "not a torchvision model"),
     (["compress", "--model", "resnet18", "--weights", "missing.pt"], "does not exist"),

@@ -117,6 +117,28 @@ def test_killed_run_resumes_to_the_identical_result(uninterrupted, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_data_aware_and_control_rows(uninterrupted):
+    """Next to each kernel-fitted row a data-aware one (every training image of the 512 by default, 1/8
+    held out), and the control: the dense model fine-tuned with the same schedule."""
+    models = _results(uninterrupted)["models"]
+    assert list(models) == ["dense", "dense+ft", "cp", "cp+data"]
+    data_row = models["cp+data"]
+    c = data_row["calibration"]
+    assert (c["images"], c["held_out_images"], c["sequential"]) == (448, 64, True)
+    assert all(layer["fit"] in ("data", "kernel (better on the calibration data)") for layer in data_row["layers"])
+    assert all(layer["output_error"] <= layer["kernel_fit_output_error"] for layer in data_row["layers"])
+    assert data_row["ranks"] == models["cp"]["ranks"] and data_row["macs"] == models["cp"]["macs"]
+    control = models["dense+ft"]
+    assert control["macs"] == models["dense"]["macs"] and len(control["finetune"]) == 2
+    assert control["after_decomposition"] == models["dense"]["accuracy"]
+    before = torch.load(uninterrupted / "dense.pt", weights_only=True)
+    after = torch.load(uninterrupted / "dense+ft.pt", weights_only=True)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    table = (uninterrupted / "results.md").read_text()
+    assert "| cp+data |" in table and "| dense+ft |" in table and "dense+ft: the control" in table
+    assert "cp+data: data-aware fits on 448 calibration images (64 more held out), sequential" in table
+
+
 def test_resume_with_other_arguments_names_them(uninterrupted, capsys):
     args = [a if a != "0.05" else "0.2" for a in SYNTHETIC] + ["--out", str(uninterrupted.parent), "--name", "ref"]
     with pytest.raises(SystemExit, match=r"refusing to resume.*lr: 0.05 -> 0.2"):
@@ -159,6 +181,8 @@ def test_ddp_two_processes(tmp_path):
     (["--methods", "dense,svd"], "--methods must be a comma-separated subset"),
     (["--finetune-lr", "-1"], "lr must be a finite number >= 0"),
     (["--latency-batch", "0"], "--latency-batch must be >= 1"),
+    (["--calibration", "-1"], "--calibration and --refine-steps must be >= 0"),
+    (["--calibration", "600"], "--calibration 600 is more than the 512 training images"),
     # compression arguments are checked before the dense phase, not after it
     (["--rank", "0"], r"compression arguments do not fit resnet18 \(method cp\).*rank must be a positive integer"),
     (["--layers", "nope"], r"does not have: \['nope'\]"),

@@ -28,7 +28,7 @@ from . import train as T
 from .data import calibration_images, load_dataset
 from .distributed import barrier, init_distributed
 from .models import build_model, is_resnet, load_weights, model_meta, parse_layers
-from .options import RUN_ARGUMENTS, defaults
+from .options import DEFAULT_CALIBRATION, RUN_ARGUMENTS, defaults
 
 __all__ = ["run", "measure_latency"]
 
@@ -185,7 +185,7 @@ def run(args) -> dict:
     if args.latency_batch < 1 or args.latency_runs < 0:
         raise ValueError(f"--latency-batch must be >= 1 and --latency-runs >= 0, got {args.latency_batch} and "
                          f"{args.latency_runs}")
-    if args.calibration < 0 or args.refine_steps < 0:
+    if (args.calibration is not None and args.calibration < 0) or args.refine_steps < 0:
         raise ValueError(f"--calibration and --refine-steps must be >= 0, got {args.calibration} and "
                          f"{args.refine_steps}")
     if not is_resnet(args.model):  # fail before any work
@@ -216,7 +216,8 @@ def run(args) -> dict:
     data = load_dataset(args.dataset, args.data_root)
     if args.train_subset or args.test_subset:
         data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
-    if args.calibration > len(data.y_train):
+    n_calibration = min(DEFAULT_CALIBRATION, len(data.y_train)) if args.calibration is None else args.calibration
+    if n_calibration > len(data.y_train):
         raise ValueError(f"--calibration {args.calibration} is more than the {len(data.y_train)} training images")
     data = data.to(device)
     # Bad compression arguments (ranks, layers, budgets) fail now, not after the dense phase: each method
@@ -301,7 +302,7 @@ def run(args) -> dict:
         for method in methods:
             if method != "dense":
                 rows.append((method, method, False))
-                if args.calibration:
+                if n_calibration:
                     rows.append((f"{method}+data", method, True))
         calibration = None
         for row, method, use_data in rows:
@@ -337,7 +338,7 @@ def run(args) -> dict:
                     options["epc"] = args.epc
                 if use_data:
                     if calibration is None:
-                        calibration = calibration_images(data, args.calibration, seed=args.seed)
+                        calibration = calibration_images(data, n_calibration, seed=args.seed)
                     options.update(calibration=calibration, refine_steps=args.refine_steps,
                                    reestimate_bn="auto" if args.bn_recalibrate else False)
                 small, report = tdconv.compress(copy.deepcopy(dense), method, args.rank, layers=parse_layers(args.layers),

@@ -9,7 +9,11 @@ import torch
 
 from .models import STEMS, parse_device, parse_fraction, parse_rank
 
-__all__ = ["add_arguments", "defaults", "RUN_ARGUMENTS"]
+__all__ = ["add_arguments", "defaults", "RUN_ARGUMENTS", "DEFAULT_CALIBRATION"]
+
+# Calibration images of the data-aware rows: the most the budget allows, and enough for every
+# layer of ResNet18 at 32x32 to see more patches than its live input dimensions.
+DEFAULT_CALIBRATION = 4096
 
 # The arguments that define a run's results: resuming with any of them changed is refused.
 RUN_ARGUMENTS = ("model", "stem", "dataset", "train_subset", "test_subset", "weights", "methods", "rank", "layers",
@@ -58,9 +62,10 @@ def add_arguments(p) -> None:
                    help="CP: follow ALS by error preserving correction (same kernel error, smallest components)")
     p.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
                    help="do not re-estimate BatchNorm statistics after decomposition")
-    p.add_argument("--calibration", type=int, default=4096,
+    p.add_argument("--calibration", type=int, default=None, metavar="N",
                    help="training images (a fixed subset, no labels) for the data-aware rows (METHOD+data) next to "
-                        "each kernel-fitted row; 0: kernel fits only")
+                        f"each kernel-fitted row; default {DEFAULT_CALIBRATION} (every training image when there are "
+                        "fewer); 0: kernel fits only")
     p.add_argument("--refine-steps", type=int, default=0,
                    help="data-aware rows: Adam steps of block reconstruction per residual block (0: off)")
     p.add_argument("--no-control", dest="control", action="store_false",
