@@ -42,7 +42,8 @@ __all__ = ["CalibrationWarning", "prepare_calibration", "Moments", "LayerFit", "
 
 RIDGE = 1e-5           # relative ridge of the least-squares solves (float32 patches; 1e-9 for float64 ones)
 HELD_OUT = 0.125       # fraction of the calibration images held out to measure the fits
-CHUNK = 1 << 22        # patch-matrix elements per accumulation step
+REFINE_LR = 1e-4       # Adam's step size of the block refinement
+CHUNK = 1 << 23        # patch-matrix elements unfolded at once (an image more where one is larger)
 
 
 class CalibrationWarning(UserWarning):
@@ -61,9 +62,10 @@ def _first_tensor(item, index):
 
 def prepare_calibration(data, *, channels: int, device, dtype, batch_size: int = 256) -> tuple:
     """``(fit batches, held-out batches)`` from ``data``: a tensor ``[N, C, H, W]`` or an iterable of
-    batches (tensors or ``(inputs, labels)`` tuples; labels ignored). The batches are moved to the
-    model's ``device`` and cast to its floating ``dtype``; the last ``HELD_OUT`` of the images (at least
-    one, when there are 8 or more) are held out. Raises ``ValueError`` / ``TypeError`` naming the
+    batches (tensors or ``(inputs, labels)`` tuples; labels ignored), read once and kept where they are
+    (an iterable is drawn once: the fits read the set once per layer); each batch is moved to the
+    model's ``device`` and cast to its floating ``dtype`` when it is used. The last ``HELD_OUT`` of the
+    images (at least one, when there are 8 or more) are held out. Raises ``ValueError`` / ``TypeError`` naming the
     problem (an empty set, a wrong shape or channel count, a non-floating dtype, non-finite values)."""
     if isinstance(data, torch.Tensor):
         if data.dim() != 4:
@@ -86,7 +88,7 @@ def prepare_calibration(data, *, channels: int, device, dtype, batch_size: int =
         if not x.is_floating_point():
             raise TypeError(f"calibration inputs must be floating point (normalised as the model sees them), got "
                             f"{x.dtype} in batch {i}")
-        x = x.detach().to(device=device, dtype=dtype)
+        x = x.detach()
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"calibration batch {i} holds non-finite values")
         batches.append(x)
@@ -102,11 +104,33 @@ def prepare_calibration(data, *, channels: int, device, dtype, batch_size: int =
         if cut < b.shape[0]:
             out.append(b[cut:])
         seen += b.shape[0]
-    return fit, out
+    return _Batches(fit, device, dtype), _Batches(out, device, dtype)
 
 
-class _Reached(Exception):
-    pass
+class _Batches:
+    """Calibration batches, kept where they were given and moved to the model's device and dtype one
+    at a time as they are used (the set is read once per layer)."""
+
+    def __init__(self, batches: list, device, dtype):
+        self.batches, self.device, self.dtype = batches, device, dtype
+
+    def __iter__(self):
+        for x in self.batches:
+            yield x.to(device=self.device, dtype=self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def first(self) -> torch.Tensor:
+        return self.batches[0][:1].to(device=self.device, dtype=self.dtype)
+
+    def images(self) -> int:
+        return sum(b.shape[0] for b in self.batches)
+
+
+class _Reached(BaseException):
+    """Stops a forward once the hooked module is reached (not an Exception: a model's own
+    ``except Exception`` must not swallow it)."""
 
 
 def module_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -133,23 +157,25 @@ def module_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.
 
 
 def bn_scale_after(model: nn.Module, names: list, x: torch.Tensor) -> dict:
-    """``{name: D}`` for each named conv whose output goes straight into a BatchNorm2d (``D`` its eval
-    scale ``gamma / sqrt(running_var + eps)``, float64); other convs are absent."""
+    """``{name: D}`` for each named conv whose output goes straight into a BatchNorm2d (the very tensor,
+    unmodified in between; ``D`` the BatchNorm's eval scale ``gamma / sqrt(running_var + eps)``, float64);
+    other convs are absent."""
     modules = dict(model.named_modules())
-    outputs, found, handles = {}, {}, []
+    outputs, found, handles = [], {}, []
 
     def after_conv(name):
         def hook(mod, inputs, output):
-            outputs[id(output)] = name
+            outputs.append((name, output, output._version))
         return hook
 
     def before_bn(bn):
         def hook(mod, inputs):
-            name = outputs.get(id(inputs[0]))
-            if name is not None and name not in found and bn.num_features == modules[name].out_channels:
-                w = bn.weight.detach().double() if bn.weight is not None else 1.0
-                found[name] = (w / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-                               if bn.running_var is not None else None)
+            for name, out, version in outputs:
+                if inputs[0] is out and out._version == version and name not in found \
+                        and bn.num_features == modules[name].out_channels:
+                    w = bn.weight.detach().double() if bn.weight is not None else 1.0
+                    found[name] = (w / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+                                   if bn.running_var is not None else None)
         return hook
 
     for name in names:
@@ -184,7 +210,7 @@ class Moments:
     """Second moments of one conv's augmented patches (``[p, 1]``) and dense responses, in float64.
 
     ``ss = sum p_s p_s^T``, ``ts = sum p_t p_s^T`` (None while every student input equals the teacher's),
-    ``yy = sum y y^T`` of the dense responses ``y = W p_t + b``; ``n`` patches. Each block of at most
+    ``yy = sum y y^T`` of the dense responses ``y = W p_t + b``; ``n`` patches. Each block of about
     ``CHUNK`` patch elements is multiplied in the inputs' precision (float32, or float64 for a float64
     model) and added to float64 sums.
     """
@@ -207,29 +233,31 @@ class Moments:
         return self.w_aug.shape[1] - 1
 
     def add(self, x_t: torch.Tensor, x_s: torch.Tensor | None) -> None:
-        """Accumulate one batch of layer inputs (``x_s`` None: the student's input is the teacher's)."""
-        pt_all = patches(x_t, self.geometry)
-        ps_all = None if x_s is None else patches(x_s, self.geometry)
-        if ps_all is not None and self.ts is None:
+        """Accumulate one batch of layer inputs (``x_s`` None: the student's input is the teacher's).
+        The batch is unfolded a few images at a time, so that at most about ``CHUNK`` patch elements
+        exist at once."""
+        if x_s is not None and self.ts is None:
             self.ts = self.ss.clone()  # every earlier batch had equal inputs
-        step = max(1, CHUNK // (self.d + 1))
-        dt = torch.float64 if pt_all.dtype == torch.float64 else torch.float32
+        g = self.geometry
+        per_image = (self.d + 1) * g.output_size(tuple(x_t.shape[2:]))[0] * g.output_size(tuple(x_t.shape[2:]))[1]
+        step = max(1, CHUNK // max(1, per_image))
+        dt = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         if dt == torch.float32:
             self.ridge = RIDGE
         elif self.n == 0:
             self.ridge = 1e-9
         w = self.w_aug.to(dt)
-        for s in range(0, pt_all.shape[0], step):
-            pt = self._aug(pt_all[s:s + step], dt)
+        for i in range(0, x_t.shape[0], step):
+            pt = self._aug(patches(x_t[i:i + step], g), dt)
             y = pt @ w.T
             self.yy += (y.T @ y).double()
-            if ps_all is None:
+            if x_s is None:
                 gram = (pt.T @ pt).double()
                 self.ss += gram
                 if self.ts is not None:
                     self.ts += gram
             else:
-                ps = self._aug(ps_all[s:s + step], dt)
+                ps = self._aug(patches(x_s[i:i + step], g), dt)
                 self.ss += (ps.T @ ps).double()
                 self.ts += (pt.T @ ps).double()
             self.n += pt.shape[0]
@@ -284,19 +312,22 @@ def _solve_right(rhs: torch.Tensor, mat: torch.Tensor, rel: float = RIDGE) -> to
             return torch.cholesky_solve(rhs.T, chol).T
         rel *= 10.0
     ev, vecs = torch.linalg.eigh(mat)
-    floor = rel * float(ev.clamp_min(0).mean())
+    floor = 1e-12 * float(ev.abs().max()) if ev.numel() else 0.0
     inv = torch.where(ev > floor, 1.0 / ev.clamp_min(floor if floor > 0 else 1e-300), torch.zeros_like(ev))
-    return (rhs @ vecs) * inv @ vecs.T
+    return ((rhs @ vecs) * inv) @ vecs.T
 
 
 def _whitener(cov: torch.Tensor, rel: float) -> torch.Tensor:
     """A lower-triangular ``L`` with ``L L^T = cov + ridge`` (the ridge grown as in :func:`_solve_right`)."""
     cov = 0.5 * (cov + cov.T)
-    while True:
+    while rel <= 0.1:
         chol, info = torch.linalg.cholesky_ex(_ridge(cov, rel))
-        if int(info) == 0 or rel > 1.0:
+        if int(info) == 0:
             return chol
         rel *= 10.0
+    # Still indefinite: the diagonal alone (per-channel scaling) is a valid, if cruder, metric.
+    diag = cov.diagonal().clamp_min(0)
+    return torch.diag(torch.sqrt(diag + max(float(diag.mean()), 1e-300) * 0.1))
 
 
 def _scale(d_scale, c_out, like):
@@ -428,7 +459,8 @@ def fit_tucker(m: Moments, ranks: tuple, d_scale, with_bias: bool) -> LayerFit:
     b_star = _solve_right(rhs, s, m.ridge)                                  # [R_out, d]
     chol = _whitener(_tap_covariance(m, c_in, taps), m.ridge)
     unf = b_star.reshape(r_out, c_in, taps).permute(1, 0, 2).reshape(c_in, -1)
-    left = torch.linalg.svd(chol.T @ unf, full_matrices=False)[0][:, :r_in]
+    # full_matrices where R_in exceeds R_out kh kw: the extra directions carry no energy, any will do.
+    left = torch.linalg.svd(chol.T @ unf, full_matrices=r_in > min(unf.shape))[0][:, :r_in]
     v = torch.linalg.solve_triangular(chol.T, left, upper=True)
     v = torch.linalg.qr(v)[0]                                      # [C_in, R_in]
     s4 = s.reshape(c_in, taps, c_in, taps)
@@ -566,8 +598,13 @@ def _module_output(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torc
         model(x)
     except _Reached:
         pass
+    except Exception as exc:
+        raise RuntimeError(f"the model's forward failed on the calibration data: {type(exc).__name__}: {exc}") \
+            from exc
     finally:
         handle.remove()
+    if not seen:
+        raise ValueError("a block to refine is not reached by the model's forward on the calibration data")
     return seen[0]
 
 
@@ -578,52 +615,58 @@ class SequentialFit:
     the student is a deep copy into which the fitted layers are placed as they are made.
     """
 
-    def __init__(self, teacher: nn.Module, names: list, calibration, *, channels: int, sequential: bool = True,
-                 refine_steps: int = 0, reestimate_bn="auto"):
-        if not isinstance(sequential, bool):
-            raise TypeError(f"sequential must be a bool, got {type(sequential).__name__}")
-        if reestimate_bn not in ("auto", True, False):
-            raise ValueError(f"reestimate_bn must be 'auto', True or False, got {reestimate_bn!r}")
+    def __init__(self, teacher: nn.Module, names: list, calibration, *, input_size: tuple, sequential: bool = True,
+                 refine_steps: int = 0, reestimate_bn="auto", seed: int = 0):
         self.refine_steps = positive_steps(refine_steps, "refine_steps")
         p = next(teacher.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-        self.fit_batches, self.held_batches = prepare_calibration(calibration, channels=channels, device=device,
+        self.fit_batches, self.held_batches = prepare_calibration(calibration, channels=input_size[0], device=device,
                                                                   dtype=dtype)
-        self.teacher, self.sequential, self.reestimate_bn = teacher, sequential, reestimate_bn
-        self.images = sum(b.shape[0] for b in self.fit_batches)
-        self.held_images = sum(b.shape[0] for b in self.held_batches)
+        self.teacher, self.sequential, self.reestimate_bn, self.seed = teacher, sequential, reestimate_bn, seed
+        self.images, self.held_images = self.fit_batches.images(), self.held_batches.images()
+        sizes = sorted({tuple(b.shape[2:]) for b in self.fit_batches.batches + self.held_batches.batches})
+        if sizes != [tuple(input_size[1:])]:
+            warnings.warn(f"the calibration images are {sizes} (H, W), input_size is {tuple(input_size[1:])}: the "
+                          "fits are made for the calibration resolution (which kernel taps only read padding depends "
+                          "on it), the report's MACs and any budget are counted at input_size", CalibrationWarning,
+                          stacklevel=3)
         self.modules = dict(teacher.named_modules())
         self._flags = {n: m.training for n, m in teacher.named_modules()}
         teacher.eval()
         try:
-            self.order = self._forward_order(names)
-            self.scales = bn_scale_after(teacher, self.order, self.fit_batches[0])
+            calls = self._forward_calls(names)
+            self.scales = bn_scale_after(teacher, list(calls), self.fit_batches.first())
         except BaseException:
             self.restore_teacher()
             raise
-        self.unreached = [n for n in names if n not in self.order]
+        self.order = [n for n, c in calls.items() if c == 1]  # forward order
+        # Layers the data cannot fit: the kernel fit, with the reason.
+        self.kernel_only = {n: "not reached by the calibration data" for n in names if n not in calls}
+        self.kernel_only.update({n: f"called {c} times per forward (shared); fitted to its kernel"
+                                 for n, c in calls.items() if c > 1})
 
     def restore_teacher(self) -> None:
         for n, m in self.teacher.named_modules():
             if n in self._flags:
                 m.training = self._flags[n]
 
-    def _forward_order(self, names: list) -> list:
-        order, handles = [], []
+    def _forward_calls(self, names: list) -> dict:
+        """``{name: calls per forward}`` of the selected layers reached, in the order they are first called."""
+        calls, handles = {}, []
         for name in names:
             handles.append(self.modules[name].register_forward_pre_hook(
-                lambda mod, inputs, name=name: order.append(name) if name not in order else None))
+                lambda mod, inputs, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)))
         try:
             with torch.no_grad():
-                self.teacher(self.fit_batches[0][:1])
+                self.teacher(self.fit_batches.first())
         except Exception as exc:
             raise RuntimeError(f"the model's forward failed on the calibration data: {type(exc).__name__}: {exc}") \
                 from exc
         finally:
             for h in handles:
                 h.remove()
-        return order
+        return calls
 
     @torch.no_grad()
     def moments(self, name: str, student: nn.Module | None, batches: list) -> Moments:
@@ -669,38 +712,44 @@ class SequentialFit:
                 den += float(y.double().square().sum())
         return num / den if den > 0 else 0.0
 
-    def refine(self, block_name: str, student: nn.Module, seed: int = 0) -> dict:
-        """Adam on the block's output error; kept only where the held-out error goes down."""
+    def refine(self, block_name: str, student: nn.Module) -> dict:
+        """Adam on the block's output error; kept only where the held-out error goes down (skipped when
+        nothing is held out). Only the block's factorised layers and BatchNorm affine parameters move;
+        no parameter is left with a gradient or a changed ``requires_grad``."""
         from .nn import FactorizedConv2d
+        if not len(self.held_batches):
+            return {"block": block_name, "steps": 0, "kept": False,
+                    "reason": "no held-out images to check it on (fewer than 8 calibration images)"}
         block, xs, ys = self._block_data(block_name, student, self.fit_batches)
         _, hxs, hys = self._block_data(block_name, student, self.held_batches)
         params = [p for m in block.modules() if isinstance(m, FactorizedConv2d) for p in m.parameters()]
         params += [p for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                    for p in (m.weight, m.bias) if p is not None]
         if not params:
-            return {}
-        before = self._block_error(block, hxs, hys) if hxs else None
+            return {"block": block_name, "steps": 0, "kept": False, "reason": "nothing to refine"}
+        before = self._block_error(block, hxs, hys)
         saved = copy.deepcopy(block.state_dict())
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=1e-4)
-        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(params, lr=REFINE_LR)
+        gen = torch.Generator().manual_seed(self.seed)
         norms = [float(y.square().mean()) or 1.0 for y in ys]
         try:
             with torch.enable_grad():
-                for step in range(self.refine_steps):
+                for _ in range(self.refine_steps):
                     i = int(torch.randint(len(xs), (1,), generator=gen))
                     loss = (block(xs[i]) - ys[i]).square().mean() / norms[i]
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    grads = torch.autograd.grad(loss, params)  # no .grad left on the block's other weights
+                    for p, g in zip(params, grads):
+                        p.grad = g
                     opt.step()
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
                 p.grad = None
-        after = self._block_error(block, hxs, hys) if hxs else None
-        kept = before is None or after < before
+        after = self._block_error(block, hxs, hys)
+        kept = after < before
         if not kept:
             block.load_state_dict(saved)
         return {"block": block_name, "steps": self.refine_steps, "held_out_error_before": before,
@@ -716,10 +765,12 @@ class SequentialFit:
                      for m in student.modules())
         if not has_bn:
             return {"reestimated": False, "reason": "no BatchNorm"}
-        if self.reestimate_bn is True or not self.held_batches:
+        if self.reestimate_bn is True:
             reestimate_batchnorm(student, self.fit_batches)
-            return {"reestimated": True, "reason": "reestimate_bn=True" if self.reestimate_bn is True else
-                    "no held-out images to decide on"}
+            return {"reestimated": True, "reason": "reestimate_bn=True"}
+        if not len(self.held_batches):
+            return {"reestimated": False, "reason": "no held-out images to decide on (fewer than 8 calibration "
+                    "images): the statistics are kept"}
         with torch.no_grad():
             ref = [_leaves(self.teacher(x)) for x in self.held_batches]
         before = model_output_error(student, ref, self.held_batches)

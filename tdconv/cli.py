@@ -52,7 +52,7 @@ def cmd_compress(args) -> int:
                                         bias=True if args.bias else None,
                                         input_size=args.input_size, inplace=True, progress=not args.quiet,
                                         **engine)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(report)
     if args.out:

@@ -276,6 +276,13 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
         raise ValueError(f"target_{metric} must be a fraction in (0, 1] of the model's {metric}, got {target!r}")
     if isinstance(min_rank, bool) or not isinstance(min_rank, numbers.Real) or not 0.0 <= min_rank < 1.0:
         raise ValueError(f"min_rank must be a fraction in [0, 1) of the channels, got {min_rank!r}")
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be a bool, got {type(sequential).__name__}")
+    if reestimate_bn not in ("auto", True, False):
+        raise ValueError(f"reestimate_bn must be 'auto', True or False, got {reestimate_bn!r}")
+    cal.positive_steps(refine_steps, "refine_steps")
+    if calibration is None and refine_steps:
+        raise ValueError("refine_steps needs calibration data (calibration=...)")
     selected, skipped = select_layers(model, layers)
     if overrides:
         unknown = sorted(set(overrides) - set(selected))
@@ -309,8 +316,10 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     show = progress if progress is not None else (sys.stderr.isatty() and len(selected) > 4)
     fitter = None
     if calibration is not None:
-        fitter = cal.SequentialFit(model, selected, calibration, channels=input_size[0], sequential=sequential,
-                                   refine_steps=refine_steps, reestimate_bn=reestimate_bn)
+        seed = decomposition_options.get("seed")
+        fitter = cal.SequentialFit(model, selected, calibration, input_size=tuple(input_size), sequential=sequential,
+                                   refine_steps=refine_steps, reestimate_bn=reestimate_bn,
+                                   seed=0 if seed is None else seed)
     try:
         if target is not None:
             total = before[0] if metric == "macs" else before[1]
@@ -359,11 +368,9 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     return out, report
 
 
-def _built_layer(conv, method, rank, bias, options, name):
+def _built_layer(conv, method, rank, bias, options):
     decomposition = decompose_kernel(conv.weight.detach(), method, rank, **options)
-    layer = FactorizedConv2d.from_decomposition(conv, method, decomposition, bias=bias).train(conv.training)
-    _check_finite(layer, name)
-    return layer
+    return FactorizedConv2d.from_decomposition(conv, method, decomposition, bias=bias).train(conv.training)
 
 
 def _check_finite(layer, name):
@@ -376,11 +383,13 @@ def _check_finite(layer, name):
 
 
 def _report_layer(report, name, conv, layer, sizes, seconds, **extra):
+    """The layer's kernel checked (finite) and, where it is reached at input_size, reported."""
+    kernel = _check_finite(layer, name)
     hw = sizes.get(name)
     if hw is None:
         report.skipped.append((name, "not reached by a forward pass at input_size; factorised, not reported"))
         return
-    rep = _layer_report(name, conv, layer, _check_finite(layer, name), hw, seconds)
+    rep = _layer_report(name, conv, layer, kernel, hw, seconds)
     for k, v in extra.items():
         setattr(rep, k, v)
     report.layers.append(rep)
@@ -394,7 +403,7 @@ def _kernel_fits(model, selected, method, ranks, bias, sizes, report, show, opti
     for i, name in enumerate(selected):
         _progress(show, i, len(selected), name, t0)
         t = time.perf_counter()
-        new_layers[name] = layer = _built_layer(modules[name], method, ranks[name], bias, options, name)
+        new_layers[name] = layer = _built_layer(modules[name], method, ranks[name], bias, options)
         _report_layer(report, name, modules[name], layer, sizes, time.perf_counter() - t)
     _progress(show, len(selected), len(selected), "done", t0)
     return new_layers
@@ -407,7 +416,7 @@ def _data_fit(fitter, name, conv, method, rank, bias, options, student):
     held = (fitter.moments(name, student if fitter.sequential else None, fitter.held_batches)
             if fitter.held_batches else None)
     scale = fitter.scales.get(name)
-    layer = _built_layer(conv, method, rank, bias, options, name)
+    layer = _built_layer(conv, method, rank, bias, options)
     with_bias = layer.bias is not None
     candidates = {"kernel": cal.LayerFit.of_layer(layer)}
     if method == "tucker":
@@ -422,17 +431,21 @@ def _data_fit(fitter, name, conv, method, rank, bias, options, student):
                 conv, method, decompose_kernel(masked, method, rank, **options), bias=bias))
         candidates["data"] = cal.fit_cp(m, start, scale, with_bias)
     c_out = conv.out_channels
-    errors = {k: cal.output_error(m, f.kernel_aug(c_out), scale) for k, f in candidates.items()}
-    best = min(errors, key=errors.get)
+    kernels = {k: f.kernel_aug(c_out) for k, f in candidates.items()}
+    errors = {k: cal.output_error(m, k_aug, scale) for k, k_aug in kernels.items()}
+    held_errors = {k: cal.output_error(held, k_aug, scale) for k, k_aug in kernels.items()} if held else None
+    # The data fit is kept where it is better on the calibration images and on the held-out ones (an
+    # overfitted fit, from too few images, loses on the latter).
+    better = errors["data"] < errors["kernel"] and (held_errors is None or held_errors["data"] < held_errors["kernel"])
+    best = "data" if better else "kernel"
     with torch.no_grad():
         for pname, value in candidates[best].parameters_for(layer).items():
             getattr(layer, pname).copy_(value)
-    _check_finite(layer, name)
-    info = {"fit": "data" if best == "data" else "kernel (better on the calibration data)",
+    info = {"fit": "data" if better else "kernel (better on the calibration or held-out images)",
             "output_error": errors[best], "kernel_fit_output_error": errors["kernel"]}
-    if held is not None:
-        info["held_out_error"] = cal.output_error(held, candidates[best].kernel_aug(c_out), scale)
-        info["kernel_fit_held_out_error"] = cal.output_error(held, candidates["kernel"].kernel_aug(c_out), scale)
+    if held_errors is not None:
+        info["held_out_error"] = held_errors[best]
+        info["kernel_fit_held_out_error"] = held_errors["kernel"]
     return layer, info
 
 
@@ -441,7 +454,7 @@ def _data_fits(fitter, model, method, ranks, bias, sizes, report, show, options)
     modules = dict(model.named_modules())
     student = cal.copy_for_fitting(model)
     s_modules = dict(student.named_modules())
-    names = fitter.order + fitter.unreached
+    names = fitter.order + list(fitter.kernel_only)
     last_of_block = {name.rpartition(".")[0]: name for name in fitter.order}
     new_layers, refined = {}, []
     t0 = time.perf_counter()
@@ -449,18 +462,22 @@ def _data_fits(fitter, model, method, ranks, bias, sizes, report, show, options)
         _progress(show, i, len(names), name, t0)
         conv = modules[name]
         t = time.perf_counter()
-        if name in fitter.unreached:
-            layer = _built_layer(conv, method, ranks[name], bias, options, name)
-            info = {"fit": "kernel (not reached by the calibration data)"}
+        if name in fitter.kernel_only:
+            layer = _built_layer(conv, method, ranks[name], bias, options)
+            info = {"fit": f"kernel ({fitter.kernel_only[name]})"}
         else:
             with torch.no_grad():
                 layer, info = _data_fit(fitter, name, conv, method, ranks[name], bias, options, student)
         parent, _, child = name.rpartition(".")
         setattr(s_modules[parent] if parent else student, child, layer)
         new_layers[name] = layer
+        _report_layer(report, name, conv, layer, sizes, time.perf_counter() - t, **info)
         if fitter.refine_steps and parent and name in fitter.order and last_of_block.get(parent) == name:
             refined.append(fitter.refine(parent, student))
-        _report_layer(report, name, conv, layer, sizes, time.perf_counter() - t, **info)
+            if refined[-1]["kept"]:  # the errors above are those before the refinement
+                for rep in report.layers:
+                    if rep.name.rpartition(".")[0] == parent:
+                        rep.fit += " + block refinement (errors before it)"
     _progress(show, len(names), len(names), "done", t0)
     bn = fitter.decide_batchnorm(student)
     report.calibration = {"images": fitter.images, "held_out_images": fitter.held_images,

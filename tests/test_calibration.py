@@ -317,7 +317,7 @@ def test_other_dtype_and_device_are_moved_to_the_model():
 def test_too_few_samples_warn_with_the_numbers():
     net = _net()
     with pytest.warns(cal.CalibrationWarning, match=r"layer 'c4': \d+ calibration patches for a \d+-dimensional"):
-        small, _ = tdconv.compress(net, "cp", 4, layers=LAYERS, calibration=_inputs(2, hw=4), input_size=(3, 12, 12))
+        small, _ = tdconv.compress(net, "cp", 4, layers=LAYERS, calibration=_inputs(2), input_size=(3, 12, 12))
     assert all(torch.isfinite(p).all() for p in small.parameters())
 
 
@@ -336,18 +336,18 @@ class Exploding(nn.Module):
         return self.net(x)
 
 
-def test_non_finite_activations_and_failing_forwards():
-    model = Exploding("inf")
+@pytest.mark.parametrize("mode,error,match", [("inf", ValueError, "not finite"),
+                                              ("fail", RuntimeError, "forward failed on the calibration data")])
+def test_non_finite_activations_and_failing_forwards(mode, error, match):
+    model = Exploding(mode)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="not finite"):
-        tdconv.compress(model, "cp", 4, layers=["net.c2"], calibration=_inputs(16), input_size=(3, 12, 12))
-    model = Exploding("fail")
-    with pytest.raises(RuntimeError, match="forward failed on the calibration data"):
+    with pytest.raises(error, match=match):
         tdconv.compress(model, "cp", 4, layers=["net.c2"], calibration=_inputs(16), input_size=(3, 12, 12))
     assert isinstance(model.net.c2, nn.Conv2d)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert model.training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_sequential_must_be_a_bool():
@@ -364,3 +364,125 @@ def test_report_round_trips_with_the_fit_fields():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         str(report)
+
+
+# --------------------------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("kernel,rank", [(3, (1, 12)), (1, (4, 8))])
+def test_tucker_input_rank_above_the_output_unfolding(kernel, rank):
+    """R_in may exceed R_out kh kw (a 1x1 conv with R_in > R_out): the directions beyond carry nothing."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 8, kernel, padding=kernel // 2)
+    small, report = tdconv.compress(nn.Sequential(conv), "tucker", rank, layers=["0"], calibration=torch.randn(64, 12, 5, 5),
+                                    input_size=(12, 5, 5))
+    assert report.layers[0].output_error <= report.layers[0].kernel_fit_output_error
+    assert small[0].first.shape[0] == rank[1]
+
+
+def test_solve_falls_back_to_the_positive_part_of_an_indefinite_matrix():
+    mat = torch.diag(torch.tensor([10.0, 1.0, 0.1, -1.0], dtype=torch.float64))
+    out = cal._solve_right(torch.ones(1, 4, dtype=torch.float64), mat)
+    assert torch.allclose(out, torch.tensor([[0.1, 1.0, 10.0, 0.0]], dtype=torch.float64))
+
+
+def test_last_factor_refit_is_the_least_squares_optimum():
+    """At the refit's solution the gradient of the explicit objective (patches, bias, a BatchNorm scale
+    D, student inputs other than the teacher's) vanishes."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1).double()
+    x_t = torch.randn(20, 6, 5, 5, dtype=torch.float64)
+    x_s = x_t + 0.2 * torch.randn_like(x_t)
+    m = cal.Moments(conv.weight, conv.bias, ConvGeometry.of(conv))
+    m.add(x_t, x_s)
+    m.finish("c")
+    d = torch.rand(8, dtype=torch.float64) + 0.5
+    layer = tdconv.FactorizedConv2d.from_conv(conv, "cp", 4, seed=0).double()
+    fit = cal.refit_last(cal.LayerFit.of_layer(layer), m, with_bias=True)
+    last = fit.last.clone().requires_grad_(True)
+    bias = fit.bias.clone().requires_grad_(True)
+    mid = fit.middle().reshape(4, -1)
+    y = conv(x_t).detach()
+    ps = cal.patches(x_s, ConvGeometry.of(conv))
+    z = ps @ mid.T
+    pred = (z @ last.T + bias).reshape(20, 25, 8).permute(0, 2, 1).reshape(20, 8, 5, 5)
+    loss = ((y - pred) * d[:, None, None]).square().sum()
+    assert float(loss.detach()) > 0
+    g_last, g_bias = torch.autograd.grad(loss, (last, bias))
+    loss = float(loss.detach())
+    assert float(g_last.norm()) < 1e-6 * loss and float(g_bias.norm()) < 1e-6 * loss
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.twice = nn.Conv2d(8, 8, 3, padding=1)
+        self.once = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.once(torch.relu(self.twice(torch.relu(self.twice(x)))))
+
+
+def test_a_conv_called_twice_keeps_its_kernel_fit_with_the_reason():
+    _, report = tdconv.compress(Shared(), "cp", 4, layers=["twice", "once"], calibration=torch.randn(32, 3, 6, 6),
+                                input_size=(3, 6, 6), seed=0)
+    fits = {r.name: r.fit for r in report.layers}
+    assert fits["once"] == "data" and fits["twice"].startswith("kernel (called 2 times per forward")
+
+
+def test_bn_scale_needs_the_conv_output_itself():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(torch.relu_(self.conv(x)))  # modified in place before the BatchNorm
+
+    assert cal.bn_scale_after(InPlace().eval(), ["conv"], torch.randn(2, 3, 5, 5)) == {}
+
+
+def test_under_eight_images_nothing_is_held_out_and_auto_decides_nothing():
+    net = Blocks().eval()
+    x = torch.randn(6, 3, 10, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cal.CalibrationWarning)
+        small, report = tdconv.compress(net, "cp", 4, layers=["block1.0", "block1.3"], calibration=x, refine_steps=5,
+                                        input_size=(3, 10, 10), seed=0)
+    c = report.calibration
+    assert (c["images"], c["held_out_images"]) == (6, 0)
+    assert not c["batchnorm"]["reestimated"] and "no held-out images" in c["batchnorm"]["reason"]
+    assert c["refine"][0]["steps"] == 0 and not c["refine"][0]["kept"]
+    assert torch.equal(small.block1[1].running_mean, net.block1[1].running_mean)
+    assert report.layers[0].held_out_error is None
+
+
+def test_refinement_only_touches_its_block_and_is_undone_when_it_does_not_help(monkeypatch):
+    torch.manual_seed(0)
+    net = Blocks().eval()
+    x = torch.randn(64, 3, 10, 10)
+    opts = dict(layers=["block1.3"], calibration=x, input_size=(3, 10, 10), reestimate_bn=False, seed=0)
+    small, report = tdconv.compress(net, "cp", 4, refine_steps=20, **opts)
+    assert all(p.grad is None for p in small.parameters())
+    assert torch.equal(small.block1[0].weight, net.block1[0].weight)  # not selected: not refined
+    plain, _ = tdconv.compress(net, "cp", 4, **opts)
+    errors = iter([1.0, 2.0])  # held-out error before, after: worse, so undone
+    monkeypatch.setattr(cal.SequentialFit, "_block_error", staticmethod(lambda block, xs, ys: next(errors)))
+    undone, report = tdconv.compress(net, "cp", 4, refine_steps=20, **opts)
+    assert report.calibration["refine"][0]["kept"] is False
+    for (k, a), b in zip(plain.state_dict().items(), undone.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_options_are_checked_without_calibration_too():
+    with pytest.raises(ValueError, match="refine_steps needs calibration"):
+        tdconv.compress(_net(), "cp", 4, layers=LAYERS, refine_steps=10)
+    with pytest.raises(ValueError, match="reestimate_bn"):
+        tdconv.compress(_net(), "cp", 4, layers=LAYERS, reestimate_bn="yes")
+    with pytest.raises(TypeError, match="sequential"):
+        tdconv.compress(_net(), "cp", 4, layers=LAYERS, sequential=1)
+
+
+def test_calibration_at_another_resolution_warns():
+    with pytest.warns(cal.CalibrationWarning, match=r"calibration images are \[\(8, 8\)\].*input_size is \(12, 12\)"):
+        tdconv.compress(_net(), "cp", 4, layers=LAYERS, calibration=_inputs(32, hw=8), input_size=(3, 12, 12))
