@@ -133,15 +133,16 @@ class _Reached(BaseException):
     ``except Exception`` must not swallow it)."""
 
 
-def module_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input ``module`` receives when ``model`` runs ``x`` (the forward stops there)."""
+def module_input(model: nn.Module, module: nn.Module, x: torch.Tensor, *, output: bool = False) -> torch.Tensor:
+    """The input (``output=True``: the output) of ``module`` when ``model`` runs ``x``; the forward
+    stops there."""
     seen = []
 
-    def hook(mod, inputs):
-        seen.append(inputs[0].detach())
+    def hook(mod, inputs, *result):
+        seen.append((result[0] if output else inputs[0]).detach())
         raise _Reached
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
     try:
         model(x)
     except _Reached:
@@ -152,7 +153,8 @@ def module_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.
     finally:
         handle.remove()
     if not seen:
-        raise ValueError("a selected layer is not reached by the model's forward on the calibration data")
+        raise ValueError(f"module {type(module).__name__} is not reached by the model's forward on the calibration "
+                         "data")
     return seen[0]
 
 
@@ -585,29 +587,6 @@ def positive_steps(value, name: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-def _module_output(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The output of ``module`` when ``model`` runs ``x`` (the forward stops there)."""
-    seen = []
-
-    def hook(mod, inputs, output):
-        seen.append(output.detach())
-        raise _Reached
-
-    handle = module.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Reached:
-        pass
-    except Exception as exc:
-        raise RuntimeError(f"the model's forward failed on the calibration data: {type(exc).__name__}: {exc}") \
-            from exc
-    finally:
-        handle.remove()
-    if not seen:
-        raise ValueError("a block to refine is not reached by the model's forward on the calibration data")
-    return seen[0]
-
-
 class SequentialFit:
     """Fits the selected convs of ``teacher`` one after another in forward order on calibration data.
 
@@ -700,7 +679,7 @@ class SequentialFit:
         with torch.no_grad():
             for x in batches:
                 xs.append(module_input(student, s_block, x))
-                ys.append(_module_output(self.teacher, t_block, x))
+                ys.append(module_input(self.teacher, t_block, x, output=True))
         return s_block, xs, ys
 
     @staticmethod
