@@ -19,7 +19,8 @@ from tdconv.cli import main
 # On the CPU (also on GPU machines): exact resume is a CPU guarantee, and the 2-process run uses Gloo.
 FAST = ["--n-iter-max", "10", "--latency-runs", "2", "--latency-batch", "16", "--quiet", "--device", "cpu"]
 SYNTHETIC = ["--dataset", "synthetic", "--train-subset", "512", "--test-subset", "256", "--batch-size", "64",
-             "--methods", "dense,cp", "--epochs", "2", "--finetune-epochs", "2", "--lr", "0.05", *FAST]
+             "--methods", "dense,cp", "--epochs", "2", "--finetune-epochs", "2", "--lr", "0.05", "--calibration", "128",
+             *FAST]
 
 
 def _results(folder):
@@ -32,7 +33,7 @@ def test_fashion_mnist_end_to_end(tmp_path):
     """Real data: the dense model learns, fine-tuning changes the compressed models and recovers accuracy."""
     rc = main(["experiment", "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "data"),
                "--train-subset", "4000", "--test-subset", "1000", "--batch-size", "128", "--epochs", "2",
-               "--finetune-epochs", "1", "--out", str(tmp_path), "--name", "fm", *FAST])
+               "--finetune-epochs", "1", "--calibration", "256", "--out", str(tmp_path), "--name", "fm", *FAST])
     assert rc == 0
     run = tmp_path / "fm"
     for name in ("results.md", "results.json", "log.jsonl", "accuracy_vs_epoch.png", "dense.pt", "cp.pt", "tucker.pt"):
@@ -53,7 +54,8 @@ def test_fashion_mnist_end_to_end(tmp_path):
         assert len(changed) == 8, f"{method}: fine-tuning must update every factorised layer"
     table = (run / "results.md").read_text()
     assert "| dense |" in table and "| cp |" in table and "| tucker |" in table and "fine-tune ep 1" in table
-    assert len((run / "log.jsonl").read_text().splitlines()) == 2 + 1 + 1
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2 + 5  # dense; dense+ft, cp(+data), tucker(+data)
+    assert models["tucker+data"]["calibration"]["images"] == 224 and len(models["dense+ft"]["finetune"]) == 1
 
 
 def _cli(*args, env=None):
@@ -118,14 +120,15 @@ def test_killed_run_resumes_to_the_identical_result(uninterrupted, tmp_path):
 
 
 def test_data_aware_and_control_rows(uninterrupted):
-    """Next to each kernel-fitted row a data-aware one (every training image of the 512 by default, 1/8
-    held out), and the control: the dense model fine-tuned with the same schedule."""
+    """Next to each kernel-fitted row a data-aware one (128 training images, 1/8 held out), and the
+    control: the dense model fine-tuned with the same schedule."""
     models = _results(uninterrupted)["models"]
     assert list(models) == ["dense", "dense+ft", "cp", "cp+data"]
     data_row = models["cp+data"]
     c = data_row["calibration"]
-    assert (c["images"], c["held_out_images"], c["sequential"]) == (448, 64, True)
-    assert all(layer["fit"] in ("data", "kernel (better on the calibration data)") for layer in data_row["layers"])
+    assert (c["images"], c["held_out_images"], c["sequential"]) == (112, 16, True)
+    assert all(layer["fit"] in ("data", "kernel (better on the calibration or held-out images)")
+               for layer in data_row["layers"])
     assert all(layer["output_error"] <= layer["kernel_fit_output_error"] for layer in data_row["layers"])
     assert data_row["ranks"] == models["cp"]["ranks"] and data_row["macs"] == models["cp"]["macs"]
     control = models["dense+ft"]
@@ -136,7 +139,7 @@ def test_data_aware_and_control_rows(uninterrupted):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     table = (uninterrupted / "results.md").read_text()
     assert "| cp+data |" in table and "| dense+ft |" in table and "dense+ft: the control" in table
-    assert "cp+data: data-aware fits on 448 calibration images (64 more held out), sequential" in table
+    assert "cp+data: data-aware fits on 112 calibration images (16 more held out), sequential" in table
 
 
 def test_resume_with_other_arguments_names_them(uninterrupted, capsys):
@@ -162,7 +165,7 @@ def test_ddp_two_processes(tmp_path):
     run = tmp_path / "ddp"
     res = _results(run)
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in lines] == ["dense", "cp"]  # written by rank 0 only
+    assert [r["phase"] for r in lines] == ["dense", "dense+ft", "cp", "cp+data"]  # written by rank 0 only
     assert "| cp |" in proc.stdout
     # The accuracies the two processes reported (each evaluated half the test set, then summed) are
     # those of the saved models evaluated whole in one process, to within one image of rounding.
@@ -170,7 +173,8 @@ def test_ddp_two_processes(tmp_path):
     dense = build_model("resnet18", 10)
     dense.load_state_dict(torch.load(run / "dense.pt", weights_only=True))
     cp = tdconv.load(run / "cp.pt", build_model("resnet18", 10))
-    for name, model in (("dense", dense), ("cp", cp)):
+    cp_data = tdconv.load(run / "cp+data.pt", build_model("resnet18", 10))  # both processes fitted the same
+    for name, model in (("dense", dense), ("cp", cp), ("cp+data", cp_data)):
         assert abs(evaluate(model, data) - res["models"][name]["accuracy"]) <= 100 / 256 + 1e-9, name
 
 
