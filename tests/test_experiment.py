@@ -245,6 +245,6 @@ def test_a_diverging_run_stops_with_an_error_naming_the_phase_and_step(tmp_path)
     torch.save(build_model("resnet18", 10).state_dict(), weights)
     with pytest.raises(SystemExit, match=r"^error: fine-tuning of cp: the training loss diverged at epoch 1, step "
                                          r"\d of 8: .*\(lr=10000.0\)"):
-        main(["experiment", *SYNTHETIC, "--weights", str(weights), "--finetune-lr", "1e4", "--out", str(tmp_path),
-              "--name", "cp"])
+        main(["experiment", *SYNTHETIC, "--weights", str(weights), "--finetune-lr", "1e4", "--no-control", "--out",
+              str(tmp_path), "--name", "cp"])
     assert not (tmp_path / "cp" / "cp.pt").exists() and (tmp_path / "cp" / "cp-start.pt").exists()
