@@ -575,11 +575,6 @@ def check_sample_count(name: str, m: Moments) -> None:
                       CalibrationWarning, stacklevel=5)
 
 
-def copy_for_fitting(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode."""
-    return copy.deepcopy(model).eval()
-
-
 def positive_steps(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -596,7 +591,7 @@ class SequentialFit:
 
     def __init__(self, teacher: nn.Module, names: list, calibration, *, input_size: tuple, sequential: bool = True,
                  refine_steps: int = 0, reestimate_bn="auto", seed: int = 0):
-        self.refine_steps = positive_steps(refine_steps, "refine_steps")
+        self.refine_steps = refine_steps  # checked by compress
         p = next(teacher.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32

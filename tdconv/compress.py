@@ -452,7 +452,7 @@ def _data_fit(fitter, name, conv, method, rank, bias, options, student):
 def _data_fits(fitter, model, method, ranks, bias, sizes, report, show, options) -> tuple:
     """Each layer fitted on the calibration data, in forward order; returns the student and its layers."""
     modules = dict(model.named_modules())
-    student = cal.copy_for_fitting(model)
+    student = copy.deepcopy(model).eval()
     s_modules = dict(student.named_modules())
     names = fitter.order + list(fitter.kernel_only)
     last_of_block = {name.rpartition(".")[0]: name for name in fitter.order}
