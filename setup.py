@@ -185,8 +185,10 @@ setup(
     # The extension is compiled against exactly this torch; pinning it at install time makes a
     # mismatched build/runtime pair impossible (pip upgrades or downgrades torch to match).
     install_requires=[f"torch=={torch_base_version()}", "numpy", "ptflops"],
-    extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy", "torchvision", "ptflops", "matplotlib"],
-                    "bench": ["tensorly==0.10.*", "torchvision", "ptflops"],
+    extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy", "torchvision", "ptflops", "matplotlib", "onnx",
+                             "onnxscript", "onnxruntime"],
+                    "bench": ["tensorly==0.10.*", "torchvision", "ptflops", "onnx", "onnxscript", "onnxruntime"],
+                    "deploy": ["onnx", "onnxscript", "onnxruntime"],
                     "experiment": ["torchvision", "matplotlib"]},
     entry_points={"console_scripts": ["tdconv=tdconv.cli:main"]},
     ext_modules=[make_extension()],

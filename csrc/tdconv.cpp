@@ -39,13 +39,15 @@ TORCH_LIBRARY(tdconv, m) {
         " -> (Tensor core, Tensor[] factors, Tensor errors, Tensor n_iter)");
   // Kernel: contract one mode of y [B, ..., R] with a factor u [B, J, R], keeping the rank index.
   m.def("mode_contract(Tensor y, Tensor u, int dim) -> Tensor");
-  // Factorised convolutions in one op each, zero padding, channels_last output.
+  // Factorised convolutions in one op each, zero padding; the output has the input's layout
+  // (channels_last for a channels_last input that is not also contiguous, contiguous otherwise);
+  // relu: max(., 0) on the result (a following ReLU fused into the op).
   // CP: 1x1 conv -> depthwise kh x kw conv -> 1x1 conv + bias.
   m.def("cp_conv2d(Tensor x, Tensor first, Tensor spatial, Tensor last, Tensor? bias, int[2] stride,"
-        " int[2] padding, int[2] dilation) -> Tensor");
+        " int[2] padding, int[2] dilation, bool relu=False) -> Tensor");
   // Tucker-2: 1x1 conv -> kh x kw core conv -> 1x1 conv + bias.
   m.def("tucker_conv2d(Tensor x, Tensor first, Tensor core, Tensor last, Tensor? bias, int[2] stride,"
-        " int[2] padding, int[2] dilation) -> Tensor");
+        " int[2] padding, int[2] dilation, bool relu=False) -> Tensor");
   // Which compiled variant of the CPU kernels' vector loops runs here: "avx2" or "baseline".
   m.def("cpu_isa() -> str");
 }

@@ -10,7 +10,7 @@ from . import _ext
 from . import reference as _ref
 from .utils import conv_output_size, is_tracing
 
-__all__ = ["cp_conv2d", "tucker_conv2d", "fused_unsupported_reasons"]
+__all__ = ["cp_conv2d", "tucker_conv2d", "fused_unsupported_reasons", "output_memory_format"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -20,6 +20,14 @@ FUSED_KERNELS = {"cp_conv2d": ("cpu", "cuda"), "tucker_conv2d": ("cpu",)}
 # Fused kernels that have not run on hardware yet: ``implementation="auto"`` does not pick them (the
 # unfused chain is known to be right); ``implementation="fused"`` runs them.
 UNVALIDATED_KERNELS = {("cp_conv2d", "cuda")}
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a fused op's output for the input ``x``: channels_last when ``x`` is
+    channels_last and not also contiguous, contiguous otherwise (every backend and the fake kernel)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def fused_unsupported_reasons(x: torch.Tensor, first: torch.Tensor, op: str = "cp_conv2d",
@@ -41,7 +49,7 @@ def fused_unsupported_reasons(x: torch.Tensor, first: torch.Tensor, op: str = "c
     return reasons
 
 
-def _call(op: str, x, first, spatial, last, bias, stride, padding, dilation) -> torch.Tensor:
+def _call(op: str, x, first, spatial, last, bias, stride, padding, dilation, relu=False) -> torch.Tensor:
     """The compiled op ``op`` where the extension can run it (:func:`tdconv._ext.use_extension`: the one
     seam and fallback policy of the package), its plain-PyTorch reference otherwise.
 
@@ -50,10 +58,10 @@ def _call(op: str, x, first, spatial, last, bias, stride, padding, dilation) -> 
     costs about 25 us per call even when it has nothing to record (a third of a small layer's time).
     Never under a tracer or exporter, which must see the op itself."""
     if not (_ext._C is not None and x.device.type == "cpu") and not _ext.use_extension(x.device, op):
-        return getattr(_ref, op)(x, first, spatial, last, bias, stride, padding, dilation)
+        return getattr(_ref, op)(x, first, spatial, last, bias, stride, padding, dilation, relu)
     fn = getattr(torch.ops.tdconv, op).default
     args = (x, first, spatial, last, bias, [int(v) for v in stride], [int(v) for v in padding],
-            [int(v) for v in dilation])
+            [int(v) for v in dilation], bool(relu))
     no_grad = not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, first, spatial, last, bias))
     if no_grad and not is_tracing():
@@ -62,8 +70,9 @@ def _call(op: str, x, first, spatial, last, bias, stride, padding, dilation) -> 
     return fn(*args)
 
 
-def cp_conv2d(x, first, spatial, last, bias, stride, padding, dilation) -> torch.Tensor:
-    """CP-factorised convolution in one op: ``last * depthwise(first * x) + bias``.
+def cp_conv2d(x, first, spatial, last, bias, stride, padding, dilation, relu=False) -> torch.Tensor:
+    """CP-factorised convolution in one op: ``last * depthwise(first * x) + bias``, then ``max(., 0)``
+    where ``relu``.
 
     Parameters
     ----------
@@ -74,45 +83,53 @@ def cp_conv2d(x, first, spatial, last, bias, stride, padding, dilation) -> torch
     bias : Tensor [C_out] or None
     stride, padding, dilation : (int, int)
         Of the depthwise conv; padding is zero padding.
+    relu : bool
+        A ReLU after the conv, fused into the op's last stage.
 
     Returns
     -------
-    Tensor [N, C_out, Ho, Wo] in channels_last memory format.
+    Tensor [N, C_out, Ho, Wo] in the input's layout: channels_last when ``x`` is channels_last (and not
+    also contiguous, as a tensor with one channel or one pixel is), contiguous otherwise.
     """
-    return _call("cp_conv2d", x, first, spatial, last, bias, stride, padding, dilation)
+    return _call("cp_conv2d", x, first, spatial, last, bias, stride, padding, dilation, relu)
 
 
-def tucker_conv2d(x, first, core, last, bias, stride, padding, dilation) -> torch.Tensor:
+def tucker_conv2d(x, first, core, last, bias, stride, padding, dilation, relu=False) -> torch.Tensor:
     """Tucker-2-factorised convolution in one op: ``last * conv(core, first * x) + bias``.
 
     As :func:`cp_conv2d`, with ``first`` [R_in, C_in], ``core`` [R_out, R_in, kh, kw] (the conv that
     ``stride``, ``padding`` and ``dilation`` apply to) and ``last`` [C_out, R_out].
     """
-    return _call("tucker_conv2d", x, first, core, last, bias, stride, padding, dilation)
+    return _call("tucker_conv2d", x, first, core, last, bias, stride, padding, dilation, relu)
 
 
 if _ext.has_ext():
-    def _conv_fake(x, first, spatial, last, bias, stride, padding, dilation):
+    def _conv_fake(x, first, spatial, last, bias, stride, padding, dilation, relu=False):
         torch._check(x.dim() == 4, lambda: "the input must be 4-D")
         torch._check(first.shape[1] == x.shape[1], lambda: "channel mismatch between x and first")
         ho, wo = conv_output_size(x.shape[2:], tuple(spatial.shape[-2:]), tuple(stride), tuple(padding),
                                   tuple(dilation))
         return torch.empty((x.shape[0], last.shape[0], ho, wo), dtype=x.dtype, device=x.device,
-                           memory_format=torch.channels_last)
+                           memory_format=output_memory_format(x))
 
     torch.library.register_fake("tdconv::cp_conv2d")(_conv_fake)
     torch.library.register_fake("tdconv::tucker_conv2d")(_conv_fake)
 
     def _setup_context(ctx, inputs, output):
-        x, first, spatial, last, bias, stride, padding, dilation = inputs
-        ctx.save_for_backward(x, first, spatial, last)
+        x, first, spatial, last, bias, stride, padding, dilation, *relu = inputs
+        ctx.relu = bool(relu and relu[0])
+        # With the ReLU, the gradient passes where the output is positive: its mask is kept.
+        ctx.save_for_backward(x, first, spatial, last, output > 0 if ctx.relu else None)
         ctx.has_bias = bias is not None
         ctx.conv = (list(stride), list(padding), list(dilation))
 
     def _backward_chain(ctx, grad, weight, groups):
-        """Gradients of ``last * conv_{weight, groups}(first * x) + bias`` through ATen ops. The two
-        intermediates are recomputed (cheap next to the convolutions' backward) in the input's layout."""
-        x, first, _, last = ctx.saved_tensors
+        """Gradients of ``last * conv_{weight, groups}(first * x) + bias`` (through the ReLU's mask
+        where fused) through ATen ops. The two intermediates are recomputed (cheap next to the
+        convolutions' backward) in the input's layout."""
+        x, first, _, last, mask = ctx.saved_tensors
+        if mask is not None:
+            grad = grad * mask
         stride, padding, dilation = ctx.conv
         y1 = F.conv2d(x, first[:, :, None, None])
         y2 = F.conv2d(y1, weight, None, stride, padding, dilation, groups=groups)
@@ -128,11 +145,11 @@ if _ext.has_ext():
     def _cp_backward(ctx, grad):
         spatial = ctx.saved_tensors[2]
         g_x, g_first, g_spatial, g_last, g_bias = _backward_chain(ctx, grad, spatial[:, None], spatial.shape[0])
-        return g_x, g_first, g_spatial[:, 0], g_last, g_bias, None, None, None
+        return g_x, g_first, g_spatial[:, 0], g_last, g_bias, None, None, None, None
 
     def _tucker_backward(ctx, grad):
         core = ctx.saved_tensors[2]
-        return (*_backward_chain(ctx, grad, core, 1), None, None, None)
+        return (*_backward_chain(ctx, grad, core, 1), None, None, None, None)
 
     torch.library.register_autograd("tdconv::cp_conv2d", _cp_backward, setup_context=_setup_context)
     torch.library.register_autograd("tdconv::tucker_conv2d", _tucker_backward, setup_context=_setup_context)

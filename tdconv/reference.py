@@ -242,24 +242,28 @@ def mode_contract(y: torch.Tensor, u: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def cp_conv2d(x: torch.Tensor, first: torch.Tensor, spatial: torch.Tensor, last: torch.Tensor, bias,
-              stride, padding, dilation) -> torch.Tensor:
+              stride, padding, dilation, relu: bool = False) -> torch.Tensor:
     """The CP-factorised convolution as the chain of three convolutions.
 
     ``first`` [R, C_in] (1x1 conv), ``spatial`` [R, kh, kw] (depthwise conv with ``stride``, zero
-    ``padding`` and ``dilation``), ``last`` [C_out, R] (1x1 conv), ``bias`` [C_out] or None.
+    ``padding`` and ``dilation``), ``last`` [C_out, R] (1x1 conv), ``bias`` [C_out] or None; then a
+    ReLU where ``relu``.
     """
     y = F.conv2d(x, first[:, :, None, None])
     y = F.conv2d(y, spatial[:, None], None, tuple(stride), tuple(padding), tuple(dilation), groups=first.shape[0])
-    return F.conv2d(y, last[:, :, None, None], bias)
+    y = F.conv2d(y, last[:, :, None, None], bias)
+    return F.relu(y) if relu else y
 
 
 def tucker_conv2d(x: torch.Tensor, first: torch.Tensor, core: torch.Tensor, last: torch.Tensor, bias,
-                  stride, padding, dilation) -> torch.Tensor:
+                  stride, padding, dilation, relu: bool = False) -> torch.Tensor:
     """The Tucker-2-factorised convolution as the chain of three convolutions.
 
     ``first`` [R_in, C_in] (1x1 conv), ``core`` [R_out, R_in, kh, kw] (conv with ``stride``, zero
-    ``padding`` and ``dilation``), ``last`` [C_out, R_out] (1x1 conv), ``bias`` [C_out] or None.
+    ``padding`` and ``dilation``), ``last`` [C_out, R_out] (1x1 conv), ``bias`` [C_out] or None; then a
+    ReLU where ``relu``.
     """
     y = F.conv2d(x, first[:, :, None, None])
     y = F.conv2d(y, core, None, tuple(stride), tuple(padding), tuple(dilation))
-    return F.conv2d(y, last[:, :, None, None], bias)
+    y = F.conv2d(y, last[:, :, None, None], bias)
+    return F.relu(y) if relu else y

@@ -11,13 +11,17 @@
 // [P][taps][K][NR] (columns padded to NR with zeros). Each row's operand is reached through a
 // pointer per tap, so the core conv needs no im2col copy and skips the taps that read only padding.
 
-// C[rows, col0 : col0 + nr) = bias + sum over the block's taps t and k of a[t][row][k] * B_t[k][:] for
-// up to kMR rows. `a` holds nt * kMR row pointers (rows >= mr repeat row 0; their results are dropped),
-// `b` the column panel, `b_off[t]` the offset of tap t's [K][NR] block in it.
-template <typename T>
+// C[rows, col0 : col0 + nr) = bias + sum over the block's taps t and k of a[t][row][k * ks] * B_t[k][:]
+// for up to kMR rows, then max(., 0) where `relu`. `a` holds nt * kMR row pointers (rows >= mr repeat
+// row 0; their results are dropped), `b` the column panel, `b_off[t]` the offset of tap t's [K][NR]
+// block in it. kStrided: the k-th element of a row is at a[k * ks] (an NCHW input: a row is a pixel,
+// its channels HW apart) and column j of a result row at c[j * cs] (an NCHW output); otherwise both
+// are contiguous.
+template <bool kStridedA, bool kStridedC, typename T>
 inline __attribute__((always_inline)) void micro_kernel(int64_t mr, int64_t nt, const T* const* a,
                                                         const int64_t* b_off, int64_t K, const T* b, const T* bias,
-                                                        T* const* c, int64_t col0, int64_t nr) {
+                                                        T* const* c, int64_t col0, int64_t nr, int64_t ks,
+                                                        int64_t cs, bool relu) {
   static_assert(kMR == 6, "the loop below is written out for six rows");
   typedef T V __attribute__((vector_size(32)));
   constexpr int L = 32 / sizeof(T), NR = 2 * L;
@@ -32,59 +36,93 @@ inline __attribute__((always_inline)) void micro_kernel(int64_t mr, int64_t nt, 
     acc[i][0] = bias0;
     acc[i][1] = bias1;
   }
+  const int64_t step = kStridedA ? ks : 1;
   for (int64_t t = 0; t < nt; ++t) {
     const T* const* ap = a + t * kMR;
     const T *a0 = ap[0], *a1 = ap[1], *a2 = ap[2], *a3 = ap[3], *a4 = ap[4], *a5 = ap[5];
     const T* bt = b + b_off[t];
 #pragma GCC unroll 4
-    for (int64_t k = 0; k < K; ++k, bt += NR) {
+    for (int64_t k = 0, ak = 0; k < K; ++k, bt += NR, ak += step) {
       V b0, b1;
       __builtin_memcpy(&b0, bt, 32);
       __builtin_memcpy(&b1, bt + L, 32);
       T x;
-      x = a0[k]; acc[0][0] += x * b0; acc[0][1] += x * b1;
-      x = a1[k]; acc[1][0] += x * b0; acc[1][1] += x * b1;
-      x = a2[k]; acc[2][0] += x * b0; acc[2][1] += x * b1;
-      x = a3[k]; acc[3][0] += x * b0; acc[3][1] += x * b1;
-      x = a4[k]; acc[4][0] += x * b0; acc[4][1] += x * b1;
-      x = a5[k]; acc[5][0] += x * b0; acc[5][1] += x * b1;
+      x = a0[ak]; acc[0][0] += x * b0; acc[0][1] += x * b1;
+      x = a1[ak]; acc[1][0] += x * b0; acc[1][1] += x * b1;
+      x = a2[ak]; acc[2][0] += x * b0; acc[2][1] += x * b1;
+      x = a3[ak]; acc[3][0] += x * b0; acc[3][1] += x * b1;
+      x = a4[ak]; acc[4][0] += x * b0; acc[4][1] += x * b1;
+      x = a5[ak]; acc[5][0] += x * b0; acc[5][1] += x * b1;
+    }
+  }
+  if (relu) {
+    const V zero{};
+#pragma GCC unroll 6
+    for (int i = 0; i < kMR; ++i) {
+      acc[i][0] = acc[i][0] > zero ? acc[i][0] : zero;
+      acc[i][1] = acc[i][1] > zero ? acc[i][1] : zero;
     }
   }
   for (int64_t i = 0; i < mr; ++i) {
-    T* dst = c[i] + col0;
-    if (nr == NR) {
-      __builtin_memcpy(dst, &acc[i][0], 32);
-      __builtin_memcpy(dst + L, &acc[i][1], 32);
-    } else {
+    if (kStridedC) {
+      T* dst = c[i] + col0 * cs;
       T tmp[NR];
       __builtin_memcpy(tmp, &acc[i][0], 32);
       __builtin_memcpy(tmp + L, &acc[i][1], 32);
-      std::copy_n(tmp, nr, dst);
+      for (int64_t j = 0; j < nr; ++j) dst[j * cs] = tmp[j];
+    } else {
+      T* dst = c[i] + col0;
+      if (nr == NR) {
+        __builtin_memcpy(dst, &acc[i][0], 32);
+        __builtin_memcpy(dst + L, &acc[i][1], 32);
+      } else {
+        T tmp[NR];
+        __builtin_memcpy(tmp, &acc[i][0], 32);
+        __builtin_memcpy(tmp + L, &acc[i][1], 32);
+        std::copy_n(tmp, nr, dst);
+      }
     }
   }
 }
 
-// C[m, N] (row stride ldc) = A[m, K] (row stride lda) * B (+ bias), B packed as one tap.
-template <typename T>
-void gemm_rows(const T* A, int64_t lda, int64_t m, const PackedB<T>& B, T* C, int64_t ldc) {
+template <bool kStridedA, bool kStridedC, typename T>
+void gemm_rows_impl(const RowMap<const T>& A, int64_t m, const PackedB<T>& B, const RowMap<T>& C, bool relu) {
   constexpr int64_t NR = 64 / sizeof(T);
   const int64_t zero = 0;
   const T* a[kMR];
   T* c[kMR];
+  // Panels outermost: a panel ([K][NR], a few KiB) stays in L1 while every row block passes.
   for (int64_t p = 0; p * NR < B.N; ++p) {
     const T* panel = B.data + p * B.K * NR;
     const T* bias = B.bias != nullptr ? B.bias + p * NR : nullptr;
     const int64_t nr = std::min(NR, B.N - p * NR);
+    int64_t img0 = 0, q0 = 0;  // row r0 = img0 * P + q0, advanced without divisions
     for (int64_t r0 = 0; r0 < m; r0 += kMR) {
       const int64_t mr = std::min(kMR, m - r0);
+      int64_t img = img0, q = q0;
       for (int64_t i = 0; i < kMR; ++i) {
-        const int64_t r = r0 + (i < mr ? i : 0);
-        a[i] = A + r * lda;
-        c[i] = C + r * ldc;
+        if (i < mr) {
+          a[i] = A.base + img * A.image + q * A.pixel;
+          c[i] = C.base + img * C.image + q * C.pixel;
+          if (++q == A.P) q = 0, ++img;
+          if (i == kMR - 1 || i == mr - 1) img0 = img, q0 = q;
+        } else {
+          a[i] = a[0];
+          c[i] = c[0];
+        }
       }
-      micro_kernel(mr, 1, a, &zero, B.K, panel, bias, c, p * NR, nr);
+      micro_kernel<kStridedA, kStridedC>(mr, 1, a, &zero, B.K, panel, bias, c, p * NR, nr, A.element, C.element,
+                                         relu);
     }
   }
+}
+
+// C = A * B (+ bias, then max(., 0) where `relu`), B packed as one tap, rows of A and C as mapped.
+template <typename T>
+void gemm_rows(const RowMap<const T>& A, int64_t m, const PackedB<T>& B, const RowMap<T>& C, bool relu) {
+  if (A.element != 1) return gemm_rows_impl<true, false>(A, m, B, C, relu);
+  if (C.element != 1) return gemm_rows_impl<false, true>(A, m, B, C, relu);
+  gemm_rows_impl<false, false>(A, m, B, C, relu);
 }
 
 // The blocks of an Indirection (see factorized_conv.cpp) times B, B packed over its taps.
@@ -97,8 +135,9 @@ void gemm_indirect(const Indirection<T>& ind, const PackedB<T>& B) {
     const T* bias = B.bias != nullptr ? B.bias + p * NR : nullptr;
     const int64_t nr = std::min(NR, B.N - p * NR);
     for (int64_t blk = 0; blk < nblocks; ++blk) {
-      micro_kernel(ind.mr[blk], ind.nt[blk], ind.a.data() + blk * stride * kMR, ind.b_off.data() + blk * stride,
-                   B.K, panel, bias, ind.c.data() + blk * kMR, p * NR, nr);
+      micro_kernel<false, false>(ind.mr[blk], ind.nt[blk], ind.a.data() + blk * stride * kMR,
+                                 ind.b_off.data() + blk * stride, B.K, panel, bias, ind.c.data() + blk * kMR, p * NR,
+                                 nr, 1, 1, false);
     }
   }
 }
@@ -226,11 +265,13 @@ void depthwise_tile_f64(const double* in, const double* wt, double* out, const C
   if (s.kh == 3 && s.kw == 3) return depthwise_tile_3x3(in, wt, out, s, t);
   depthwise_tile(in, wt, out, s, t);
 }
-void gemm_rows_f32(const float* A, int64_t lda, int64_t m, const PackedB<float>& B, float* C, int64_t ldc) {
-  gemm_rows(A, lda, m, B, C, ldc);
+void gemm_rows_f32(const RowMap<const float>& A, int64_t m, const PackedB<float>& B, const RowMap<float>& C,
+                   bool relu) {
+  gemm_rows(A, m, B, C, relu);
 }
-void gemm_rows_f64(const double* A, int64_t lda, int64_t m, const PackedB<double>& B, double* C, int64_t ldc) {
-  gemm_rows(A, lda, m, B, C, ldc);
+void gemm_rows_f64(const RowMap<const double>& A, int64_t m, const PackedB<double>& B, const RowMap<double>& C,
+                   bool relu) {
+  gemm_rows(A, m, B, C, relu);
 }
 void gemm_indirect_f32(const Indirection<float>& ind, const PackedB<float>& B) { gemm_indirect(ind, B); }
 void gemm_indirect_f64(const Indirection<double>& ind, const PackedB<double>& B) { gemm_indirect(ind, B); }

@@ -41,6 +41,16 @@ struct TileTask {
 // Rows per register block of the GEMM micro-kernel (conv_kernels.h).
 constexpr int64_t kMR = 6;
 
+// Where the rows of a 1x1 stage's operand or result lie: row r is pixel r % P of image r / P of the
+// tile, at base + (r / P) * image + (r % P) * pixel, its k-th element (column) `element` further on
+// per k. NHWC: pixel = the row length, element = 1; NCHW: pixel = 1, element = H * W. The operand
+// and the result of one product share P (A.P is used for both).
+template <typename T>
+struct RowMap {
+  T* base;
+  int64_t P, image, pixel, element;
+};
+
 // Weights B [taps][K][N] packed as column panels [ceil(N / NR)][taps][K][NR], zero-padded to NR
 // columns, NR = 64 bytes of T; bias (padded likewise) or null.
 template <typename T>
@@ -100,11 +110,12 @@ void depthwise_tile(const float* in, const float* wt, float* out, const ConvShap
 void depthwise_tile(const double* in, const double* wt, double* out, const ConvShape& s, const TileTask& t) {
   TDCONV_ISA_CALL(depthwise_tile_f64, in, wt, out, s, t);
 }
-void gemm_rows(const float* A, int64_t lda, int64_t m, const PackedB<float>& B, float* C, int64_t ldc) {
-  TDCONV_ISA_CALL(gemm_rows_f32, A, lda, m, B, C, ldc);
+void gemm_rows(const RowMap<const float>& A, int64_t m, const PackedB<float>& B, const RowMap<float>& C, bool relu) {
+  TDCONV_ISA_CALL(gemm_rows_f32, A, m, B, C, relu);
 }
-void gemm_rows(const double* A, int64_t lda, int64_t m, const PackedB<double>& B, double* C, int64_t ldc) {
-  TDCONV_ISA_CALL(gemm_rows_f64, A, lda, m, B, C, ldc);
+void gemm_rows(const RowMap<const double>& A, int64_t m, const PackedB<double>& B, const RowMap<double>& C,
+               bool relu) {
+  TDCONV_ISA_CALL(gemm_rows_f64, A, m, B, C, relu);
 }
 void gemm_indirect(const Indirection<float>& ind, const PackedB<float>& B) {
   TDCONV_ISA_CALL(gemm_indirect_f32, ind, B);
@@ -185,19 +196,22 @@ TapClasses tap_classes(int64_t o0, int64_t o1, int64_t stride, int64_t pad, int6
   return classes;
 }
 
-// Everything one call shares between its tiles: the NHWC input and output, and the packed factors.
+// Everything one call shares between its tiles: the input and output (NHWC, or NCHW where `nchw`),
+// and the packed factors.
 template <typename T>
 struct Plan {
   ConvShape s;
   bool tucker;
-  const T* x;          // [N, H, W, C_in]
+  bool nchw;           // x and out are NCHW (the packed path only; the BLAS path converts)
+  bool relu;           // max(., 0) on the result
+  const T* x;          // [N, H, W, C_in] or [N, C_in, H, W]
   PackedB<T> first;    // [1][C_in][R_in]; data null: BLAS on first_t instead (see kPackMinPixels)
   const T* spatial;    // CP: [kh, kw, R]
   PackedB<T> core;     // Tucker: [live kh taps * live kw taps][R_in][R_out]
   int64_t i0, j0, nj;  // Tucker: the first live taps of each axis, and the number of live kw taps
   PackedB<T> last;     // [1][R_out][C_out], with the bias; data null: BLAS on last_t, bias
   at::Tensor first_t, last_t, bias;  // the BLAS path: [C_in, R_in], [R_out, C_out], [C_out] or undefined
-  T* out;              // [N, Ho, Wo, C_out]
+  T* out;              // [N, Ho, Wo, C_out] or [N, C_out, Ho, Wo]
   TapClasses col_classes;  // Tucker: the output columns by their live kw taps
 };
 
@@ -211,17 +225,21 @@ at::Tensor matrix(const void* p, int64_t m, int64_t n, const at::TensorOptions& 
   return at::from_blob(const_cast<void*>(p), {m, n}, o);
 }
 
-// C[m, N] = A[m, K] * B (+ bias), rows contiguous, for a 1x1 stage: packed B on the micro-kernel, else BLAS.
+// C[m, N] = A[m, K] * B (+ bias, then max(., 0) where `relu`), for a 1x1 stage: packed B on the
+// micro-kernel, rows where A and C map them; else BLAS, on contiguous NHWC rows (the BLAS path only
+// runs on NHWC data).
 template <typename T>
-void stage_1x1(const T* A, int64_t m, const PackedB<T>& B, const at::Tensor& b_t, const at::Tensor& bias, T* C) {
-  if (B.data != nullptr) return gemm_rows(A, B.K, m, B, C, B.N);
+void stage_1x1(const RowMap<const T>& A, int64_t m, const PackedB<T>& B, const at::Tensor& b_t,
+               const at::Tensor& bias, const RowMap<T>& C, bool relu) {
+  if (B.data != nullptr) return gemm_rows(A, m, B, C, relu);
   const auto o = b_t.options();
-  auto c = matrix(C, m, B.N, o);
+  auto c = matrix(C.base, m, B.N, o);
   if (bias.defined()) {
-    at::addmm_out(c, bias, matrix(A, m, B.K, o), b_t);
+    at::addmm_out(c, bias, matrix(A.base, m, B.K, o), b_t);
   } else {
-    at::mm_out(c, matrix(A, m, B.K, o), b_t);
+    at::mm_out(c, matrix(A.base, m, B.K, o), b_t);
   }
+  if (relu) c.clamp_min_(0);
 }
 
 // The indirect GEMM of a tile's Tucker core conv: its output pixels grouped by the taps that reach the
@@ -281,9 +299,20 @@ void core_blocks(const Plan<T>& p, const TileTask& t, const T* y1, T* y2, Indire
 template <typename T>
 void run_tile(const Plan<T>& p, const TileTask& t, T* y1, T* y2, Indirection<T>& ind) {
   const ConvShape& s = p.s;
-  const int64_t m1 = t.g * (t.hi1 - t.hi0) * s.W;
-  const int64_t m2 = t.g * (t.ho1 - t.ho0) * s.Wo;
-  stage_1x1(p.x + ((t.n0 * s.H + t.hi0) * s.W) * s.C_in, m1, p.first, p.first_t, at::Tensor(), y1);
+  const int64_t P1 = (t.hi1 - t.hi0) * s.W, P2 = (t.ho1 - t.ho0) * s.Wo;  // pixels per image of the tile
+  const int64_t m1 = t.g * P1, m2 = t.g * P2;
+  // The tile's input rows and output rows, and the scratch rows (NHWC) they go to and come from.
+  RowMap<const T> x_rows, y2_rows{y2, P2, P2 * s.R_out, s.R_out, 1};
+  RowMap<T> y1_rows{y1, P1, P1 * s.R_in, s.R_in, 1}, out_rows;
+  if (p.nchw) {
+    x_rows = {p.x + t.n0 * s.C_in * s.H * s.W + t.hi0 * s.W, P1, s.C_in * s.H * s.W, 1, s.H * s.W};
+    out_rows = {p.out + t.n0 * s.C_out * s.Ho * s.Wo + t.ho0 * s.Wo, P2, s.C_out * s.Ho * s.Wo, 1, s.Ho * s.Wo};
+  } else {
+    // Contiguous rows: a tile of several images holds them whole (P1 = H * W, P2 = Ho * Wo).
+    x_rows = {p.x + ((t.n0 * s.H + t.hi0) * s.W) * s.C_in, P1, P1 * s.C_in, s.C_in, 1};
+    out_rows = {p.out + ((t.n0 * s.Ho + t.ho0) * s.Wo) * s.C_out, P2, P2 * s.C_out, s.C_out, 1};
+  }
+  stage_1x1(x_rows, m1, p.first, p.first_t, at::Tensor(), y1_rows, false);
   if (p.tucker) {
     core_blocks(p, t, y1, y2, ind);
     // Pixels whose every tap reads padding have no block: their y2 rows are zeros.
@@ -292,7 +321,7 @@ void run_tile(const Plan<T>& p, const TileTask& t, T* y1, T* y2, Indirection<T>&
   } else {
     depthwise_tile(y1, p.spatial, y2, s, t);
   }
-  stage_1x1(y2, m2, p.last, p.last_t, p.bias, p.out + ((t.n0 * s.Ho + t.ho0) * s.Wo) * s.C_out);
+  stage_1x1(y2_rows, m2, p.last, p.last_t, p.bias, out_rows, p.relu);
 }
 
 template <typename T>
@@ -355,19 +384,32 @@ at::Tensor pad_columns(const at::Tensor& b) {
   return at::constant_pad_nd(b, {0, (n + nr - 1) / nr * nr - n}).contiguous();
 }
 
+// Whether the op computes on x in NHWC order and returns channels_last: x is channels_last and not
+// also contiguous (the rule of the fake kernel in tdconv/ops.py; every other input is read as NCHW).
+bool reads_nhwc(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::Tensor& first,
                                  const at::Tensor& spatial, const at::Tensor& last,
                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   const ConvShape s = check_factorized_conv2d(tucker ? "tucker_conv2d" : "cp_conv2d", tucker, x_in, first, spatial,
                                               last, bias, stride, padding, dilation);
   // The kernel reads its inputs' data; gradients are the autograd formula's job.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto out_dtype = x_in.scalar_type();
   const auto dtype = (out_dtype == at::kHalf || out_dtype == at::kBFloat16) ? at::kFloat : out_dtype;
-  at::Tensor out = at::empty({s.N, s.Ho, s.Wo, s.C_out}, x_in.options().dtype(dtype));
+  const bool nhwc_out = reads_nhwc(x_in);
+  // Packing the 1x1 factors pays from kPackMinPixels output pixels on; below, their stages go to BLAS,
+  // which runs on NHWC rows: an NCHW call that small converts its (small) input and output instead.
+  const bool pack_1x1 = s.N * s.Ho * s.Wo >= kPackMinPixels;
+  const bool nchw = !nhwc_out && pack_1x1;
+  at::Tensor out = nchw ? at::empty({s.N, s.C_out, s.Ho, s.Wo}, x_in.options().dtype(dtype))
+                        : at::empty({s.N, s.Ho, s.Wo, s.C_out}, x_in.options().dtype(dtype));
   if (s.N > 0 && s.Ho > 0 && s.Wo > 0) {
-    const auto x = x_in.to(dtype).permute({0, 2, 3, 1}).contiguous();  // NHWC; free for channels_last
+    // x in the order the kernel reads it: free when it already is (NCHW or channels_last, float32/64).
+    const auto x = nchw ? x_in.to(dtype).contiguous() : x_in.to(dtype).permute({0, 2, 3, 1}).contiguous();
     const auto first_w = first.to(dtype).t();  // [C_in, R_in]
     const auto last_w = last.to(dtype).t();    // [R_out, C_out]
     at::Tensor bias_w;
@@ -378,7 +420,6 @@ at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::
     // Tucker packs the taps that reach the image for some output pixel only (one of nine on 1x1 maps).
     const auto [i0, i1] = live_taps(0, s.Ho, s.sh, s.ph, s.dh, s.kh, s.H);
     const auto [j0, j1] = live_taps(0, s.Wo, s.sw, s.pw, s.dw, s.kw, s.W);
-    const bool pack_1x1 = s.N * s.Ho * s.Wo >= kPackMinPixels;
     const auto tiles = make_tiles(s, static_cast<int64_t>(c10::elementSize(dtype)));
     AT_DISPATCH_FLOATING_TYPES(dtype, "factorized_conv2d_cpu", [&] {
       using T = scalar_t;
@@ -391,7 +432,7 @@ at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::
       }
       const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
       const auto core_p = tucker ? pack_panels<T>(spatial_w.slice(0, i0, i1).slice(1, j0, j1)) : at::Tensor();
-      Plan<T> p{s, tucker, x.const_data_ptr<T>()};
+      Plan<T> p{s, tucker, nchw, relu, x.const_data_ptr<T>()};
       p.first = {ptr(first_p), 1, s.C_in, s.R_in, nullptr};
       p.last = {ptr(last_p), 1, s.R_out, s.C_out, ptr(bias_p)};
       p.first_t = first_w, p.last_t = last_w, p.bias = bias_w;
@@ -406,19 +447,21 @@ at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::
       run_tiles<T>(p, tiles);
     });
   }
-  return out.permute({0, 3, 1, 2}).to(out_dtype);  // NCHW shape, channels_last memory
+  if (nchw) return out.to(out_dtype);
+  out = out.permute({0, 3, 1, 2});  // NCHW shape, channels_last memory
+  return (nhwc_out ? out : out.contiguous()).to(out_dtype);
 }
 
 at::Tensor cp_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const at::Tensor& spatial,
                          const at::Tensor& last, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation) {
-  return factorized_conv2d_cpu(false, x, first, spatial, last, bias, stride, padding, dilation);
+                         at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  return factorized_conv2d_cpu(false, x, first, spatial, last, bias, stride, padding, dilation, relu);
 }
 
 at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
                              const at::Tensor& last, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation) {
-  return factorized_conv2d_cpu(true, x, first, core, last, bias, stride, padding, dilation);
+                             at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  return factorized_conv2d_cpu(true, x, first, core, last, bias, stride, padding, dilation, relu);
 }
 
 std::string cpu_isa() { return cpu_has_avx2() ? "avx2" : "baseline"; }

@@ -35,7 +35,7 @@ constexpr int kThreads = (kBM / kTM) * (kBN / kTN);  // 256
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     depthwise_pointwise_kernel(const T* __restrict__ y1, const T* __restrict__ spatial, const T* __restrict__ last,
-                               const T* __restrict__ bias, T* __restrict__ out, ConvShape s) {
+                               const T* __restrict__ bias, T* __restrict__ out, ConvShape s, bool relu) {
   using acc_t = at::opmath_type<T>;
   __shared__ acc_t a_tile[kBK][kBM + 1];  // depthwise values [factor channel][pixel]
   __shared__ acc_t b_tile[kBK][kBN + 1];  // last^T [factor channel][output channel]
@@ -102,14 +102,15 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t c = c0 + tx * kTN + j;
       if (c >= s.C_out) continue;
       const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
-      out[p * s.C_out + c] = static_cast<T>(acc[i][j] + b);
+      const acc_t v = acc[i][j] + b;
+      out[p * s.C_out + c] = static_cast<T>(relu && v < acc_t(0) ? acc_t(0) : v);
     }
   }
 }
 
 at::Tensor cp_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& first, const at::Tensor& spatial_in,
                           const at::Tensor& last_in, const std::optional<at::Tensor>& bias_in, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+                          at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   const ConvShape s = check_factorized_conv2d("cp_conv2d", false, x_in, first, spatial_in, last_in, bias_in, stride,
                                               padding, dilation);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -129,11 +130,15 @@ at::Tensor cp_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& first, const
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cp_conv2d_cuda", [&] {
       depthwise_pointwise_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           y1.const_data_ptr<scalar_t>(), spatial.const_data_ptr<scalar_t>(), last.const_data_ptr<scalar_t>(),
-          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), s);
+          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), s, relu);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return out.permute({0, 3, 1, 2});  // NCHW shape, channels_last memory
+  // The layout of the input (the rule of the CPU kernel and the fake kernel): channels_last for a
+  // channels_last input that is not also contiguous, contiguous otherwise (a copy: the kernel writes NHWC).
+  const bool nhwc = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  out = out.permute({0, 3, 1, 2});
+  return nhwc ? out : out.contiguous();
 }
 
 }  // namespace

@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..utils import is_tracing, median_times
 
@@ -67,8 +68,10 @@ class Autotuner:
 
     @property
     def active(self) -> bool:
-        """Whether a choice would be timed now: enabled, and no tracer or exporter is running."""
-        return self.enabled and not is_tracing()
+        """Whether a choice would be timed now: enabled, and no tracer, exporter or dispatch mode (a FLOP
+        counter such as ``FlopCounterMode`` or ptflops' aten backend, which would count the timing runs)
+        is running."""
+        return self.enabled and not is_tracing() and _get_current_dispatch_mode() is None
 
     def picks_fused(self, key, fused: Callable[[], torch.Tensor], unfused: Callable[[], torch.Tensor],
                     device=None, checked: bool = False) -> bool:

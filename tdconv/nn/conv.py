@@ -27,8 +27,10 @@ from torch.nn.modules.utils import _pair
 from ..decomposition import CPTensor, TuckerTensor, decompose_kernel
 from ..geometry import ConvGeometry
 from ..ranks import layer_cost, positive_int, resolve_rank
+from ..utils import is_tracing
 from . import dispatch
 from .autotune import autotuner
+from .inference_plan import InferencePlan
 from .live_taps import SkipsPaddingTaps
 from .mapping import cp_component_norms, factors_from_cp, factors_from_tucker, kernel_from_factors
 
@@ -70,6 +72,9 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         ``"auto"`` runs the fused op when it can run the input and the unfused chain otherwise;
         ``"fused"`` raises with the reasons when it cannot run; ``"unfused"`` always takes the chain.
         Every implementation returns the memory format ``nn.Conv2d`` would.
+    fused_relu : bool
+        A ReLU after the convolution, computed inside it (the fused op applies it to its last stage):
+        what :func:`tdconv.optimize_for_inference` sets where a ReLU follows the layer.
 
     Attributes (``nn.Parameter``)
     -----------------------------
@@ -91,7 +96,8 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *,
-                 method="cp", rank=0.5, padding_mode="zeros", implementation="auto", device=None, dtype=None):
+                 method="cp", rank=0.5, padding_mode="zeros", implementation="auto", fused_relu=False, device=None,
+                 dtype=None):
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels")
         self.out_channels = positive_int(out_channels, "out_channels")
@@ -112,6 +118,9 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         if implementation not in dispatch.IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {dispatch.IMPLEMENTATIONS}, got {implementation!r}")
         self.implementation = implementation
+        if not isinstance(fused_relu, bool):
+            raise TypeError(f"fused_relu must be a bool, got {type(fused_relu).__name__}")
+        self.fused_relu = fused_relu
         self.method = method
         self.rank = resolve_rank(rank, method, self.out_channels, self.in_channels)
         bias = bool(bias)  # as nn.Conv2d: any truth value
@@ -234,7 +243,8 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
                 "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
                 "dilation": list(self.dilation), "bias": self.bias is not None, "method": self.method,
                 "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank,
-                "padding_mode": self.padding_mode, "implementation": self.implementation}
+                "padding_mode": self.padding_mode, "implementation": self.implementation,
+                **({"fused_relu": True} if self.fused_relu else {})}
 
     @property
     def geometry(self) -> ConvGeometry:
@@ -246,7 +256,8 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         the layer changes: forward needs them on every call, and building them costs more than a small
         layer's op."""
         config = (self.method, self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride,
-                  self.padding, self.dilation, self.padding_mode, self.bias is not None, self.implementation)
+                  self.padding, self.dilation, self.padding_mode, self.bias is not None, self.implementation,
+                  self.fused_relu)
         state = self.__dict__.get("_dispatch_state")
         if state is None or state[0] != config:
             state = self.__dict__["_dispatch_state"] = (config, ConvGeometry.of(self), {})
@@ -261,7 +272,12 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         return kernel_from_factors(self.method, self.first, self.spatial, self.last, getattr(self, "spatial_w", None))
 
     def to_conv(self) -> nn.Conv2d:
-        """The equivalent dense ``nn.Conv2d`` (same arguments, the reconstructed kernel, the bias)."""
+        """The equivalent dense ``nn.Conv2d`` (same arguments, the reconstructed kernel, the bias). A layer
+        with a fused ReLU has none: use :meth:`to_chain`, or ``nn.Sequential(layer.to_conv(), nn.ReLU())``
+        after setting ``fused_relu = False``."""
+        if self.fused_relu:
+            raise ValueError("to_conv: this layer has a fused ReLU, which an nn.Conv2d cannot hold; use to_chain() "
+                             "(which ends with an nn.ReLU)")
         w = self.first
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
@@ -273,9 +289,10 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         return conv
 
     def to_chain(self) -> nn.Sequential:
-        """The same function as a chain of standard modules (``nn.Conv2d``, and a padding module where the
-        chain pads explicitly), with copies of this layer's parameters: what the unfused path computes,
-        for runtimes and counters that know only standard layers."""
+        """The same function as a chain of standard modules (``nn.Conv2d``, a padding module where the chain
+        pads explicitly, an ``nn.ReLU`` where the layer has a fused one), with copies of this layer's
+        parameters: what the unfused path computes, for runtimes and counters that know only standard
+        layers."""
         g = self.geometry
         kw = {"device": self.first.device, "dtype": self.first.dtype}
         r_out, r_in = self._rank_pair()
@@ -296,6 +313,8 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
             mods.append(nn.Conv2d(r_in, r_in, (1, kwd), (1, sw), (0, padding[1]), (1, dw), groups=r_in, bias=False,
                                   **kw))
         mods.append(nn.Conv2d(r_out, self.out_channels, 1, bias=self.bias is not None, **kw))
+        if self.fused_relu:
+            mods.append(nn.ReLU())
         chain = nn.Sequential(*mods)
         convs = [m for m in mods if isinstance(m, nn.Conv2d)]
         with torch.no_grad():
@@ -318,6 +337,11 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
                                                   explicit=self.implementation == "fused")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.__dict__.get("_inference_plan")
+        if plan is not None and not self.training:
+            y = plan(self, x)
+            if y is not None:
+                return y
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"FactorizedConv2d expects a 4-D input [N, C, H, W], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -325,6 +349,9 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
             raise ValueError(f"FactorizedConv2d expects {self.in_channels} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
         config, geometry, reasons_seen = self._state()
+        if is_tracing() and torch.onnx.is_in_onnx_export():
+            # ONNX has no fused op: both exporters get the chain of standard convolutions.
+            return self._unfused(x, geometry)
         if self.implementation != "unfused":
             if torch.compiler.is_compiling():
                 reasons = self.fused_unsupported_reasons(x)
@@ -341,9 +368,11 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         return self._unfused(x, geometry)
 
     def _auto_picks_fused(self, x: torch.Tensor, config: tuple) -> bool:
-        """implementation="auto" where both can run. Under autograd the chain: the fused op's backward
-        recomputes the chain's intermediates anyway, and a timed choice would make training irreproducible."""
-        if torch.is_grad_enabled() and (x.requires_grad or self.first.requires_grad):
+        """implementation="auto" where both can run. Training under autograd takes the chain: the fused op's
+        backward recomputes the chain's intermediates anyway, and a timed choice would make training
+        irreproducible. In eval mode the choice is the same with or without autograd (the fused op has
+        its autograd formula)."""
+        if self.training and torch.is_grad_enabled() and (x.requires_grad or self.first.requires_grad):
             return False
         if not autotuner.active:  # off, or under a tracer: the fused op, deterministically
             return True
@@ -353,12 +382,21 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
     def _unfused(self, x: torch.Tensor, geometry: ConvGeometry | None = None) -> torch.Tensor:
         first, spatial, last, bias, spatial_w = self._params()
         return dispatch.unfused_forward(geometry or self.geometry, self.method, self._rank_pair()[1], x, first,
-                                        spatial, last, bias, spatial_w, self.skip_padding_taps)
+                                        spatial, last, bias, spatial_w, self.skip_padding_taps, self.fused_relu)
 
     def _fused(self, x: torch.Tensor, geometry: ConvGeometry | None = None) -> torch.Tensor:
         first, spatial, last, bias, spatial_w = self._params()
         return dispatch.fused_forward(geometry or self.geometry, self.method, x, first, spatial, last, bias,
-                                      spatial_w)
+                                      spatial_w, self.fused_relu)
+
+    def prepare_for_inference(self) -> "FactorizedConv2d":
+        """Keep everything a call of the fused op needs ready (the factors as the op takes them, its
+        arguments, the dispatch decision per input shape), so that an eval-mode call costs the op and
+        little else; rebuilt by itself when a parameter changes. Training mode, gradients, tracers and
+        inputs of another device or dtype take the ordinary path. :func:`tdconv.optimize_for_inference`
+        calls it on every layer; returns self."""
+        self.__dict__["_inference_plan"] = InferencePlan(self)
+        return self
 
     # ------------------------------------------------------------------------------------------ cost
     def _rank_pair(self, rank=None) -> tuple:
@@ -384,4 +422,5 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
-        return s + f", method={self.method}, rank={self.rank}"
+        s += f", method={self.method}, rank={self.rank}"
+        return s + (", fused_relu=True" if self.fused_relu else "")

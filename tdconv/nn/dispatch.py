@@ -97,25 +97,26 @@ def conv_memory_format(x: torch.Tensor, *weights: torch.Tensor) -> torch.memory_
     return torch.contiguous_format
 
 
-def fused_forward(geometry: ConvGeometry, method: str, x, first, spatial, last, bias, spatial_w=None):
-    """The layer by one fused op, in the layout ``nn.Conv2d`` would return. The op writes channels_last:
-    for a contiguous (NCHW) result this costs a copy of the output (the kernels have no NCHW store path
-    yet)."""
+def fused_forward(geometry: ConvGeometry, method: str, x, first, spatial, last, bias, spatial_w=None,
+                  relu: bool = False):
+    """The layer by one fused op (then a ReLU where ``relu``, fused into the op), in the layout
+    ``nn.Conv2d`` would return. The op returns its input's layout (NCHW or channels_last), which is that
+    layout except where the weights alone are channels_last."""
     conv = (geometry.stride, geometry.symmetric_padding, geometry.dilation)
     if method == "tucker":
-        y = _ops.tucker_conv2d(x, first.flatten(1), spatial, last.flatten(1), bias, *conv)
+        y = _ops.tucker_conv2d(x, first.flatten(1), spatial, last.flatten(1), bias, *conv, relu)
     else:
         s = spatial[:, 0]
         if method == "cp4":
             s = s * spatial_w[:, 0]  # [R, kh, 1] * [R, 1, kw]: the same function as the two 1-D filters
-        y = _ops.cp_conv2d(x, first.flatten(1), s, last.flatten(1), bias, *conv)
+        y = _ops.cp_conv2d(x, first.flatten(1), s, last.flatten(1), bias, *conv, relu)
     return y.contiguous(memory_format=conv_memory_format(x, first, spatial, last))
 
 
 def unfused_forward(geometry: ConvGeometry, method: str, rank, x, first, spatial, last, bias, spatial_w=None,
-                    skip_padding_taps: bool = False):
-    """The layer as its chain of standard convolutions (``to_chain``), in the layout ``nn.Conv2d`` would
-    return."""
+                    skip_padding_taps: bool = False, relu: bool = False):
+    """The layer as its chain of standard convolutions (``to_chain``; then a ReLU where ``relu``), in
+    the layout ``nn.Conv2d`` would return."""
     fmt = conv_memory_format(x, first, spatial, last)
     y = F.conv2d(x, first)
     pad = geometry.explicit_pad
@@ -131,4 +132,7 @@ def unfused_forward(geometry: ConvGeometry, method: str, rank, x, first, spatial
         (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
         y = F.conv2d(y, spatial, None, (sh, 1), (padding[0], 0), (dh, 1), groups=rank)
         y = F.conv2d(y, spatial_w, None, (1, sw), (0, padding[1]), (1, dw), groups=rank)
-    return F.conv2d(y, last, bias).contiguous(memory_format=fmt)
+    y = F.conv2d(y, last, bias)
+    if relu:
+        y = F.relu(y)
+    return y.contiguous(memory_format=fmt)

@@ -1,0 +1,215 @@
+"""Inference preparation and standard-layer export of a compressed model.
+
+- :func:`optimize_for_inference`: BatchNorm folded into the factorised layer before it, a following ReLU
+  fused into the layer's op, every factorised layer's call prepared
+  (:meth:`FactorizedConv2d.prepare_for_inference`); eval mode only, the same results up to float
+  rounding.
+- :func:`to_standard`: every factorised layer replaced by its chain of ``nn.Conv2d`` (and ``nn.ReLU``)
+  modules, for runtimes and tools that know no custom op.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .nn import FactorizedConv2d
+
+__all__ = ["optimize_for_inference", "to_standard", "InferenceReport"]
+
+
+@dataclass
+class InferenceReport:
+    """What :func:`optimize_for_inference` did: the names of the factorised layers that absorbed a
+    BatchNorm (``folded``) or a ReLU (``fused_relu``), the layers prepared, and why the graph rewrite
+    could not run where it could not (``skipped``)."""
+
+    folded: list = field(default_factory=list)
+    fused_relu: list = field(default_factory=list)
+    prepared: list = field(default_factory=list)
+    skipped: str | None = None
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer with the factorised layers kept as modules (their forward dispatches at run time)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, FactorizedConv2d) or super().is_leaf_module(m, qualname)
+
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu)
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _only_input(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` reads ``source`` as its first argument and nothing else that is a graph value."""
+    values = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
+    return bool(node.args) and node.args[0] is source and values == [source]
+
+
+def _foldable_bn(bn, layer: FactorizedConv2d) -> bool:
+    return (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not bn.training and bn.running_mean is not None
+            and bn.running_var is not None and bn.num_features == layer.out_channels)
+
+
+@torch.no_grad()
+def fold_batchnorm(layer: FactorizedConv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold the eval-mode ``bn`` that reads ``layer``'s output into the layer: its last factor is scaled
+    per output channel and its bias shifted (a bias is created where the layer had none). Exact in
+    eval mode, computed in float64."""
+    dtype = layer.last.dtype
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(shift)
+    layer.last.copy_((layer.last.double() * scale[:, None, None, None]).to(dtype))
+    new_bias = (bias * scale + shift).to(dtype=dtype, device=layer.last.device)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias, requires_grad=layer.last.requires_grad)
+    else:
+        layer.bias.copy_(new_bias)
+
+
+def _rewrite(model: nn.Module, fold: bool, fuse_relu: bool, report: InferenceReport) -> nn.Module:
+    tracer = _LeafTracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    modules = dict(gm.named_modules())
+    calls: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(graph.nodes):
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        # A layer called more than once cannot absorb what follows one of its calls.
+        if not isinstance(layer, FactorizedConv2d) or calls[node.target] != 1 or layer.fused_relu:
+            continue
+        users = list(node.users)
+        if fold and len(users) == 1 and users[0].op == "call_module" and _only_input(users[0], node) \
+                and _foldable_bn(modules.get(users[0].target), layer):
+            fold_batchnorm(layer, modules[users[0].target])
+            users[0].replace_all_uses_with(node)
+            graph.erase_node(users[0])
+            report.folded.append(node.target)
+            users = list(node.users)
+        if fuse_relu and len(users) == 1 and _is_relu(users[0], modules) and _only_input(users[0], node):
+            layer.fused_relu = True
+            users[0].replace_all_uses_with(node)
+            graph.erase_node(users[0])
+            report.fused_relu.append(node.target)
+    graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm.train(False)
+
+
+def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fuse_relu: bool = True,
+                           inplace: bool = False, report: bool = False):
+    """A copy of the eval-mode ``model`` prepared for fast inference; the same results up to float rounding.
+
+    - **BatchNorm folding** (``fold_batchnorm``): an eval-mode ``nn.BatchNorm2d`` whose only input is a
+      factorised layer's output, and which is that output's only reader, is folded into the layer's
+      last factor and bias and removed from the graph.
+    - **ReLU fusion** (``fuse_relu``): a ReLU (module, ``F.relu``, ``torch.relu`` or ``.relu()``) that is
+      the only reader of a factorised layer's output (after folding) is computed by the layer's op
+      (``fused_relu=True``) and removed from the graph. A ReLU after a residual addition is not fused.
+    - **Prepared calls**: every factorised layer keeps the arguments of its op ready
+      (:meth:`FactorizedConv2d.prepare_for_inference`); calls under autograd with parameters that
+      require grad (``torch.no_grad()`` / ``torch.inference_mode()`` not used) take the ordinary path.
+
+    Both rewrites need a graph: the model is traced with ``torch.fx`` (factorised layers as leaves), and
+    a model that has folding or fusion to do comes back as a ``torch.fx.GraphModule`` with the same
+    submodule names. A model that torch.fx cannot trace (data-dependent control flow) gets the prepared
+    calls only, with a warning that says why. What is not done: BatchNorms after a standard
+    ``nn.Conv2d`` are left alone (``torch.ao.quantization.fuse_modules`` or ``torch.fx`` passes do that);
+    a layer called more than once in the graph absorbs nothing; nothing is folded in training mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode (``model.eval()``): refused otherwise, since BatchNorm folding is exact only there.
+    fold_batchnorm, fuse_relu : bool
+    inplace : bool
+        Modify ``model`` itself (its factorised layers and BatchNorm-free graph) instead of a copy; the
+        graph rewrite still returns a new ``GraphModule`` that shares the modules.
+    report : bool
+        Also return an :class:`InferenceReport`.
+
+    Returns
+    -------
+    nn.Module, or ``(nn.Module, InferenceReport)`` when ``report``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name, value in (("fold_batchnorm", fold_batchnorm), ("fuse_relu", fuse_relu), ("inplace", inplace),
+                        ("report", report)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    training = [name or "the model" for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(f"optimize_for_inference needs a model in eval mode (call model.eval() first); "
+                         f"in training mode: {', '.join(training[:5])}" + (" ..." if len(training) > 5 else ""))
+    info = InferenceReport()
+    if not inplace:
+        model = copy.deepcopy(model)
+    has_layers = any(isinstance(m, FactorizedConv2d) for m in model.modules())
+    if has_layers and (fold_batchnorm or fuse_relu):
+        try:
+            rewritten = _rewrite(model, fold_batchnorm, fuse_relu, info)
+        except Exception as exc:  # torch.fx raises many types on untraceable code
+            info.skipped = f"torch.fx could not trace the model ({type(exc).__name__}: {exc})"
+            warnings.warn(f"optimize_for_inference: {info.skipped}; BatchNorm folding and ReLU fusion skipped, "
+                          f"the calls are still prepared", stacklevel=2)
+        else:
+            if info.folded or info.fused_relu:
+                model = rewritten
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedConv2d):
+            m.prepare_for_inference()
+            info.prepared.append(name)
+    return (model, info) if report else model
+
+
+def to_standard(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """``model`` with every :class:`FactorizedConv2d` replaced by its chain of standard modules
+    (:meth:`FactorizedConv2d.to_chain`: ``nn.Conv2d`` 1x1, the spatial conv(s), ``nn.Conv2d`` 1x1, and
+    an ``nn.ReLU`` where the layer has a fused one): the same function with no custom op, for runtimes
+    and tools that know only standard layers. A copy unless ``inplace``; train / eval mode is kept
+    per layer. A model that is itself a factorised layer comes back as its chain."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if isinstance(model, FactorizedConv2d):
+        return model.to_chain()
+    if not inplace:
+        model = copy.deepcopy(model)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedConv2d)]
+    for name, layer in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        chain = layer.to_chain()
+        for p_old, p_new in zip(_chain_params(layer), chain.parameters()):
+            p_new.requires_grad_(p_old.requires_grad)
+        setattr(parent, child, chain)
+    return model
+
+
+def _chain_params(layer: FactorizedConv2d):
+    order = [layer.first, layer.spatial] + ([layer.spatial_w] if layer.method == "cp4" else []) + [layer.last]
+    return order + ([layer.bias] if layer.bias is not None else [])
+
