@@ -48,6 +48,13 @@ TORCH_LIBRARY(tdconv, m) {
   // Tucker-2: 1x1 conv -> kh x kw core conv -> 1x1 conv + bias.
   m.def("tucker_conv2d(Tensor x, Tensor first, Tensor core, Tensor last, Tensor? bias, int[2] stride,"
         " int[2] padding, int[2] dilation, bool relu=False) -> Tensor");
+  // The eval-mode call of a prepared layer (CPU): the factors packed once by pack_factors, then the
+  // op of cp_conv2d (tucker=False) or tucker_conv2d (tucker=True) reading them. No autograd.
+  m.def("pack_factors(Tensor first, Tensor spatial, Tensor last, Tensor? bias, bool tucker)"
+        " -> (Tensor first_packed, Tensor core_packed, Tensor last_packed, Tensor bias_packed)");
+  m.def("factorized_conv2d_prepacked(Tensor x, Tensor first, Tensor spatial, Tensor last, Tensor? bias,"
+        " int[2] stride, int[2] padding, int[2] dilation, bool relu, bool tucker, Tensor first_packed,"
+        " Tensor? core_packed, Tensor last_packed, Tensor? bias_packed) -> Tensor");
   // Which compiled variant of the CPU kernels' vector loops runs here: "avx2" or "baseline".
   m.def("cpu_isa() -> str");
 }

@@ -1,7 +1,7 @@
 """MACs and FLOPs of the fused ops as the counters users run see them.
 
-- ``torch.utils.flop_counter.FlopCounterMode`` counts ``tdconv::cp_conv2d`` and ``tdconv::tucker_conv2d``
-  (formulas registered when the extension loads): 2 FLOPs per multiply-accumulate of the equivalent
+- ``torch.utils.flop_counter.FlopCounterMode`` counts ``tdconv::cp_conv2d``, ``tdconv::tucker_conv2d``
+  and ``tdconv::factorized_conv2d_prepacked`` (formulas registered when the extension loads): 2 FLOPs per multiply-accumulate of the equivalent
   chain of three convolutions, bias and ReLU not counted, as torch counts ``aten.convolution``.
 - ptflops: :func:`ptflops_hooks` for its module backend (``backend="pytorch"``) and
   :func:`ptflops_aten_hooks` for its aten backend, so that a compressed model is counted as the chain
@@ -80,7 +80,8 @@ def ptflops_aten_hooks() -> dict:
     that backend counts their chain of ``aten.convolution`` calls (bias included, ReLU not, as it does)."""
     if not _ext.has_ext():
         return {}
-    return {torch.ops.tdconv.cp_conv2d: _op_macs, torch.ops.tdconv.tucker_conv2d: _op_macs}
+    return {torch.ops.tdconv.cp_conv2d: _op_macs, torch.ops.tdconv.tucker_conv2d: _op_macs,
+            torch.ops.tdconv.factorized_conv2d_prepacked: _op_macs}
 
 
 def _register_flop_formulas() -> None:
@@ -90,7 +91,8 @@ def _register_flop_formulas() -> None:
                 out_shape=None, **kwargs) -> int:
         return 2 * fused_conv_macs(x_shape, first_shape, spatial_shape, last_shape, stride, padding, dilation)
 
-    register_flop_formula([torch.ops.tdconv.cp_conv2d, torch.ops.tdconv.tucker_conv2d])(formula)
+    register_flop_formula([torch.ops.tdconv.cp_conv2d, torch.ops.tdconv.tucker_conv2d,
+                           torch.ops.tdconv.factorized_conv2d_prepacked])(formula)
 
 
 if _ext.has_ext():

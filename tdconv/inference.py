@@ -118,7 +118,7 @@ def _rewrite(model: nn.Module, fold: bool, fuse_relu: bool, report: InferenceRep
 
 
 def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fuse_relu: bool = True,
-                           inplace: bool = False, report: bool = False):
+                           prepack: bool = True, inplace: bool = False, report: bool = False):
     """A copy of the eval-mode ``model`` prepared for fast inference; the same results up to float rounding.
 
     - **BatchNorm folding** (``fold_batchnorm``): an eval-mode ``nn.BatchNorm2d`` whose only input is a
@@ -127,9 +127,11 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
     - **ReLU fusion** (``fuse_relu``): a ReLU (module, ``F.relu``, ``torch.relu`` or ``.relu()``) that is
       the only reader of a factorised layer's output (after folding) is computed by the layer's op
       (``fused_relu=True``) and removed from the graph. A ReLU after a residual addition is not fused.
-    - **Prepared calls**: every factorised layer keeps the arguments of its op ready
+    - **Prepared calls** (and, with ``prepack``, on the CPU, the factors packed once into the fused
+      kernel's panels): every factorised layer keeps the arguments of its op ready
       (:meth:`FactorizedConv2d.prepare_for_inference`); calls under autograd with parameters that
       require grad (``torch.no_grad()`` / ``torch.inference_mode()`` not used) take the ordinary path.
+      The packs follow in-place parameter updates, but not edits through ``.data``.
 
     Both rewrites need a graph: the model is traced with ``torch.fx`` (factorised layers as leaves), and
     a model that has folding or fusion to do comes back as a ``torch.fx.GraphModule`` with the same
@@ -142,7 +144,7 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
     ----------
     model : nn.Module
         In eval mode (``model.eval()``): refused otherwise, since BatchNorm folding is exact only there.
-    fold_batchnorm, fuse_relu : bool
+    fold_batchnorm, fuse_relu, prepack : bool
     inplace : bool
         Modify ``model`` itself (its factorised layers and BatchNorm-free graph) instead of a copy; the
         graph rewrite still returns a new ``GraphModule`` that shares the modules.
@@ -155,8 +157,8 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    for name, value in (("fold_batchnorm", fold_batchnorm), ("fuse_relu", fuse_relu), ("inplace", inplace),
-                        ("report", report)):
+    for name, value in (("fold_batchnorm", fold_batchnorm), ("fuse_relu", fuse_relu), ("prepack", prepack),
+                        ("inplace", inplace), ("report", report)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     training = [name or "the model" for name, m in model.named_modules() if m.training]
@@ -179,7 +181,7 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
                 model = rewritten
     for name, m in model.named_modules():
         if isinstance(m, FactorizedConv2d):
-            m.prepare_for_inference()
+            m.prepare_for_inference(prepack=prepack)
             info.prepared.append(name)
     return (model, info) if report else model
 

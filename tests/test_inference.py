@@ -254,12 +254,15 @@ def test_ptflops_counts_a_compressed_model_as_its_chain(require_ext, method):
     for model in (block, layer_model):
         std = _chain_model(model)
         common = dict(as_strings=False, print_per_layer_stat=False, backend="pytorch")
-        for functional in (False, True):
+        for functional, implementation in itertools.product([False, True], ["fused", "unfused"]):
+            for m in model.modules():  # the count must not depend on the path a layer takes
+                if isinstance(m, tdconv.FactorizedConv2d):
+                    m.implementation = implementation
             cfg = {"count_functional": functional}
             got = ptflops.get_model_complexity_info(model.float(), (8, 9, 9), custom_modules_hooks=tdconv.ptflops_hooks(),
                                                     backend_specific_config=cfg, **common)
             want = ptflops.get_model_complexity_info(std.float(), (8, 9, 9), backend_specific_config=cfg, **common)
-            assert got == want and got[0] > 0, (method, functional)
+            assert got == want and got[0] > 0, (method, functional, implementation)
         if method != "cp4":  # the aten backend counts the op's kh x kw filter, not cp4's two 1-D ones
             got = ptflops.get_model_complexity_info(model.float(), (8, 9, 9), as_strings=False, backend="aten",
                                                     print_per_layer_stat=False,

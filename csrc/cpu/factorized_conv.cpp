@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/ops.h"
 
 namespace tdconv {
@@ -390,10 +391,18 @@ bool reads_nhwc(const at::Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// The factors packed once for every call (tdconv::pack_factors): the 1x1 factors and the bias as the
+// micro-kernel reads them, and the Tucker core over all its kh * kw taps (a call then reads the live
+// ones in place). Undefined members are packed per call.
+struct Prepacked {
+  at::Tensor first, core, last, bias;
+};
+
 at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::Tensor& first,
                                  const at::Tensor& spatial, const at::Tensor& last,
                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                                 const Prepacked& pre = {}) {
   const ConvShape s = check_factorized_conv2d(tucker ? "tucker_conv2d" : "cp_conv2d", tucker, x_in, first, spatial,
                                               last, bias, stride, padding, dilation);
   // The kernel reads its inputs' data; gradients are the autograd formula's job.
@@ -426,17 +435,25 @@ at::Tensor factorized_conv2d_cpu(bool tucker, const at::Tensor& x_in, const at::
       // Undefined where the 1x1 stages go to BLAS on first_w / last_w / bias_w instead.
       at::Tensor first_p, last_p, bias_p;
       if (pack_1x1) {
-        first_p = pack_panels<T>(first_w.expand({1, 1, -1, -1}));
-        last_p = pack_panels<T>(last_w.expand({1, 1, -1, -1}));
-        if (bias_w.defined()) bias_p = pad_columns(bias_w);
+        first_p = pre.first.defined() ? pre.first : pack_panels<T>(first_w.expand({1, 1, -1, -1}));
+        last_p = pre.last.defined() ? pre.last : pack_panels<T>(last_w.expand({1, 1, -1, -1}));
+        if (bias_w.defined()) bias_p = pre.bias.defined() ? pre.bias : pad_columns(bias_w);
       }
       const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
-      const auto core_p = tucker ? pack_panels<T>(spatial_w.slice(0, i0, i1).slice(1, j0, j1)) : at::Tensor();
+      // A prepacked core holds every tap: the live ones are read where they are.
+      const bool core_pre = tucker && pre.core.defined();
+      const auto core_p = !tucker ? at::Tensor()
+                          : core_pre ? pre.core
+                                     : pack_panels<T>(spatial_w.slice(0, i0, i1).slice(1, j0, j1));
       Plan<T> p{s, tucker, nchw, relu, x.const_data_ptr<T>()};
       p.first = {ptr(first_p), 1, s.C_in, s.R_in, nullptr};
       p.last = {ptr(last_p), 1, s.R_out, s.C_out, ptr(bias_p)};
       p.first_t = first_w, p.last_t = last_w, p.bias = bias_w;
-      if (tucker) {
+      if (tucker && core_pre) {
+        p.core = {ptr(core_p), s.kh * s.kw, s.R_in, s.R_out, nullptr};
+        p.i0 = 0, p.j0 = 0, p.nj = s.kw;
+        p.col_classes = tap_classes(0, s.Wo, s.sw, s.pw, s.dw, s.kw, s.W);
+      } else if (tucker) {
         p.core = {ptr(core_p), (i1 - i0) * (j1 - j0), s.R_in, s.R_out, nullptr};
         p.i0 = i0, p.j0 = j0, p.nj = j1 - j0;
         p.col_classes = tap_classes(0, s.Wo, s.sw, s.pw, s.dw, s.kw, s.W);
@@ -464,6 +481,66 @@ at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const
   return factorized_conv2d_cpu(true, x, first, core, last, bias, stride, padding, dilation, relu);
 }
 
+// tdconv::pack_factors: (first, core, last, bias) packed for factorized_conv2d_prepacked, in the
+// dtype the kernel computes in (float32 for float16 / bfloat16); core empty for CP, bias empty where
+// there is none. Checked like the op itself on a 1x1 probe of the factors' shapes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_factors(
+    const at::Tensor& first, const at::Tensor& spatial, const at::Tensor& last,
+    const std::optional<at::Tensor>& bias, bool tucker) {
+  TDCONV_CHECK(first.dim() == 2 && last.dim() == 2 && spatial.dim() == (tucker ? 4 : 3),
+               "tdconv::pack_factors: first [R_in, C_in], spatial ", tucker ? "[R_out, R_in, kh, kw]" : "[R, kh, kw]",
+               " and last [C_out, R_out] expected, got ", first.sizes(), ", ", spatial.sizes(), ", ", last.sizes());
+  TDCONV_CHECK(first.device().is_cpu(), "tdconv::pack_factors: CPU tensors expected, got ", first.device());
+  const auto in_dtype = first.scalar_type();
+  const auto dtype = (in_dtype == at::kHalf || in_dtype == at::kBFloat16) ? at::kFloat : in_dtype;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::Tensor first_p, core_p, last_p, bias_p;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "pack_factors", [&] {
+    first_p = pack_panels<scalar_t>(first.to(dtype).t().expand({1, 1, -1, -1}));
+    last_p = pack_panels<scalar_t>(last.to(dtype).t().expand({1, 1, -1, -1}));
+    if (tucker) core_p = pack_panels<scalar_t>(spatial.to(dtype).permute({2, 3, 1, 0}));
+  });
+  if (bias.has_value() && bias->defined()) bias_p = pad_columns(bias->to(dtype));
+  const auto none = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, first_p.options()); };
+  return {first_p, none(core_p), last_p, none(bias_p)};
+}
+
+// tdconv::factorized_conv2d_prepacked: cp_conv2d / tucker_conv2d with the factors also given packed
+// (pack_factors of the same factors, which the caller keeps in step). CPU, no autograd: the
+// eval-mode call of a prepared layer.
+at::Tensor factorized_conv2d_prepacked(const at::Tensor& x, const at::Tensor& first, const at::Tensor& spatial,
+                                       const at::Tensor& last, const std::optional<at::Tensor>& bias,
+                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       bool relu, bool tucker, const at::Tensor& first_p,
+                                       const std::optional<at::Tensor>& core_p, const at::Tensor& last_p,
+                                       const std::optional<at::Tensor>& bias_p) {
+  const auto dtype = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) ? at::kFloat : x.scalar_type();
+  const int64_t nr = 64 / static_cast<int64_t>(c10::elementSize(dtype));
+  const auto panels = [nr](int64_t n) { return (n + nr - 1) / nr; };
+  // The packed shapes must be those of these factors: a stale or foreign pack would read out of bounds.
+  TDCONV_CHECK(first_p.scalar_type() == dtype && first_p.dim() == 4 && first_p.is_contiguous() &&
+                   first_p.size(0) == panels(first.size(0)) && first_p.size(2) == first.size(1),
+               "tdconv::factorized_conv2d_prepacked: first_packed does not match first ", first.sizes());
+  TDCONV_CHECK(last_p.scalar_type() == dtype && last_p.dim() == 4 && last_p.is_contiguous() &&
+                   last_p.size(0) == panels(last.size(0)) && last_p.size(2) == last.size(1),
+               "tdconv::factorized_conv2d_prepacked: last_packed does not match last ", last.sizes());
+  Prepacked pre{first_p, at::Tensor(), last_p, at::Tensor()};
+  if (tucker) {
+    TDCONV_CHECK(core_p.has_value() && core_p->defined() && core_p->scalar_type() == dtype && core_p->dim() == 4 &&
+                     core_p->is_contiguous() && spatial.dim() == 4 && core_p->size(0) == panels(spatial.size(0)) &&
+                     core_p->size(1) == spatial.size(2) * spatial.size(3) && core_p->size(2) == spatial.size(1),
+                 "tdconv::factorized_conv2d_prepacked: core_packed does not match the core ", spatial.sizes());
+    pre.core = *core_p;
+  }
+  if (bias.has_value() && bias->defined()) {
+    TDCONV_CHECK(bias_p.has_value() && bias_p->defined() && bias_p->scalar_type() == dtype &&
+                     bias_p->numel() == panels(bias->size(0)) * nr,
+                 "tdconv::factorized_conv2d_prepacked: bias_packed does not match bias");
+    pre.bias = *bias_p;
+  }
+  return factorized_conv2d_cpu(tucker, x, first, spatial, last, bias, stride, padding, dilation, relu, pre);
+}
+
 std::string cpu_isa() { return cpu_has_avx2() ? "avx2" : "baseline"; }
 
 }  // namespace
@@ -471,6 +548,8 @@ std::string cpu_isa() { return cpu_has_avx2() ? "avx2" : "baseline"; }
 TORCH_LIBRARY_IMPL(tdconv, CPU, m) {
   m.impl("cp_conv2d", &cp_conv2d_cpu);
   m.impl("tucker_conv2d", &tucker_conv2d_cpu);
+  m.impl("pack_factors", &pack_factors);
+  m.impl("factorized_conv2d_prepacked", &factorized_conv2d_prepacked);
 }
 
 // No tensor argument to dispatch on: one kernel for every backend.

@@ -337,8 +337,10 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
                                                   explicit=self.implementation == "fused")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.__dict__.get("_inference_plan")
-        if plan is not None and not self.training:
+        if not self.training:  # eval mode: the prepared call, built on the first one
+            plan = self.__dict__.get("_inference_plan")
+            if plan is None:
+                plan = self.__dict__["_inference_plan"] = InferencePlan()
             y = plan(self, x)
             if y is not None:
                 return y
@@ -389,13 +391,21 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         return dispatch.fused_forward(geometry or self.geometry, self.method, x, first, spatial, last, bias,
                                       spatial_w, self.fused_relu)
 
-    def prepare_for_inference(self) -> "FactorizedConv2d":
-        """Keep everything a call of the fused op needs ready (the factors as the op takes them, its
-        arguments, the dispatch decision per input shape), so that an eval-mode call costs the op and
-        little else; rebuilt by itself when a parameter changes. Training mode, gradients, tracers and
-        inputs of another device or dtype take the ordinary path. :func:`tdconv.optimize_for_inference`
-        calls it on every layer; returns self."""
-        self.__dict__["_inference_plan"] = InferencePlan(self)
+    def prepare_for_inference(self, prepack: bool = True) -> "FactorizedConv2d":
+        """Build now what an eval-mode call keeps ready (the factors as the op takes them, its arguments,
+        the dispatch decision per input shape), so that it costs the op and little else. Every eval-mode
+        layer builds it on its first call anyway (without ``prepack``), and rebuilds it by itself when a
+        parameter or the implementation changes; training mode, gradients, tracers and inputs of another
+        device or dtype take the ordinary path. :func:`tdconv.optimize_for_inference` calls it on every
+        layer; returns self.
+
+        ``prepack`` (CPU): the factors are also packed once into the micro-kernel's panels (the Tucker
+        core over all its taps), which a call would otherwise pack every time. The packs are copies: a
+        parameter changed in place is seen through its version counter and repacked, but an edit through
+        ``.data`` (which bypasses the counter) is not. Call this again after one."""
+        if not isinstance(prepack, bool):
+            raise TypeError(f"prepack must be a bool, got {type(prepack).__name__}")
+        self.__dict__["_inference_plan"] = InferencePlan(self, prepack=prepack)
         return self
 
     # ------------------------------------------------------------------------------------------ cost

@@ -133,6 +133,6 @@ def unfused_forward(geometry: ConvGeometry, method: str, rank, x, first, spatial
         y = F.conv2d(y, spatial, None, (sh, 1), (padding[0], 0), (dh, 1), groups=rank)
         y = F.conv2d(y, spatial_w, None, (1, sw), (0, padding[1]), (1, dw), groups=rank)
     y = F.conv2d(y, last, bias)
-    if relu:
-        y = F.relu(y)
+    if relu:  # (torch.relu, not F.relu: ptflops' functional counting wraps F.relu, and counts the layer itself)
+        y = torch.relu(y)
     return y.contiguous(memory_format=fmt)

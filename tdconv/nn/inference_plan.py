@@ -23,7 +23,8 @@ class InferencePlan:
     or None where the ordinary path must run instead (training mode, gradients, tracers, another
     device or dtype, an input the layer rejects, or an input for which the layer runs its chain)."""
 
-    def __init__(self, layer=None):
+    def __init__(self, layer=None, prepack: bool = False):
+        self.prepack = prepack
         self._check = None  # what the plan was built from; None: build on the next call
         self.choices: dict = {}  # (shape, strides, threads) -> whether the fused op computes it
         if layer is not None:
@@ -31,10 +32,10 @@ class InferencePlan:
 
     # A copy (deepcopy, pickling) rebuilds itself against the copied layer on its first call.
     def __deepcopy__(self, memo):
-        return InferencePlan()
+        return InferencePlan(prepack=self.prepack)
 
     def __reduce__(self):
-        return InferencePlan, ()
+        return InferencePlan, (None, self.prepack)
 
     @staticmethod
     def _signature(layer) -> tuple:
@@ -56,16 +57,24 @@ class InferencePlan:
         first, spatial, last, bias, spatial_w = (p.detach() if p is not None else None for p in layer._params())
         g = layer.geometry
         self.op = getattr(torch.ops.tdconv, dispatch.fused_op_name(layer.method)).default
-        if layer.method == "cp4":
-            s = spatial[:, 0] * spatial_w[:, 0]
-        elif layer.method == "cp":
-            s = spatial[:, 0]
-        else:
-            s = spatial
+        # Views of the parameters only, unless prepacked: an edit through ``.data`` (which no version
+        # counter sees) then still reaches the call. cp4's product filter is formed per call.
+        self.cp4 = (spatial[:, 0], spatial_w[:, 0]) if layer.method == "cp4" else None
+        s = spatial if layer.method == "tucker" else spatial[:, 0]
         padding = g.symmetric_padding
         self.args = (first.flatten(1), s, last.flatten(1), bias, [int(v) for v in g.stride],
                      [int(v) for v in padding] if padding is not None else None, [int(v) for v in g.dilation],
                      bool(layer.fused_relu))
+        self.packed = None
+        if self.prepack and first.device.type == "cpu" and padding is not None and not layer.fused_unsupported_reasons(
+                first.new_empty(1, layer.in_channels, 1, 1)):
+            tucker = layer.method == "tucker"
+            if self.cp4 is not None:
+                self.args = (self.args[0], self.cp4[0] * self.cp4[1]) + self.args[2:]
+                self.cp4 = None
+            fp, cp, lp, bp = torch.ops.tdconv.pack_factors(self.args[0], self.args[1], self.args[2], bias, tucker)
+            self.op = torch.ops.tdconv.factorized_conv2d_prepacked.default
+            self.packed = (tucker, fp, cp if tucker else None, lp, bp if bias is not None else None)
         self.device, self.dtype, self.in_channels = first.device, first.dtype, layer.in_channels
         self.requires_grad = any(p is not None and p.requires_grad for p in layer._params())
         self.weights_channels_last = dispatch._weights_channels_last((layer.first, layer.spatial, layer.last))
@@ -97,7 +106,13 @@ class InferencePlan:
         if not fused:
             return None
         with torch._C._AutoDispatchBelowAutograd():
-            y = self.op(x, *self.args)
+            if self.packed is not None:
+                y = self.op(x, *self.args, *self.packed)
+            elif self.cp4 is not None:
+                a = self.args
+                y = self.op(x, a[0], self.cp4[0] * self.cp4[1], *a[2:])
+            else:
+                y = self.op(x, *self.args)
         if self.weights_channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
         return y
