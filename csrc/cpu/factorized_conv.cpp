@@ -9,7 +9,9 @@
 // chain on its tiles: a GEMM into the factor space on the input rows the tile needs, the spatial
 // stage (a vectorised depthwise loop for CP; for Tucker an indirect GEMM that reads the taps of each
 // output pixel in place, its pixels grouped by the taps that reach the image so that none computes
-// on padding), a GEMM back with the bias, written straight into the channels_last output. The GEMMs
+// on padding), a GEMM back with the bias (and the fused ReLU), written straight into the output. The
+// input and the output are NCHW, or NHWC for a channels_last input (the op returns its input's
+// layout); the scratch intermediates are NHWC either way. The GEMMs
 // run on our own register-blocked micro-kernel over weights packed once per call (conv_kernels.h),
 // with no im2col copy; only calls too small to repay packing (kPackMinPixels) leave their two 1x1
 // stages to BLAS. The intermediates never leave the thread's scratch buffers, and there is one
