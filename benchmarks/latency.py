@@ -162,7 +162,7 @@ def model_rows(args, device, input_name: str, threads: int, tmp: str) -> list:
         if args.compile:
             progress(f"{input_name} batch {batch}, {threads} threads: compiling")
             for key in ["dense"] + [k for k in models if k != "dense"]:
-                compiled = torch.compile(dense if key == "dense" else optimised[key])
+                compiled = torch.compile(dense if key == "dense" else optimised[key], dynamic=False)
                 with torch.inference_mode():
                     compiled(x)  # the compilation itself, outside the timing
                 add(f"{key}{'' if key == 'dense' else ' +opt'}/compile", lambda m=compiled: m(x), key)
@@ -208,8 +208,8 @@ def layer_rows(args, device, input_name: str) -> list:
     rows = []
     for (cin, cout, stride, hw), (name, conv) in shapes.items():
         conv = conv.to(device)
-        layers = {"cp": tdconv.FactorizedConv2d.from_conv(conv, method="cp", rank=0.5, n_iter_max=3, seed=0),
-                  "tucker": tdconv.FactorizedConv2d.from_conv(conv, method="tucker", rank=0.5, n_iter_max=3)}
+        layers = {"cp": tdconv.FactorizedConv2d.from_conv(conv, method="cp", rank=0.5, n_iter_max=3, seed=0).eval(),
+                  "tucker": tdconv.FactorizedConv2d.from_conv(conv, method="tucker", rank=0.5, n_iter_max=3).eval()}
         for batch in args.batches:
             xi = torch.randn(batch, cin, *hw, device=device)
             row = {"layer": name, "shape": f"{cout}x{cin}x3x3/s{stride[0]}", "input": f"{hw[0]}x{hw[1]}",

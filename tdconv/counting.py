@@ -1,8 +1,11 @@
 """MACs and FLOPs of the fused ops as the counters users run see them.
 
 - ``torch.utils.flop_counter.FlopCounterMode`` counts ``tdconv::cp_conv2d``, ``tdconv::tucker_conv2d``
-  and ``tdconv::factorized_conv2d_prepacked`` (formulas registered when the extension loads): 2 FLOPs per multiply-accumulate of the equivalent
-  chain of three convolutions, bias and ReLU not counted, as torch counts ``aten.convolution``.
+  and ``tdconv::factorized_conv2d_prepacked`` (formulas registered when the extension loads): 2 FLOPs
+  per multiply-accumulate of the chain of three convolutions the op computes, bias and ReLU not
+  counted, as torch counts ``aten.convolution``. For a CP-4 layer the op computes the kh x kw product
+  of its two 1-D filters, and that is what is counted (its ``to_chain`` has the two 1-D convolutions,
+  kh + kw per channel and pixel).
 - ptflops: :func:`ptflops_hooks` for its module backend (``backend="pytorch"``) and
   :func:`ptflops_aten_hooks` for its aten backend, so that a compressed model is counted as the chain
   of convolutions it computes (:meth:`FactorizedConv2d.to_chain`), not as zero::
@@ -77,7 +80,8 @@ def _op_macs(args, outputs) -> int:
 
 def ptflops_aten_hooks() -> dict:
     """``custom_modules_hooks`` for ptflops' aten backend (``backend="aten"``): the fused ops counted as
-    that backend counts their chain of ``aten.convolution`` calls (bias included, ReLU not, as it does)."""
+    that backend counts the chain of ``aten.convolution`` calls they compute (bias included, ReLU not,
+    as it does; a CP-4 layer with its kh x kw product filter, see the module docstring)."""
     if not _ext.has_ext():
         return {}
     return {torch.ops.tdconv.cp_conv2d: _op_macs, torch.ops.tdconv.tucker_conv2d: _op_macs,

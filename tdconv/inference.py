@@ -84,34 +84,59 @@ def fold_batchnorm(layer: FactorizedConv2d, bn: nn.BatchNorm2d) -> None:
         layer.bias.copy_(new_bias)
 
 
-def _rewrite(model: nn.Module, fold: bool, fuse_relu: bool, report: InferenceReport) -> nn.Module:
+def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _LeafTracer()
     graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _plan_rewrite(gm: fx.GraphModule, fold: bool, fuse_relu: bool) -> list:
+    """``[(layer node, BatchNorm node or None, ReLU node or None)]``: what can be folded and fused. A
+    layer (or a BatchNorm) called more than once cannot absorb (or be absorbed at) one of its calls."""
     modules = dict(gm.named_modules())
     calls: dict = {}
-    for node in graph.nodes:
+    for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    for node in list(graph.nodes):
+    edits = []
+    for node in gm.graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None
-        # A layer called more than once cannot absorb what follows one of its calls.
         if not isinstance(layer, FactorizedConv2d) or calls[node.target] != 1 or layer.fused_relu:
             continue
-        users = list(node.users)
-        if fold and len(users) == 1 and users[0].op == "call_module" and _only_input(users[0], node) \
-                and _foldable_bn(modules.get(users[0].target), layer):
-            fold_batchnorm(layer, modules[users[0].target])
-            users[0].replace_all_uses_with(node)
-            graph.erase_node(users[0])
+        bn_node = relu_node = None
+        out = node
+        users = list(out.users)
+        if fold and len(users) == 1 and users[0].op == "call_module" and calls[users[0].target] == 1 \
+                and _only_input(users[0], out) and _foldable_bn(modules.get(users[0].target), layer):
+            bn_node = out = users[0]
+            users = list(out.users)
+        if fuse_relu and len(users) == 1 and _is_relu(users[0], modules) and _only_input(users[0], out):
+            relu_node = users[0]
+        if bn_node is not None or relu_node is not None:
+            edits.append((node, bn_node, relu_node))
+    return edits
+
+
+def _apply_rewrite(gm: fx.GraphModule, edits: list, original: nn.Module | None, report: InferenceReport):
+    """Fold and fuse as planned. ``original`` (inplace): the model whose modules ``gm`` shares, whose
+    folded BatchNorms become ``nn.Identity`` so that it keeps computing the same function."""
+    modules = dict(gm.named_modules())
+    for node, bn_node, relu_node in edits:
+        layer = modules[node.target]
+        if bn_node is not None:
+            fold_batchnorm(layer, modules[bn_node.target])
+            bn_node.replace_all_uses_with(node)
+            gm.graph.erase_node(bn_node)
             report.folded.append(node.target)
-            users = list(node.users)
-        if fuse_relu and len(users) == 1 and _is_relu(users[0], modules) and _only_input(users[0], node):
+            if original is not None:
+                parent, _, child = bn_node.target.rpartition(".")
+                setattr(original.get_submodule(parent) if parent else original, child, nn.Identity())
+        if relu_node is not None:  # (the original's ReLU, if any, then applies to a ReLU's output: no change)
             layer.fused_relu = True
-            users[0].replace_all_uses_with(node)
-            graph.erase_node(users[0])
+            relu_node.replace_all_uses_with(node)
+            gm.graph.erase_node(relu_node)
             report.fused_relu.append(node.target)
-    graph.lint()
+    gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     return gm.train(False)
@@ -146,8 +171,9 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
         In eval mode (``model.eval()``): refused otherwise, since BatchNorm folding is exact only there.
     fold_batchnorm, fuse_relu, prepack : bool
     inplace : bool
-        Modify ``model`` itself (its factorised layers and BatchNorm-free graph) instead of a copy; the
-        graph rewrite still returns a new ``GraphModule`` that shares the modules.
+        Modify ``model``'s own modules instead of a copy's: its factorised layers absorb the folded
+        BatchNorms (which ``model`` then holds as ``nn.Identity``) and ReLUs, so that ``model`` keeps its
+        function; the graph rewrite still returns a new ``GraphModule`` that shares the modules.
     report : bool
         Also return an :class:`InferenceReport`.
 
@@ -168,17 +194,20 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
     info = InferenceReport()
     if not inplace:
         model = copy.deepcopy(model)
-    has_layers = any(isinstance(m, FactorizedConv2d) for m in model.modules())
+    # (A bare layer has nothing after it to absorb.)
+    has_layers = any(isinstance(m, FactorizedConv2d) for m in model.modules()) and not isinstance(
+        model, FactorizedConv2d)
     if has_layers and (fold_batchnorm or fuse_relu):
-        try:
-            rewritten = _rewrite(model, fold_batchnorm, fuse_relu, info)
+        try:  # only the tracing: the edits are planned, then applied, outside it
+            gm = _trace(model)
         except Exception as exc:  # torch.fx raises many types on untraceable code
             info.skipped = f"torch.fx could not trace the model ({type(exc).__name__}: {exc})"
             warnings.warn(f"optimize_for_inference: {info.skipped}; BatchNorm folding and ReLU fusion skipped, "
                           f"the calls are still prepared", stacklevel=2)
         else:
-            if info.folded or info.fused_relu:
-                model = rewritten
+            edits = _plan_rewrite(gm, fold_batchnorm, fuse_relu)
+            if edits:
+                model = _apply_rewrite(gm, edits, model if inplace else None, info)
     for name, m in model.named_modules():
         if isinstance(m, FactorizedConv2d):
             m.prepare_for_inference(prepack=prepack)
@@ -197,7 +226,10 @@ def to_standard(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     if isinstance(model, FactorizedConv2d):
-        return model.to_chain()
+        chain = model.to_chain()
+        for p_old, p_new in zip(_chain_params(model), chain.parameters()):
+            p_new.requires_grad_(p_old.requires_grad)
+        return chain
     if not inplace:
         model = copy.deepcopy(model)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedConv2d)]

@@ -115,6 +115,25 @@ if _ext.has_ext():
     torch.library.register_fake("tdconv::cp_conv2d")(_conv_fake)
     torch.library.register_fake("tdconv::tucker_conv2d")(_conv_fake)
 
+    @torch.library.register_fake("tdconv::factorized_conv2d_prepacked")
+    def _prepacked_fake(x, first, spatial, last, bias, stride, padding, dilation, relu, tucker, first_packed,
+                        core_packed, last_packed, bias_packed):
+        return _conv_fake(x, first, spatial, last, bias, stride, padding, dilation, relu)
+
+    @torch.library.register_fake("tdconv::pack_factors")
+    def _pack_factors_fake(first, spatial, last, bias, tucker):
+        dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
+        nr = 64 // torch.empty((), dtype=dtype).element_size()
+
+        def panels(n, taps, k):
+            return first.new_empty(((n + nr - 1) // nr, taps, k, nr), dtype=dtype)
+
+        core = (panels(spatial.shape[0], spatial.shape[2] * spatial.shape[3], spatial.shape[1]) if tucker
+                else first.new_empty((0,), dtype=dtype))
+        bias_p = (first.new_empty(((last.shape[0] + nr - 1) // nr * nr,), dtype=dtype) if bias is not None
+                  else first.new_empty((0,), dtype=dtype))
+        return panels(first.shape[0], 1, first.shape[1]), core, panels(last.shape[0], 1, last.shape[1]), bias_p
+
     def _setup_context(ctx, inputs, output):
         x, first, spatial, last, bias, stride, padding, dilation, *relu = inputs
         ctx.relu = bool(relu and relu[0])

@@ -29,7 +29,7 @@ def test_ops_return_the_input_layout_and_equal_the_reference(require_ext, op):
     g = torch.Generator().manual_seed(0)
     tucker = op == "tucker_conv2d"
     for (n, c, h, w, stride), relu, has_bias in itertools.product(
-            [(1, 9, 6, 5, 1), (3, 9, 13, 11, 2), (40, 9, 3, 2, 1), (2, 9, 24, 20, 1)], [False, True], [False, True]):
+            [(1, 9, 6, 5, 1), (3, 9, 13, 11, 2), (60, 9, 3, 2, 1), (2, 9, 24, 20, 1)], [False, True], [False, True]):
         x = torch.randn(n, c, h, w, dtype=torch.float64, generator=g)
         first = torch.randn(5, c, dtype=torch.float64, generator=g)
         spatial = torch.randn(*((4, 5) if tucker else (5,)), 3, 3, dtype=torch.float64, generator=g)
@@ -48,20 +48,29 @@ def test_ops_return_the_input_layout_and_equal_the_reference(require_ext, op):
 
 @pytest.mark.parametrize("method", ["cp", "cp4", "tucker"])
 def test_every_implementation_returns_the_layout_of_conv2d(require_ext, method):
+    # every implementation, in training mode (the ordinary path), in eval mode (the prepared call) and
+    # prepacked; NCHW, channels_last and a strided channels_last view; >= 256 output pixels (packed
+    # 1x1 stages) and fewer (BLAS)
     layers = {impl: _layer(method, implementation=impl) for impl in ("auto", "fused", "unfused")}
+    layers["prepacked"] = copy.deepcopy(layers["fused"]).eval().prepare_for_inference()
     conv = nn.Conv2d(8, 12, 3, padding=1, dtype=torch.float64)
-    x = torch.randn(4, 8, 10, 9, dtype=torch.float64)
-    results = []
-    for xi in (x, x.to(memory_format=torch.channels_last)):
-        expected_cl = conv(xi).is_contiguous(memory_format=torch.channels_last) and not conv(xi).is_contiguous()
+    x = torch.randn(4, 8, 10, 10, dtype=torch.float64)
+    x_cl = x.to(memory_format=torch.channels_last)
+    for xi in (x, x_cl, x_cl[..., 1:], x[:1, :, :5]):
+        want = conv(xi)
+        want_cl = not want.is_contiguous() and want.is_contiguous(memory_format=torch.channels_last)
+        results = []
         for impl, layer in layers.items():
-            with torch.no_grad():
-                y = layer.eval()(xi)
-            assert (not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)) == expected_cl, impl
-            assert y.is_contiguous(memory_format=torch.channels_last if expected_cl else torch.contiguous_format)
-            results.append(y)
-    for y in results[1:]:  # NCHW and channels_last, every implementation: the same values
-        torch.testing.assert_close(y, results[0], atol=1e-12, rtol=1e-10)
+            for training in ((False,) if impl == "prepacked" else (True, False)):
+                with torch.no_grad():
+                    y = layer.train(training)(xi)
+                got_cl = not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+                assert got_cl == want_cl, (impl, training, xi.stride())
+                assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+                results.append(y)
+        for y in results[1:]:  # every layout and implementation: the same values
+            torch.testing.assert_close(y, results[0], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(results[0], layers["unfused"].to_chain()(xi), atol=1e-12, rtol=1e-10)
 
 
 def test_fused_relu_gradients_match_the_chain(require_ext):
@@ -123,11 +132,15 @@ def test_optimize_for_inference_equals_the_model(require_ext, method, bias):
     assert opt.conv1.bias is not None and opt.conv2.bias is not None  # created by the folding where missing
     for k, v in block.state_dict().items():  # the original is untouched
         assert torch.equal(v, before[k]), k
-    x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
+    x = torch.randn(8, 8, 9, 9, dtype=torch.float64)  # 648 output pixels: the prepacked 1x1 stages too
     with torch.no_grad():
         expected = block(x)
-        for xi in (x, x.to(memory_format=torch.channels_last), x[:1]):
-            torch.testing.assert_close(opt(xi), expected[: xi.shape[0]], atol=1e-10, rtol=1e-9)
+        for xi in (x, x.to(memory_format=torch.channels_last), x[:1]):  # x[:1]: 81 pixels, BLAS stages
+            y, want = opt(xi), block(xi)
+            torch.testing.assert_close(y, expected[: xi.shape[0]], atol=1e-10, rtol=1e-9)
+            assert y.is_contiguous() == want.is_contiguous()  # the layout of the model before it
+            assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(
+                memory_format=torch.channels_last)
     # under autograd (eval mode, no torch.no_grad): the same values, and gradients reach the input
     xg = x.clone().requires_grad_()
     y = opt(xg)
@@ -152,7 +165,7 @@ def test_optimize_for_inference_refuses_training_mode_and_bad_arguments():
 
 def test_prepared_layer_follows_parameter_changes_and_copies(require_ext):
     layer = _layer("tucker").eval().prepare_for_inference()
-    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    x = torch.randn(8, 8, 6, 6, dtype=torch.float64)  # 288 output pixels: the prepacked 1x1 stages
     with torch.no_grad():
         y0 = layer(x)
         layer.last.mul_(2)  # in place: the plan must not compute with the old factor
@@ -228,7 +241,7 @@ def _chain_model(model):
     return tdconv.to_standard(model)
 
 
-@pytest.mark.parametrize("method", ["cp", "tucker"])
+@pytest.mark.parametrize("method", ["cp", "cp4", "tucker"])
 def test_flop_counter_counts_the_fused_ops_as_their_chain(require_ext, method):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -239,7 +252,12 @@ def test_flop_counter_counts_the_fused_ops_as_their_chain(require_ext, method):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
         counts.append(counter.get_total_flops())
-    assert counts[0] == counts[1] > 0
+    if method == "cp4":  # documented: the op computes (and is counted with) the kh x kw product filter
+        layer = block.conv3
+        per_layer = 2 * 2 * 9 * 9 * 6 * (3 * 3 - (3 + 3))  # batch 2, 9x9 output, rank 6: kh*kw against kh+kw
+        assert counts[0] - counts[1] == 3 * per_layer and layer.method == "cp4"
+    else:
+        assert counts[0] == counts[1] > 0
     # the fused op ran (not the chain) while counting: the count comes from the registered formula
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         block.conv3(x)
@@ -283,7 +301,7 @@ def _resnet_block_model(method):
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["cp", "tucker"])
+@pytest.mark.parametrize("method", ["cp", "cp4", "tucker"])
 @pytest.mark.parametrize("dynamo", [False, True])
 @pytest.mark.parametrize("optimized", [False, True])
 def test_onnx_runtime_matches_pytorch(require_ext, tmp_path, method, dynamo, optimized):
@@ -309,7 +327,7 @@ def test_onnx_runtime_matches_pytorch(require_ext, tmp_path, method, dynamo, opt
         torch.testing.assert_close(torch.from_numpy(y), model(x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["cp", "tucker"])
+@pytest.mark.parametrize("method", ["cp", "cp4", "tucker"])
 def test_torch_export_and_jit_trace_keep_the_fused_op_and_match_eager(require_ext, method):
     model = tdconv.optimize_for_inference(_resnet_block_model(method))
     x = torch.randn(2, 3, 12, 12)
@@ -325,3 +343,71 @@ def test_torch_export_and_jit_trace_keep_the_fused_op_and_match_eager(require_ex
     torch.testing.assert_close(traced(x), expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(traced(x[:1]), model(x[:1]), atol=1e-5, rtol=1e-5)
+
+
+def test_prepacked_op_equals_the_op_and_refuses_a_foreign_pack(require_ext):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 9, 10, 10, generator=g)
+    first, core, last, bias = (torch.randn(*s, generator=g) for s in [(5, 9), (4, 5, 3, 3), (7, 4), (7,)])
+    conv = ([1, 1], [1, 1], [1, 1])
+    for relu in (False, True):
+        packs = torch.ops.tdconv.pack_factors(first, core, last, bias, True)
+        y = torch.ops.tdconv.factorized_conv2d_prepacked(x, first, core, last, bias, *conv, relu, True, *packs)
+        torch.testing.assert_close(y, torch.ops.tdconv.tucker_conv2d(x, first, core, last, bias, *conv, relu))
+    other = torch.ops.tdconv.pack_factors(first[:, :8], core, last, bias, True)  # packed for 8 input channels
+    with pytest.raises(RuntimeError, match="first_packed does not match first"):
+        torch.ops.tdconv.factorized_conv2d_prepacked(x, first, core, last, bias, *conv, False, True, *other)
+    cp_packs = torch.ops.tdconv.pack_factors(first, core[0], last[:, :5], None, False)
+    with pytest.raises(RuntimeError, match="core_packed does not match"):
+        torch.ops.tdconv.factorized_conv2d_prepacked(x, first, core, last, bias, *conv, False, True, *cp_packs)
+
+
+def test_prepared_call_follows_requires_grad_configuration_and_inference_tensors(require_ext):
+    layer = _layer("cp").eval()
+    x = torch.randn(8, 8, 6, 6, dtype=torch.float64)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    layer(x)  # a plan built for frozen parameters
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    y = layer(x)
+    assert y.grad_fn is not None  # unfrozen: gradients flow again
+    y.sum().backward()
+    assert layer.first.grad is not None
+    with torch.no_grad():
+        layer.padding = (0, 0)  # a changed argument: the plan must not keep the old padding
+        assert layer(x).shape[-2:] == (4, 4)
+    with torch.inference_mode():  # parameters made under inference mode have no version counter
+        frozen = _layer("tucker").eval()
+        assert frozen(x).shape == (8, 12, 6, 6)
+    with torch.no_grad():  # outside inference mode, in eval (the plan) and in training (the ordinary path)
+        torch.testing.assert_close(frozen(x), frozen.train()(x))
+
+
+def test_fused_relu_keeps_nan_as_torch_relu(require_ext):
+    layer = _layer("cp", implementation="fused").eval()
+    layer.fused_relu = True
+    x = torch.randn(8, 8, 6, 6, dtype=torch.float64)
+    x[0, :, 2, 2] = float("nan")
+    with torch.no_grad():
+        for prepack in (False, True):
+            y = layer.prepare_for_inference(prepack=prepack)(x)
+            want = torch.relu(layer.to_chain()[:-1](x))
+            assert torch.equal(y.isnan(), want.isnan()) and want.isnan().any()
+            torch.testing.assert_close(y, want, equal_nan=True)
+
+
+def test_optimize_inplace_keeps_the_model_consistent_and_bare_layers_do_not_warn(require_ext):
+    block = _trained_block("tucker", False)
+    x = torch.randn(8, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = block(x)
+        opt = tdconv.optimize_for_inference(block, inplace=True)
+        assert isinstance(block.bn1, nn.Identity) and opt.conv1 is block.conv1
+        torch.testing.assert_close(block(x), expected, atol=1e-10, rtol=1e-9)  # the original: unchanged function
+        torch.testing.assert_close(opt(x), expected, atol=1e-10, rtol=1e-9)
+    layer = _layer("cp").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = tdconv.optimize_for_inference(layer)
+    assert isinstance(same, tdconv.FactorizedConv2d)

@@ -25,10 +25,23 @@ def _samples(device):
         "tucker_hosvd": [(x, [3, 2], [0, 1])],
         "tucker_hooi": [(x, factors, [0, 1], 3, 0.0, 1)],
         "mode_contract": [(y, u, 2)],
-        "cp_conv2d": [(xc, *conv, [1, 1], [1, 1], [1, 1]), (xc, *conv[:3], None, [2, 1], [0, 1], [1, 2])],
+        "cp_conv2d": [(xc, *conv, [1, 1], [1, 1], [1, 1]), (xc, *conv[:3], None, [2, 1], [0, 1], [1, 2], True),
+                      (xc.to(memory_format=torch.channels_last), *conv, [1, 1], [1, 1], [1, 1], True)],
         "tucker_conv2d": [(xc, *tucker, [1, 1], [1, 0], [1, 1]),
-                          (xc, *tucker[:3], None, [2, 1], [0, 1], [2, 1])],
+                          (xc, *tucker[:3], None, [2, 1], [0, 1], [2, 1], True),
+                          (xc.to(memory_format=torch.channels_last), *tucker, [1, 1], [1, 1], [1, 1])],
+        "pack_factors": [(*tucker, True), (*conv[:3], None, False)],
+        "factorized_conv2d_prepacked": [
+            (xc, *tucker, [1, 1], [1, 0], [1, 1], True, True, *_packs(tucker, True)),
+            (xc, *conv[:3], None, [2, 1], [0, 1], [1, 2], False, False, *_packs(conv[:3] + [None], False))],
     }
+
+
+def _packs(factors, tucker):
+    if factors[0].device.type != "cpu":  # CPU-only ops: a placeholder that the CPU-only test skips
+        return (None,) * 4
+    first, core, last, bias = torch.ops.tdconv.pack_factors(*factors, tucker)
+    return first, core if tucker else None, last, bias if factors[3] is not None else None
 
 
 def _registered_ops():
@@ -50,13 +63,15 @@ def test_query_ops(require_ext):
 
 
 CONV_OPS = ("cp_conv2d", "tucker_conv2d")
+CPU_ONLY = ("tucker_conv2d", "pack_factors", "factorized_conv2d_prepacked")
 
 
-@pytest.mark.parametrize("op", ["cp_als", "cp_epc", "cp_init_svd", "tucker_hosvd", "tucker_hooi", "mode_contract", *CONV_OPS])
+@pytest.mark.parametrize("op", ["cp_als", "cp_epc", "cp_init_svd", "tucker_hosvd", "tucker_hooi", "mode_contract", *CONV_OPS,
+                                "pack_factors", "factorized_conv2d_prepacked"])
 def test_opcheck(require_ext, device, op):
-    samples = _samples(device)[op]
-    if op == "tucker_conv2d" and device.type != "cpu":
+    if op in CPU_ONLY and device.type != "cpu":
         pytest.skip(f"{op} has no CUDA kernel yet")
+    samples = _samples(device)[op]
     # The engine ops are not differentiable: their schema and fake kernels are what is checked.
     tests = (("test_schema", "test_faketensor") if op not in CONV_OPS
              else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))

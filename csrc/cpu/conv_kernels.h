@@ -59,8 +59,8 @@ inline __attribute__((always_inline)) void micro_kernel(int64_t mr, int64_t nt, 
     const V zero{};
 #pragma GCC unroll 6
     for (int i = 0; i < kMR; ++i) {
-      acc[i][0] = acc[i][0] > zero ? acc[i][0] : zero;
-      acc[i][1] = acc[i][1] > zero ? acc[i][1] : zero;
+      acc[i][0] = acc[i][0] < zero ? zero : acc[i][0];  // (NaN stays NaN, as in torch.relu)
+      acc[i][1] = acc[i][1] < zero ? zero : acc[i][1];
     }
   }
   for (int64_t i = 0; i < mr; ++i) {
@@ -120,6 +120,8 @@ void gemm_rows_impl(const RowMap<const T>& A, int64_t m, const PackedB<T>& B, co
 // C = A * B (+ bias, then max(., 0) where `relu`), B packed as one tap, rows of A and C as mapped.
 template <typename T>
 void gemm_rows(const RowMap<const T>& A, int64_t m, const PackedB<T>& B, const RowMap<T>& C, bool relu) {
+  // (The op only pairs an NCHW input with NHWC scratch and NHWC scratch with an NCHW output.)
+  if (A.element != 1 && C.element != 1) return gemm_rows_impl<true, true>(A, m, B, C, relu);
   if (A.element != 1) return gemm_rows_impl<true, false>(A, m, B, C, relu);
   if (C.element != 1) return gemm_rows_impl<false, true>(A, m, B, C, relu);
   gemm_rows_impl<false, false>(A, m, B, C, relu);

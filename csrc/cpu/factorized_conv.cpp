@@ -12,7 +12,8 @@
 // on padding), a GEMM back with the bias (and the fused ReLU), written straight into the output. The
 // input and the output are NCHW, or NHWC for a channels_last input (the op returns its input's
 // layout); the scratch intermediates are NHWC either way. The GEMMs
-// run on our own register-blocked micro-kernel over weights packed once per call (conv_kernels.h),
+// run on our own register-blocked micro-kernel over weights packed once per call, or once per layer
+// for a prepared layer (pack_factors / factorized_conv2d_prepacked; conv_kernels.h),
 // with no im2col copy; only calls too small to repay packing (kPackMinPixels) leave their two 1x1
 // stages to BLAS. The intermediates never leave the thread's scratch buffers, and there is one
 // parallel region per call instead of one per conv. float16 / bfloat16 inputs are computed in float32.
@@ -520,22 +521,30 @@ at::Tensor factorized_conv2d_prepacked(const at::Tensor& x, const at::Tensor& fi
   const int64_t nr = 64 / static_cast<int64_t>(c10::elementSize(dtype));
   const auto panels = [nr](int64_t n) { return (n + nr - 1) / nr; };
   // The packed shapes must be those of these factors: a stale or foreign pack would read out of bounds.
-  TDCONV_CHECK(first_p.scalar_type() == dtype && first_p.dim() == 4 && first_p.is_contiguous() &&
-                   first_p.size(0) == panels(first.size(0)) && first_p.size(2) == first.size(1),
-               "tdconv::factorized_conv2d_prepacked: first_packed does not match first ", first.sizes());
-  TDCONV_CHECK(last_p.scalar_type() == dtype && last_p.dim() == 4 && last_p.is_contiguous() &&
-                   last_p.size(0) == panels(last.size(0)) && last_p.size(2) == last.size(1),
-               "tdconv::factorized_conv2d_prepacked: last_packed does not match last ", last.sizes());
+  TDCONV_CHECK(first.dim() == 2 && last.dim() == 2, "tdconv::factorized_conv2d_prepacked: first [R_in, C_in] and "
+               "last [C_out, R_out] expected, got ", first.sizes(), " and ", last.sizes());
+  const auto packed_as = [&](const at::Tensor& t, int64_t n, int64_t k, int64_t taps) {
+    return t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 4 && t.is_contiguous() &&
+           t.size(0) == panels(n) && t.size(1) == taps && t.size(2) == k && t.size(3) == nr;
+  };
+  TDCONV_CHECK(packed_as(first_p, first.size(0), first.size(1), 1),
+               "tdconv::factorized_conv2d_prepacked: first_packed does not match first ", first.sizes(), " (",
+               dtype, ")");
+  TDCONV_CHECK(packed_as(last_p, last.size(0), last.size(1), 1),
+               "tdconv::factorized_conv2d_prepacked: last_packed does not match last ", last.sizes(), " (", dtype,
+               ")");
+  TDCONV_CHECK(tucker || !(core_p.has_value() && core_p->defined()),
+               "tdconv::factorized_conv2d_prepacked: core_packed must be None for CP (tucker=False)");
   Prepacked pre{first_p, at::Tensor(), last_p, at::Tensor()};
   if (tucker) {
-    TDCONV_CHECK(core_p.has_value() && core_p->defined() && core_p->scalar_type() == dtype && core_p->dim() == 4 &&
-                     core_p->is_contiguous() && spatial.dim() == 4 && core_p->size(0) == panels(spatial.size(0)) &&
-                     core_p->size(1) == spatial.size(2) * spatial.size(3) && core_p->size(2) == spatial.size(1),
+    TDCONV_CHECK(core_p.has_value() && core_p->defined() && spatial.dim() == 4 &&
+                     packed_as(*core_p, spatial.size(0), spatial.size(1), spatial.size(2) * spatial.size(3)),
                  "tdconv::factorized_conv2d_prepacked: core_packed does not match the core ", spatial.sizes());
     pre.core = *core_p;
   }
   if (bias.has_value() && bias->defined()) {
-    TDCONV_CHECK(bias_p.has_value() && bias_p->defined() && bias_p->scalar_type() == dtype &&
+    TDCONV_CHECK(bias_p.has_value() && bias_p->defined() && bias_p->device().is_cpu() &&
+                     bias_p->scalar_type() == dtype && bias_p->is_contiguous() && bias->dim() == 1 &&
                      bias_p->numel() == panels(bias->size(0)) * nr,
                  "tdconv::factorized_conv2d_prepacked: bias_packed does not match bias");
     pre.bias = *bias_p;

@@ -370,11 +370,12 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         return self._unfused(x, geometry)
 
     def _auto_picks_fused(self, x: torch.Tensor, config: tuple) -> bool:
-        """implementation="auto" where both can run. Training under autograd takes the chain: the fused op's
-        backward recomputes the chain's intermediates anyway, and a timed choice would make training
-        irreproducible. In eval mode the choice is the same with or without autograd (the fused op has
-        its autograd formula)."""
-        if self.training and torch.is_grad_enabled() and (x.requires_grad or self.first.requires_grad):
+        """implementation="auto" where both can run. Under autograd the chain: the fused op's backward
+        recomputes the chain's intermediates anyway, and a timed choice would make training (or any
+        computation of gradients) irreproducible. An eval-mode layer under a tracer or exporter (which
+        never times) takes the fused op: that graph is for inference."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.first.requires_grad) and (
+                self.training or not is_tracing()):
             return False
         if not autotuner.active:  # off, or under a tracer: the fused op, deterministically
             return True
