@@ -24,9 +24,10 @@ __all__ = ["optimize_for_inference", "to_standard", "InferenceReport"]
 
 @dataclass
 class InferenceReport:
-    """What :func:`optimize_for_inference` did: the names of the factorised layers that absorbed a
-    BatchNorm (``folded``) or a ReLU (``fused_relu``), the layers prepared, and why the graph rewrite
-    could not run where it could not (``skipped``)."""
+    """What :func:`optimize_for_inference` did: the names of the layers (factorised or standard convs)
+    that absorbed a BatchNorm (``folded``), of the factorised layers that absorbed a ReLU
+    (``fused_relu``) and of those prepared, and why the graph rewrite could not run where it could not
+    (``skipped``)."""
 
     folded: list = field(default_factory=list)
     fused_relu: list = field(default_factory=list)
@@ -58,7 +59,7 @@ def _only_input(node: fx.Node, source: fx.Node) -> bool:
     return bool(node.args) and node.args[0] is source and values == [source]
 
 
-def _foldable_bn(bn, layer: FactorizedConv2d) -> bool:
+def _foldable_bn(bn, layer) -> bool:
     return (type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not bn.training and bn.running_mean is not None
             and bn.running_var is not None and bn.num_features == layer.out_channels)
 
@@ -84,6 +85,25 @@ def fold_batchnorm(layer: FactorizedConv2d, bn: nn.BatchNorm2d) -> None:
         layer.bias.copy_(new_bias)
 
 
+@torch.no_grad()
+def _fold_conv_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold the eval-mode ``bn`` that reads ``conv``'s output into the conv (in place, float64 math)."""
+    dtype = conv.weight.dtype
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(shift)
+    conv.weight.copy_((conv.weight.double() * scale.reshape(-1, 1, 1, 1)).to(dtype))
+    new_bias = (bias * scale + shift).to(dtype=dtype, device=conv.weight.device)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
+    else:
+        conv.bias.copy_(new_bias)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _LeafTracer()
     graph = tracer.trace(model)
@@ -101,6 +121,12 @@ def _plan_rewrite(gm: fx.GraphModule, fold: bool, fuse_relu: bool) -> list:
     edits = []
     for node in gm.graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None
+        if fold and type(layer) is nn.Conv2d and calls[node.target] == 1:  # a standard conv: BatchNorm only
+            users = list(node.users)
+            if len(users) == 1 and users[0].op == "call_module" and calls[users[0].target] == 1 \
+                    and _only_input(users[0], node) and _foldable_bn(modules.get(users[0].target), layer):
+                edits.append((node, users[0], None))
+            continue
         if not isinstance(layer, FactorizedConv2d) or calls[node.target] != 1 or layer.fused_relu:
             continue
         bn_node = relu_node = None
@@ -124,7 +150,10 @@ def _apply_rewrite(gm: fx.GraphModule, edits: list, original: nn.Module | None, 
     for node, bn_node, relu_node in edits:
         layer = modules[node.target]
         if bn_node is not None:
-            fold_batchnorm(layer, modules[bn_node.target])
+            if isinstance(layer, FactorizedConv2d):
+                fold_batchnorm(layer, modules[bn_node.target])
+            else:
+                _fold_conv_batchnorm(layer, modules[bn_node.target])
             bn_node.replace_all_uses_with(node)
             gm.graph.erase_node(bn_node)
             report.folded.append(node.target)
@@ -148,7 +177,8 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
 
     - **BatchNorm folding** (``fold_batchnorm``): an eval-mode ``nn.BatchNorm2d`` whose only input is a
       factorised layer's output, and which is that output's only reader, is folded into the layer's
-      last factor and bias and removed from the graph.
+      last factor and bias and removed from the graph; one after a standard ``nn.Conv2d`` (the stem,
+      1x1 downsample convs, layers left dense) likewise into that conv's weight and bias.
     - **ReLU fusion** (``fuse_relu``): a ReLU (module, ``F.relu``, ``torch.relu`` or ``.relu()``) that is
       the only reader of a factorised layer's output (after folding) is computed by the layer's op
       (``fused_relu=True``) and removed from the graph. A ReLU after a residual addition is not fused.
@@ -161,9 +191,9 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
     Both rewrites need a graph: the model is traced with ``torch.fx`` (factorised layers as leaves), and
     a model that has folding or fusion to do comes back as a ``torch.fx.GraphModule`` with the same
     submodule names. A model that torch.fx cannot trace (data-dependent control flow) gets the prepared
-    calls only, with a warning that says why. What is not done: BatchNorms after a standard
-    ``nn.Conv2d`` are left alone (``torch.ao.quantization.fuse_modules`` or ``torch.fx`` passes do that);
-    a layer called more than once in the graph absorbs nothing; nothing is folded in training mode.
+    calls only, with a warning that says why. What is not done: a ReLU after a standard ``nn.Conv2d``
+    stays (no standard op takes it); a layer or BatchNorm called more than once in the graph absorbs
+    or is absorbed nowhere; nothing is folded in training mode.
 
     Parameters
     ----------
@@ -195,8 +225,8 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
     if not inplace:
         model = copy.deepcopy(model)
     # (A bare layer has nothing after it to absorb.)
-    has_layers = any(isinstance(m, FactorizedConv2d) for m in model.modules()) and not isinstance(
-        model, FactorizedConv2d)
+    has_layers = any(isinstance(m, (FactorizedConv2d, nn.BatchNorm2d)) for m in model.modules()) and not isinstance(
+        model, (FactorizedConv2d, nn.Conv2d))
     if has_layers and (fold_batchnorm or fuse_relu):
         try:  # only the tracing: the edits are planned, then applied, outside it
             gm = _trace(model)

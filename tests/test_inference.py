@@ -411,3 +411,17 @@ def test_optimize_inplace_keeps_the_model_consistent_and_bare_layers_do_not_warn
         warnings.simplefilter("error")
         same = tdconv.optimize_for_inference(layer)
     assert isinstance(same, tdconv.FactorizedConv2d)
+
+
+def test_optimize_folds_batchnorm_after_standard_convs_too(require_ext):
+    model = _resnet_block_model("tucker").double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    opt, info = tdconv.optimize_for_inference(model, report=True)
+    assert "0" in info.folded and "3.conv1" in info.folded and "3.conv2" in info.folded
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in opt.modules())
+    assert isinstance(model[1], nn.BatchNorm2d)  # a copy
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), atol=1e-10, rtol=1e-9)
