@@ -65,43 +65,31 @@ def _foldable_bn(bn, layer) -> bool:
 
 
 @torch.no_grad()
+def _fold_into(module: nn.Module, scaled: nn.Parameter, bn: nn.BatchNorm2d) -> None:
+    """Fold the eval-mode ``bn`` that reads ``module``'s output into it: ``scaled`` (the parameter whose
+    dim 0 is the output channels: a conv's weight, a factorised layer's last factor) is scaled per
+    channel and ``module.bias`` shifted (created where there is none). Computed in float64."""
+    dtype = scaled.dtype
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    bias = module.bias.double() if module.bias is not None else torch.zeros_like(shift)
+    scaled.copy_((scaled.double() * scale.reshape(-1, 1, 1, 1)).to(dtype))
+    new_bias = (bias * scale + shift).to(dtype=dtype, device=scaled.device)
+    if module.bias is None:
+        module.bias = nn.Parameter(new_bias, requires_grad=scaled.requires_grad)
+    else:
+        module.bias.copy_(new_bias)
+
+
 def fold_batchnorm(layer: FactorizedConv2d, bn: nn.BatchNorm2d) -> None:
     """Fold the eval-mode ``bn`` that reads ``layer``'s output into the layer: its last factor is scaled
     per output channel and its bias shifted (a bias is created where the layer had none). Exact in
     eval mode, computed in float64."""
-    dtype = layer.last.dtype
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(shift)
-    layer.last.copy_((layer.last.double() * scale[:, None, None, None]).to(dtype))
-    new_bias = (bias * scale + shift).to(dtype=dtype, device=layer.last.device)
-    if layer.bias is None:
-        layer.bias = nn.Parameter(new_bias, requires_grad=layer.last.requires_grad)
-    else:
-        layer.bias.copy_(new_bias)
-
-
-@torch.no_grad()
-def _fold_conv_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold the eval-mode ``bn`` that reads ``conv``'s output into the conv (in place, float64 math)."""
-    dtype = conv.weight.dtype
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(shift)
-    conv.weight.copy_((conv.weight.double() * scale.reshape(-1, 1, 1, 1)).to(dtype))
-    new_bias = (bias * scale + shift).to(dtype=dtype, device=conv.weight.device)
-    if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
-    else:
-        conv.bias.copy_(new_bias)
+    _fold_into(layer, layer.last, bn)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -150,10 +138,8 @@ def _apply_rewrite(gm: fx.GraphModule, edits: list, original: nn.Module | None, 
     for node, bn_node, relu_node in edits:
         layer = modules[node.target]
         if bn_node is not None:
-            if isinstance(layer, FactorizedConv2d):
-                fold_batchnorm(layer, modules[bn_node.target])
-            else:
-                _fold_conv_batchnorm(layer, modules[bn_node.target])
+            _fold_into(layer, layer.last if isinstance(layer, FactorizedConv2d) else layer.weight,
+                       modules[bn_node.target])
             bn_node.replace_all_uses_with(node)
             gm.graph.erase_node(bn_node)
             report.folded.append(node.target)
