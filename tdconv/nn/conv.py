@@ -95,6 +95,9 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
     torch.Size([2, 64, 8, 8])
     """
 
+    # (A class default too: a layer pickled whole before the attribute existed loads without it.)
+    fused_relu: bool = False
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *,
                  method="cp", rank=0.5, padding_mode="zeros", implementation="auto", fused_relu=False, device=None,
                  dtype=None):
