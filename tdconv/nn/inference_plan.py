@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _ext
 from ..ops import output_memory_format
 from ..utils import is_tracing
 from . import dispatch
@@ -85,7 +86,8 @@ class InferencePlan:
         check = self._check_of(layer)
         first, spatial, last, bias, spatial_w = (p.detach() if p is not None else None for p in layer._params())
         g = layer.geometry
-        op = getattr(torch.ops.tdconv, dispatch.fused_op_name(layer.method)).default
+        # Without the compiled extension there is no op to call: the ordinary path (and its fallback).
+        op = getattr(torch.ops.tdconv, dispatch.fused_op_name(layer.method)).default if _ext.has_ext() else None
         # Views of the parameters only, unless prepacked: an edit through ``.data`` (which no version
         # counter sees) then still reaches the call. cp4's product filter is formed per call.
         cp4 = (spatial[:, 0], spatial_w[:, 0]) if layer.method == "cp4" else None
@@ -94,8 +96,9 @@ class InferencePlan:
         args = (first.flatten(1), s, last.flatten(1), bias, [int(v) for v in g.stride],
                 [int(v) for v in padding] if padding is not None else None, [int(v) for v in g.dilation],
                 bool(layer.fused_relu))
-        if self.prepack and first.device.type == "cpu" and padding is not None and not layer.fused_unsupported_reasons(
-                first.new_empty(1, layer.in_channels, 1, 1)):
+        probe = first.new_empty(1, layer.in_channels, 1, 1)  # (the layer's reasons for an input like it)
+        if op is not None and self.prepack and first.device.type == "cpu" and padding is not None \
+                and not layer.fused_unsupported_reasons(probe):
             tucker = layer.method == "tucker"
             if cp4 is not None:
                 args, cp4 = (args[0], cp4[0] * cp4[1]) + args[2:], None
@@ -121,8 +124,8 @@ class InferencePlan:
         if p is None or not self._matches(p, layer):
             p = self._p = self._build(layer)
             self.choices = {}
-        if (type(x) is not torch.Tensor or x.dim() != 4 or x.shape[1] != p.in_channels or x.device != p.device
-                or x.dtype != p.dtype or p.args[5] is None):
+        if (p.op is None or type(x) is not torch.Tensor or x.dim() != 4 or x.shape[1] != p.in_channels
+                or x.device != p.device or x.dtype != p.dtype or p.args[5] is None):
             return None
         if torch.is_grad_enabled() and (p.requires_grad or x.requires_grad):
             return None
