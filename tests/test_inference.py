@@ -425,3 +425,20 @@ def test_optimize_folds_batchnorm_after_standard_convs_too(require_ext):
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), atol=1e-10, rtol=1e-9)
+
+
+def test_prepared_call_steps_aside_without_the_extension(monkeypatch):
+    # A source tree that was never built has no tdconv ops: an eval-mode layer and an optimised model
+    # must still run (the chain), with no reference to the missing ops.
+    from tdconv import _ext
+    layer = _layer("tucker").eval()
+    x = torch.randn(8, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer.to_chain()(x)
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_REASON", "simulated: no extension")
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+        assert layer._inference_plan._p.op is None
+        opt = tdconv.optimize_for_inference(_trained_block("cp", True))
+        assert opt(x).shape == (8, 8, 6, 6)
