@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from . import calibration as cal
+from .counting import ptflops_hooks
 from .decomposition import decompose_kernel
 from .geometry import ConvGeometry
-from .nn import FactorizedConv2d, LiveTapConv2d
+from .nn import FactorizedConv2d
 from .nn.mapping import cp_sensitivity
 from .ranks import METHODS, budget_ranks, data_rank, layer_cost, resolve_rank
 from .report import CompressionReport, LayerReport
@@ -141,18 +142,13 @@ def count_complexity(model: nn.Module, input_size=(3, 32, 32)) -> tuple[int, int
     its three convolutions."""
     try:
         import ptflops
-        from ptflops.pytorch_ops import MODULES_MAPPING
     except ImportError as exc:
         raise ImportError("counting MACs needs ptflops: pip install ptflops") from exc
-
-    def hook(module, inputs, output):
-        module.__flops__ += int(module.macs(tuple(inputs[0].shape[2:])) * inputs[0].shape[0])
 
     model = copy.deepcopy(model).cpu().float()
     macs, params = ptflops.get_model_complexity_info(
         model, tuple(input_size), as_strings=False, print_per_layer_stat=False, verbose=False, backend="pytorch",
-        backend_specific_config={"count_functional": False},
-        custom_modules_hooks={FactorizedConv2d: hook, LiveTapConv2d: MODULES_MAPPING[nn.Conv2d]})
+        backend_specific_config={"count_functional": False}, custom_modules_hooks=ptflops_hooks())
     return int(macs), int(params)
 
 

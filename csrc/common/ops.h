@@ -29,6 +29,11 @@ ContractShape check_mode_contract(const at::Tensor& y, const at::Tensor& u, int6
 struct ConvShape {
   int64_t N, C_in, H, W, R_in, R_out, C_out, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
 };
+// The layout rule of the fused convs, on every backend (and of the fake kernel, tdconv.ops.output_memory_format):
+// NHWC in and channels_last out for an x that is channels_last and not also contiguous, NCHW otherwise.
+inline bool reads_nhwc(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
 // Checks of the arguments of cp_conv2d (spatial [R, kh, kw]) and tucker_conv2d (spatial = the core
 // [R_out, R_in, kh, kw]); `op` names the op in the messages (csrc/common/conv_checks.cpp).
 ConvShape check_factorized_conv2d(const char* op, bool tucker, const at::Tensor& x, const at::Tensor& first,

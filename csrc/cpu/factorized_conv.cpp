@@ -388,12 +388,6 @@ at::Tensor pad_columns(const at::Tensor& b) {
   return at::constant_pad_nd(b, {0, (n + nr - 1) / nr * nr - n}).contiguous();
 }
 
-// Whether the op computes on x in NHWC order and returns channels_last: x is channels_last and not
-// also contiguous (the rule of the fake kernel in tdconv/ops.py; every other input is read as NCHW).
-bool reads_nhwc(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 // The factors packed once for every call (tdconv::pack_factors): the 1x1 factors and the bias as the
 // micro-kernel reads them, and the Tucker core over all its kh * kw taps (a call then reads the live
 // ones in place). Undefined members are packed per call.

@@ -134,11 +134,9 @@ at::Tensor cp_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& first, const
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  // The layout of the input (the rule of the CPU kernel and the fake kernel): channels_last for a
-  // channels_last input that is not also contiguous, contiguous otherwise (a copy: the kernel writes NHWC).
-  const bool nhwc = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // The input's layout (reads_nhwc, ops.h); for NCHW a copy: the kernel writes NHWC.
   out = out.permute({0, 3, 1, 2});
-  return nhwc ? out : out.contiguous();
+  return reads_nhwc(x_in) ? out : out.contiguous();
 }
 
 }  // namespace
