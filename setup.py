@@ -186,8 +186,9 @@ setup(
     # mismatched build/runtime pair impossible (pip upgrades or downgrades torch to match).
     install_requires=[f"torch=={torch_base_version()}", "numpy", "ptflops"],
     extras_require={"test": ["pytest", "tensorly==0.10.*", "scipy", "torchvision", "ptflops", "matplotlib", "onnx",
-                             "onnxscript", "onnxruntime"],
-                    "bench": ["tensorly==0.10.*", "torchvision", "ptflops", "onnx", "onnxscript", "onnxruntime"],
+                             "onnxscript", "onnxruntime", "timm"],
+                    "bench": ["tensorly==0.10.*", "torchvision", "ptflops", "onnx", "onnxscript", "onnxruntime", "timm"],
+                    "timm": ["timm"],
                     "deploy": ["onnx", "onnxscript", "onnxruntime"],
                     "experiment": ["torchvision", "matplotlib"]},
     entry_points={"console_scripts": ["tdconv=tdconv.cli:main"]},

@@ -10,14 +10,14 @@ from .counting import ptflops_aten_hooks, ptflops_hooks
 from .inference import InferenceReport, optimize_for_inference, to_standard
 from .decomposition import (CPTensor, TuckerTensor, cp_als, cp_epc, decompose_batch, initialize_cp, tucker_hooi,
                             tucker_hosvd)
-from .nn import FactorizedConv2d, LiveTapConv2d, autotuning, set_autotune, skip_padding_taps
+from .nn import FactorizedConv2d, FactorizedLinear, LiveTapConv2d, autotuning, set_autotune, skip_padding_taps
 from .report import CompressionReport
 from .serialization import load, save
 from .version import __version__
 
 __all__ = [
     "CPTensor", "TuckerTensor", "initialize_cp", "cp_als", "cp_epc", "tucker_hosvd", "tucker_hooi", "decompose_batch",
-    "FactorizedConv2d", "LiveTapConv2d", "skip_padding_taps", "set_autotune", "autotuning", "compress",
+    "FactorizedConv2d", "FactorizedLinear", "LiveTapConv2d", "skip_padding_taps", "set_autotune", "autotuning", "compress",
     "CompressionReport", "save", "load", "optimize_for_inference", "to_standard", "InferenceReport",
     "ptflops_hooks", "ptflops_aten_hooks", "has_ext", "has_cuda_ext", "unavailable_reasons", "FallbackWarning",
     "__version__",

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CalibrationWarning", "prepare_calibration", "Moments", "LayerFit", "patches", "bn_scale_after",
-           "fit_tucker", "fit_cp", "refit_last", "output_error", "data_tails", "module_input", "model_output_error",
+           "fit_tucker", "fit_cp", "fit_svd", "refit_last", "output_error", "data_tails", "module_input", "model_output_error",
            "reestimate_batchnorm"]
 
 RIDGE = 1e-5           # relative ridge of the least-squares solves (float32 patches; 1e-9 for float64 ones)
@@ -174,7 +174,7 @@ def bn_scale_after(model: nn.Module, names: list, x: torch.Tensor) -> dict:
         def hook(mod, inputs):
             for name, out, version in outputs:
                 if inputs[0] is out and out._version == version and name not in found \
-                        and bn.num_features == modules[name].out_channels:
+                        and bn.num_features == _layer_geometry(modules[name]).out_channels:
                     w = bn.weight.detach().double() if bn.weight is not None else 1.0
                     found[name] = (w / torch.sqrt(bn.running_var.detach().double() + bn.eps)
                                    if bn.running_var is not None else None)
@@ -192,6 +192,22 @@ def bn_scale_after(model: nn.Module, names: list, x: torch.Tensor) -> dict:
         for h in handles:
             h.remove()
     return {n: d for n, d in found.items() if d is not None}
+
+
+def _layer_geometry(module: nn.Module):
+    """A conv's geometry; a linear layer's as the 1x1 conv it is fitted as."""
+    from .geometry import ConvGeometry
+    if isinstance(module, nn.Linear):
+        return ConvGeometry(module.in_features, module.out_features, (1, 1), bias=module.bias is not None)
+    return ConvGeometry.of(module)
+
+
+def _as_images(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A linear layer's input ``[..., in]`` as the ``[rows, in, 1, 1]`` images of its 1x1 conv; a conv's
+    as it is."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1], 1, 1)
+    return x
 
 
 def patches(x: torch.Tensor, geometry) -> torch.Tensor:
@@ -352,7 +368,8 @@ def output_error(m: Moments, kernel_aug: torch.Tensor, d_scale=None) -> float:
 # ------------------------------------------------------------------------------------------------ fits
 class LayerFit:
     """A fitted factorised layer's parameters (float64): ``first`` [R_in, C_in], ``spatial`` (Tucker:
-    [R_out, R_in, kh kw]; CP: [R, kh kw]; cp4: ([R, kh], [R, kw])), ``last`` [C_out, R_out], ``bias``."""
+    [R_out, R_in, kh kw]; CP: [R, kh kw]; cp4: ([R, kh], [R, kw]); SVD: None), ``last`` [C_out, R_out],
+    ``bias``."""
 
     def __init__(self, method, first, spatial, last, bias, kernel_size):
         self.method, self.first, self.spatial, self.last, self.bias = method, first, spatial, last, bias
@@ -360,6 +377,8 @@ class LayerFit:
 
     def middle(self) -> torch.Tensor:
         """``[R_out, C_in, kh kw]``: the kernel of everything before the last 1x1."""
+        if self.method == "svd":
+            return self.first[:, :, None]
         if self.method == "tucker":
             return torch.einsum("orj,rc->ocj", self.spatial, self.first)
         if self.method == "cp4":
@@ -378,7 +397,8 @@ class LayerFit:
         """CP: each component's factors given equal norms (the function is unchanged)."""
         if self.method == "tucker":
             return self
-        parts = [self.last.T, self.first] + ([self.spatial] if self.method == "cp" else list(self.spatial))
+        parts = [self.last.T, self.first] + ([] if self.method == "svd" else [self.spatial] if self.method == "cp"
+                                             else list(self.spatial))
         norms = torch.stack([p.norm(dim=1) for p in parts])  # [N, R]
         prod = norms.prod(0)
         target = prod.clamp_min(1e-300) ** (1.0 / len(parts))
@@ -387,7 +407,7 @@ class LayerFit:
         self.first = self.first * scales[1][:, None]
         if self.method == "cp":
             self.spatial = self.spatial * scales[2][:, None]
-        else:
+        elif self.method == "cp4":
             self.spatial = (self.spatial[0] * scales[2][:, None], self.spatial[1] * scales[3][:, None])
         return self
 
@@ -395,9 +415,10 @@ class LayerFit:
         """The layer's parameters (shapes and dtype of ``layer``)."""
         kh, kw = self.kernel_size
         like = layer.first
-        out = {"first": self.first.reshape(-1, layer.in_channels, 1, 1), "last": self.last.reshape(layer.out_channels,
-                                                                                                   -1, 1, 1)}
-        if self.method == "tucker":
+        out = {"first": self.first.reshape(layer.first.shape), "last": self.last.reshape(layer.last.shape)}
+        if self.method == "svd":
+            pass
+        elif self.method == "tucker":
             out["spatial"] = self.spatial.reshape(self.spatial.shape[0], self.spatial.shape[1], kh, kw)
         elif self.method == "cp4":
             out["spatial"] = self.spatial[0].reshape(-1, 1, kh, 1)
@@ -406,7 +427,7 @@ class LayerFit:
             out["spatial"] = self.spatial.reshape(-1, 1, kh, kw)
         out = {k: v.to(dtype=like.dtype, device=like.device) for k, v in out.items()}
         if layer.bias is not None:
-            b = self.bias if self.bias is not None else torch.zeros(layer.out_channels, dtype=torch.float64)
+            b = self.bias if self.bias is not None else torch.zeros(layer.bias.shape[0], dtype=torch.float64)
             out["bias"] = b.to(dtype=like.dtype, device=like.device)
         return out
 
@@ -415,14 +436,16 @@ class LayerFit:
         """The parameters of a :class:`tdconv.FactorizedConv2d` as a fit."""
         f = lambda t: t.detach().double()  # noqa: E731
         first, last = f(layer.first).flatten(1), f(layer.last).flatten(1)
-        if layer.method == "tucker":
+        if layer.method == "svd":
+            spatial = None
+        elif layer.method == "tucker":
             spatial = f(layer.spatial).flatten(2)
         elif layer.method == "cp4":
             spatial = (f(layer.spatial).flatten(1), f(layer.spatial_w).flatten(1))
         else:
             spatial = f(layer.spatial).flatten(1)
         bias = f(layer.bias) if layer.bias is not None else None
-        return cls(layer.method, first, spatial, last, bias, layer.kernel_size)
+        return cls(layer.method, first, spatial, last, bias, getattr(layer, "kernel_size", (1, 1)))
 
 
 def refit_last(fit: LayerFit, m: Moments, with_bias: bool) -> LayerFit:
@@ -471,6 +494,21 @@ def fit_tucker(m: Moments, ranks: tuple, d_scale, with_bias: bool) -> LayerFit:
     core = _solve_right(ra, sa, m.ridge).reshape(r_out, r_in, taps)
     fit = LayerFit("tucker", v.T.contiguous(), core, u, None, g.kernel_size)
     return refit_last(fit, m, with_bias)
+
+
+def fit_svd(m: Moments, rank: int, d_scale, with_bias: bool) -> LayerFit:
+    """The data-aware rank-``rank`` fit of a 1x1 conv or linear layer: the output factor spans the
+    leading eigenvectors of ``D E[y y^T] D`` (the subspace that keeps most of the BatchNorm-scaled
+    response energy), the input factor is the least-squares map of the student's inputs onto the
+    responses' coordinates in it, then the last factor (and bias) by least squares given the first."""
+    c_out = m.yy.shape[0]
+    dsc = _scale(d_scale, c_out, m.ss)
+    ev, vecs = torch.linalg.eigh(dsc[:, None] * m.yy * dsc[None, :])
+    u = vecs[:, ev.argsort(descending=True)[:rank]]               # [C_out, R]
+    rhs = (u.T @ (dsc[:, None] * m.target))[:, :-1]               # E[(U^T D y) p_s^T]
+    first = _solve_right(rhs, m.ss[:-1, :-1], m.ridge)             # [R, C_in]
+    fit = LayerFit("svd", first, None, u, None, (1, 1))
+    return refit_last(fit, m, with_bias).rebalance()
 
 
 def fit_cp(m: Moments, start: LayerFit, d_scale, with_bias: bool, rounds: int = 2) -> LayerFit:
@@ -617,6 +655,11 @@ class SequentialFit:
         self.order = [n for n, c in calls.items() if c == 1]  # forward order
         # Layers the data cannot fit: the kernel fit, with the reason.
         self.kernel_only = {n: "not reached by the calibration data" for n in names if n not in calls}
+        grouped = [n for n, c in calls.items() if c == 1 and getattr(self.modules[n], "groups", 1) > 1
+                   and tuple(self.modules[n].kernel_size) != (1, 1)]
+        self.kernel_only.update({n: "grouped convolution; data-aware fits cover ungrouped convs, 1x1 convs and "
+                                    "linear layers" for n in grouped})
+        self.order = [n for n in self.order if n not in self.kernel_only]
         self.kernel_only.update({n: f"called {c} times per forward (shared); fitted to its kernel"
                                  for n, c in calls.items() if c > 1})
 
@@ -646,18 +689,23 @@ class SequentialFit:
     def moments(self, name: str, student: nn.Module | None, batches: list) -> Moments:
         """The moments of layer ``name`` over ``batches`` (``student`` None: the teacher's inputs only)."""
         conv = self.modules[name]
-        from .geometry import ConvGeometry
-        m = Moments(conv.weight, conv.bias, ConvGeometry.of(conv))
+        m = Moments(conv.weight, conv.bias, _layer_geometry(conv))
         s_conv = dict(student.named_modules())[name] if student is not None else None
         for x in batches:
-            x_t = module_input(self.teacher, conv, x)
+            x_t = _as_images(module_input(self.teacher, conv, x), conv)
             x_s = None
             if s_conv is not None:
-                x_s = module_input(student, s_conv, x)
+                x_s = _as_images(module_input(student, s_conv, x), conv)
                 if torch.equal(x_s, x_t):
                     x_s = None
             m.add(x_t, x_s)
         return m.finish(name)
+
+    def drop(self, names: list) -> None:
+        """Layers no longer to be fitted (left dense)."""
+        self.order = [n for n in self.order if n not in names]
+        for n in names:
+            self.kernel_only.pop(n, None)
 
     def tails(self, names: list) -> dict:
         """``{name: data tails}`` for the budget allocator, from the teacher's inputs."""

@@ -2,13 +2,14 @@
 
     tdconv info
     tdconv compress --model resnet18 --num-classes 10 --method cp --rank 0.5 --layers seed --out small.pt
+    tdconv compress --model timm:efficientnet_b0 --target-macs 0.5 --input-size 3,224,224 --out small.pt
     tdconv compress --model resnet18 --method tucker --target-macs 0.5 --weights dense.pt --out small.pt
     tdconv compress --model resnet18 --method tucker --weights dense.pt --calibration 2048 --dataset npz:DIR
     tdconv report small.pt
     tdconv experiment --dataset npz:cifar10 --epochs 15 --finetune-epochs 5 --out runs
 
-Models are torchvision models by name, built with random weights (``--weights`` loads a state dict;
-nothing is ever downloaded).
+Models are torchvision models by name, or timm models (``timm:NAME``, with timm installed), built with
+random weights (``--weights`` loads a state dict; nothing is ever downloaded).
 """
 from __future__ import annotations
 
@@ -111,17 +112,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tdconv", description="Tensor-decomposed convolutions that are actually faster.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, what was built, the GPU, and why anything is unavailable")
-    c = sub.add_parser("compress", help="factorise a torchvision model's convolutions and print the report")
-    c.add_argument("--model", required=True, help="torchvision model name, e.g. resnet18")
+    c = sub.add_parser("compress", help="factorise a torchvision or timm model's layers and print the report")
+    c.add_argument("--model", required=True, help="torchvision model name (resnet18) or timm:NAME (timm:efficientnet_b0)")
     c.add_argument("--num-classes", type=int, default=10)
     c.add_argument("--weights", help="state dict to load into the model before compressing")
-    c.add_argument("--method", choices=("cp", "cp4", "tucker"), default="cp")
+    c.add_argument("--method", choices=("auto", "cp", "cp4", "tucker", "svd"), default="auto",
+                   help="auto: Tucker-2 for spatial convs, SVD for 1x1 convs and linear layers; cp, cp4, tucker: "
+                        "spatial convs only; svd: 1x1 convs and linear layers only")
     c.add_argument("--rank", type=parse_rank, default=0.5, help="int, 'R_out,R_in', a fraction of the channels, evbmf or energy=F")
     c.add_argument("--target-macs", type=parse_fraction, help="whole-model MAC budget, a fraction of the model's")
     c.add_argument("--target-params", type=parse_fraction, help="whole-model parameter budget, a fraction")
     c.add_argument("--min-rank", type=float, default=0.0,
                    help="with a budget: no layer below this fraction of its channels (e.g. 0.125)")
-    c.add_argument("--layers", default="all", help="all (every eligible conv), seed, or comma-separated names")
+    c.add_argument("--layers", default="all", help="all (every eligible layer), seed, or comma-separated names")
     c.add_argument("--bias", action="store_true", help="give every factorised layer a bias (as the seed did)")
     c.add_argument("--input-size", type=parse_input_size, default=(3, 32, 32), help="C,H,W of the MAC counts")
     c.add_argument("--n-iter-max", type=int, default=100, help="decomposition sweeps per layer")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import numbers
 import sys
 import time
@@ -21,16 +22,26 @@ from . import calibration as cal
 from .counting import ptflops_hooks
 from .decomposition import decompose_kernel
 from .geometry import ConvGeometry
-from .nn import FactorizedConv2d
+from .nn import FactorizedConv2d, FactorizedLinear
 from .nn.mapping import cp_sensitivity
-from .ranks import METHODS, budget_ranks, data_rank, layer_cost, resolve_rank
+from .ranks import budget_ranks, data_rank, layer_cost, resolve_rank
 from .report import CompressionReport, LayerReport
 
-__all__ = ["compress", "CompressionReport", "LayerReport", "select_layers", "count_complexity"]
+__all__ = ["compress", "CompressionReport", "LayerReport", "select_layers", "layer_kind", "count_complexity",
+           "LAYER_KINDS", "AUTO_METHODS"]
 
 # Convolutions with at most this many input channels are the input ("stem") convs of image models;
 # layers=None leaves them dense (see select_layers).
 STEM_MAX_IN_CHANNELS = 4
+
+# The layer kinds compress tells apart, and the methods each can take.
+LAYER_KINDS = ("conv", "grouped_conv", "pointwise", "linear")
+KIND_METHODS = {"conv": ("cp", "cp4", "tucker"), "grouped_conv": ("cp", "cp4", "tucker"), "pointwise": ("svd",),
+                "linear": ("svd",)}
+# method="auto": Tucker-2 for spatial convs (deterministic, its budget error estimates are exact bounds of
+# HOSVD truncations, fast to compute at any rank, and it keeps the layer's channel structure), the
+# truncated SVD (the optimal factorisation of a matrix) for 1x1 convs and linear layers.
+AUTO_METHODS = {"conv": "tucker", "grouped_conv": "tucker", "pointwise": "svd", "linear": "svd"}
 
 
 def _is_seed_layer(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
@@ -38,43 +49,73 @@ def _is_seed_layer(name: str, module: nn.Module, parent: nn.Module | None) -> bo
     return name.rpartition(".")[2] == "conv2" and parent is not None and type(parent).__name__ == "BasicBlock"
 
 
-def _why_not(module: nn.Module) -> str | None:
-    """Why a conv cannot be factorised at all (None when it can)."""
-    if module.groups != 1:
-        kind = "depthwise" if module.groups == module.in_channels else "grouped"
-        return f"{kind} convolution (groups={module.groups}); only groups=1 convolutions are factorised"
+def layer_kind(module: nn.Module) -> str | None:
+    """``"conv"`` (ungrouped, kernel larger than 1x1), ``"grouped_conv"``, ``"pointwise"`` (1x1 conv,
+    grouped or not), ``"linear"``, ``"depthwise"`` (one input channel per group: never factorised), or
+    None for any other module."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        if module.groups > 1 and module.groups == module.in_channels:
+            return "depthwise"
+        if tuple(module.kernel_size) == (1, 1):
+            return "pointwise"
+        return "grouped_conv" if module.groups > 1 else "conv"
     return None
 
 
+def _why_not(module: nn.Module) -> str | None:
+    """Why a conv or linear layer cannot be factorised at all (None when it can)."""
+    kind = layer_kind(module)
+    if kind == "depthwise":
+        return (f"depthwise convolution (groups={module.groups}): one input channel per group leaves no channel mode "
+                "to factorise, and its kernel is already the cheapest part of the block")
+    base = nn.Linear if kind == "linear" else nn.Conv2d
+    if type(module).forward is not base.forward:
+        return (f"{type(module).__name__} subclasses {base.__name__} with its own forward (e.g. dynamic padding or "
+                "weight standardisation): a factorised layer would not compute its function")
+    return None
+
+
+def _geometry(module: nn.Module) -> ConvGeometry:
+    """A conv's geometry; a linear layer's as the 1x1 conv it is priced as."""
+    if isinstance(module, nn.Linear):
+        return ConvGeometry(module.in_features, module.out_features, (1, 1), bias=module.bias is not None)
+    return ConvGeometry.of(module)
+
+
 def select_layers(model: nn.Module, layers=None) -> tuple[list, list]:
-    """The convs of ``model`` that ``layers`` selects: ``(selected names, [(name, reason), ...] skipped)``.
+    """The layers of ``model`` that ``layers`` selects: ``(selected names, [(name, reason), ...] skipped)``.
 
     ``layers``:
 
-    - ``None``: every ``nn.Conv2d`` with ``groups == 1`` and a kernel larger than 1x1, except input
-      convs (at most 4 input channels, e.g. the RGB stem): factorising a 3-channel conv saves almost
-      nothing and it is the most accuracy-sensitive layer (Kim et al., 2016, leave it dense);
-    - a list of module names (each must name an ``nn.Conv2d``);
-    - a callable ``(module, name) -> bool`` over the ``nn.Conv2d`` modules;
+    - ``None``: every ``nn.Conv2d`` and ``nn.Linear`` (spatial, grouped and 1x1 convs, linear layers)
+      except input convs (at most 4 input channels, e.g. the RGB stem): factorising a 3-channel conv
+      saves almost nothing and it is the most accuracy-sensitive layer (Kim et al., 2016, leave it
+      dense);
+    - a list of module names (each must name an ``nn.Conv2d`` or ``nn.Linear``);
+    - a callable ``(module, name) -> bool`` over the ``nn.Conv2d`` and ``nn.Linear`` modules;
     - ``"seed"``: ``conv2`` of every ResNet BasicBlock, the seed's choice.
 
-    Selected convs that cannot be factorised (grouped, depthwise) are skipped with the reason.
+    Selected layers that cannot be factorised (depthwise convs; subclasses with their own forward) are
+    skipped with the reason.
     """
     parents = {}
     convs = {}
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             parents[f"{name}.{child_name}" if name else child_name] = module
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
             convs[name] = module
     if layers is None:
         wanted = []
         skipped = []
         for name, m in convs.items():
-            if m.kernel_size == (1, 1):
-                continue
-            if m.in_channels <= STEM_MAX_IN_CHANNELS:
+            if isinstance(m, nn.Conv2d) and m.in_channels <= STEM_MAX_IN_CHANNELS:
                 skipped.append((name, f"input conv ({m.in_channels} input channels) left dense"))
+                continue
+            if isinstance(parents.get(name), nn.MultiheadAttention):
+                skipped.append((name, "projection of an nn.MultiheadAttention, which reads its weight directly"))
                 continue
             wanted.append(name)
     elif isinstance(layers, str):
@@ -95,9 +136,9 @@ def select_layers(model: nn.Module, layers=None) -> tuple[list, list]:
         unknown = [n for n in names if n not in modules]
         if unknown:
             raise ValueError(f"layers names modules that the model does not have: {unknown}")
-        not_conv = [n for n in names if not isinstance(modules[n], nn.Conv2d)]
+        not_conv = [n for n in names if not isinstance(modules[n], (nn.Conv2d, nn.Linear))]
         if not_conv:
-            raise ValueError(f"layers names modules that are not nn.Conv2d: "
+            raise ValueError(f"layers names modules that are not nn.Conv2d or nn.Linear: "
                              f"{[(n, type(modules[n]).__name__) for n in not_conv]}")
         wanted = list(dict.fromkeys(names))
         skipped = []
@@ -111,13 +152,59 @@ def select_layers(model: nn.Module, layers=None) -> tuple[list, list]:
     return selected, skipped
 
 
+def _method_spec(method, explicit_layers: bool = False):
+    """``method`` checked: a method name, "auto", a mapping from layer kind to method (or None), or a
+    callable. Returns ``(description for the report, function (name, module, kind) -> method or None)``."""
+    from .ranks import METHODS
+    if isinstance(method, str):
+        if method == "auto":
+            return "auto", lambda name, module, kind: AUTO_METHODS[kind]
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, 'auto', a dict from layer kind {LAYER_KINDS} to "
+                             f"method, or a callable (name, module) -> method; got {method!r}")
+        if method == "svd":
+            return method, lambda name, module, kind: "svd" if kind in ("pointwise", "linear") else None
+        # A spatial-conv method names how spatial convs are factorised; 1x1 convs and linear layers (matrices,
+        # whose factorisation is the SVD) are left to method="auto", "svd" or a dict, so that ranks meant for
+        # the spatial convs (a Tucker pair, a CP rank above the channels) never land on them.
+        # (A 1x1 conv named explicitly by ``layers`` takes it too, as a Tucker-2 or CP of its kernel.)
+        spatial = ("conv", "grouped_conv", "pointwise") if explicit_layers else ("conv", "grouped_conv")
+        return method, lambda name, module, kind: method if kind in spatial else None
+    if isinstance(method, dict):
+        bad = [k for k in method if k not in LAYER_KINDS]
+        if bad:
+            raise ValueError(f"method maps unknown layer kinds {bad}; the kinds are {LAYER_KINDS}")
+        for kind, m in method.items():
+            m = AUTO_METHODS[kind] if m == "auto" else m
+            if m is not None and m not in KIND_METHODS[kind]:
+                raise ValueError(f"method[{kind!r}] must be one of {KIND_METHODS[kind]} or None, got {m!r}")
+        table = {k: (AUTO_METHODS[k] if m == "auto" else m) for k, m in method.items()}
+        desc = ",".join(f"{k}={v}" for k, v in table.items())
+        return desc, lambda name, module, kind: table.get(kind)
+    if callable(method):
+        def call(name, module, kind):
+            m = method(name, module)
+            m = AUTO_METHODS[kind] if m == "auto" else m
+            if m is not None and m not in KIND_METHODS[kind]:
+                raise ValueError(f"method({name!r}) returned {m!r} for a {kind} layer; expected one of "
+                                 f"{KIND_METHODS[kind]}, 'auto' or None")
+            return m
+        return "per-layer", call
+    raise TypeError(f"method must be a str, a dict from layer kind to method or a callable, got "
+                    f"{type(method).__name__}")
+
+
 def _input_sizes(model: nn.Module, names: list, input_size: tuple) -> dict:
     """The (H, W) each named module sees for one input of ``input_size`` (a forward pass with hooks)."""
     sizes = {}
     modules = dict(model.named_modules())
     def record(name):
         def hook(module, inputs, output):  # returns None: the output is left alone
-            sizes.setdefault(name, tuple(inputs[0].shape[2:]))
+            x = inputs[0]
+            if isinstance(module, nn.Linear):  # its rows per image, as the 1x1 conv it is priced as
+                sizes.setdefault(name, (math.prod(x.shape[1:-1]), 1))
+            else:
+                sizes.setdefault(name, tuple(x.shape[2:]))
         return hook
 
     hooks = [modules[n].register_forward_hook(record(n)) for n in names]
@@ -156,19 +243,20 @@ def _layer_report(name, conv, layer, kernel, hw, seconds) -> LayerReport:
     w = conv.weight.detach()
     wn = float(w.double().norm())
     err = float((kernel.double() - w.double()).norm()) / wn if wn > 0 else float("nan")
+    macs_after = layer.macs(hw[0]) if isinstance(layer, FactorizedLinear) else layer.macs(hw)
     rep = LayerReport(name=name, kernel_shape=list(w.shape), method=layer.method,
                       rank=list(layer.rank) if isinstance(layer.rank, tuple) else layer.rank,
                       params_before=sum(p.numel() for p in conv.parameters()),
                       params_after=sum(p.numel() for p in layer.parameters()),
-                      macs_before=layer_cost(ConvGeometry.of(conv), "dense", None, "macs", hw),
-                      macs_after=layer.macs(hw), rel_error=err, seconds=seconds, kernel_norm=wn)
+                      macs_before=layer_cost(_geometry(conv), "dense", None, "macs", hw),
+                      macs_after=macs_after, rel_error=err, seconds=seconds, kernel_norm=wn)
     if layer.method in ("cp", "cp4"):
         norms = layer.component_norms().double()
         rep.max_component_norm = float(norms.max())
         rep.min_component_norm = float(norms.min())
         rep.norm_ratio = float(norms.square().sum()) / wn ** 2 if wn > 0 else float("nan")
         rep.sensitivity = cp_sensitivity(layer.method, layer.first, layer.spatial, layer.last,
-                                         getattr(layer, "spatial_w", None), wn)
+                                         getattr(layer, "spatial_w", None), wn, layer.groups)
     return rep
 
 
@@ -181,35 +269,56 @@ def _progress(enabled, i, n, name, t0):
         sys.stderr.flush()
 
 
-def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, overrides: dict | None = None,
+def compress(model: nn.Module, method="auto", rank=0.5, *, layers=None, overrides: dict | None = None,
              target_macs: float | None = None, target_params: float | None = None, min_rank: float = 0.0,
              inplace: bool = False,
              bias: bool | None = None, input_size=(3, 32, 32), progress: bool | None = None,
              calibration=None, sequential: bool = True, refine_steps: int = 0, reestimate_bn="auto",
              **decomposition_options):
-    """Replace convolutions of ``model`` by :class:`FactorizedConv2d` layers.
+    """Replace convolutions and linear layers of ``model`` by factorised layers
+    (:class:`FactorizedConv2d`, :class:`FactorizedLinear`).
 
     Parameters
     ----------
     model : nn.Module
-    method : {"cp", "cp4", "tucker"}
+    method : str, dict or callable
+        How each kind of layer is factorised (kinds: ``"conv"``, a spatial conv; ``"grouped_conv"``;
+        ``"pointwise"``, a 1x1 conv; ``"linear"``; see :func:`layer_kind`):
+
+        - ``"auto"`` (the default): ``{"conv": "tucker", "grouped_conv": "tucker", "pointwise": "svd",
+          "linear": "svd"}`` (:data:`AUTO_METHODS`; why Tucker-2: deterministic, budget estimates that are
+          tight for it, fast at any rank; the truncated SVD is the optimal factorisation of a matrix);
+        - ``"cp"``, ``"cp4"`` or ``"tucker"``: that method for spatial convs (grouped ones per group) only;
+          1x1 convs and linear layers stay dense (so that ranks meant for the spatial convs, a Tucker
+          pair or a CP rank above the channels, never apply to them), except 1x1 convs that ``layers``
+          names or selects;
+        - ``"svd"``: 1x1 convs and linear layers only;
+        - a dict from kind to method (or None: leave that kind dense); kinds it does not name stay dense;
+        - a callable ``(name, module) -> method or None``, per layer.
+
+        Depthwise convs always stay dense (the report says why).
     rank : int, (int, int), float or str
-        For every selected conv: a CP rank, Tucker ranks ``(R_out, R_in)``, a fraction of the
-        channels (0.5: the seed's rank C/2), ``"evbmf"`` (the analytic EVBMF rank of the mode-0 and
-        mode-1 unfoldings, as Kim et al. 2016 and the seed chose Tucker ranks; CP takes the larger),
-        or ``"energy=0.9"`` (the smallest ranks whose mode singular values keep that fraction of the
-        energy). Must fit every selected layer (a CP rank is any positive int; a Tucker rank at most
-        the layer's channels).
+        For every selected layer: a CP or SVD rank, Tucker ranks ``(R_out, R_in)``, a fraction of the
+        channels (0.5: the seed's rank C/2; an SVD rank: of the smaller channel count), ``"evbmf"``
+        (the analytic EVBMF rank of the mode-0 and mode-1 unfoldings, as Kim et al. 2016 and the seed
+        chose Tucker ranks; CP takes the larger), or ``"energy=0.9"`` (the smallest ranks whose mode
+        singular values keep that fraction of the energy). Must fit every selected layer (a CP rank is
+        any positive int; Tucker and SVD ranks at most the layer's channels; a grouped layer's ranks
+        multiples of its groups). A layer whose factorised form at its rank would not cost fewer
+        parameters and MACs than the dense layer is left dense, with the reason in the report (unless
+        ``layers`` is a list that names it: that is done as asked).
     layers : None, "seed", list of names, or callable ``(module, name) -> bool``
-        Which convs; see :func:`select_layers`. Selected convs that cannot be factorised are skipped
-        and listed in the report with the reason.
+        Which layers; see :func:`select_layers`. Selected layers that cannot be factorised are skipped
+        and listed in the report with the reason. With ``layers=None``, layers that a forward pass at
+        ``input_size`` does not call are left dense too (their input size is unknown).
     overrides : dict, optional
         Module name -> rank, for those layers instead of ``rank`` (or of the budget's choice).
     target_macs, target_params : float in (0, 1], optional
         A whole-model budget, as a fraction of the model's MACs at ``input_size`` or of its
-        parameters: per-layer ranks are chosen to meet it (at or under, within 2 %) while keeping the
-        sum of the layers' normalised errors small (see :mod:`tdconv.ranks`); ``rank`` is then not
-        used. At most one of the two.
+        parameters: per-layer ranks are chosen over every selected layer, of every kind, to meet it (at
+        or under, within 2 %) while keeping the sum of the layers' normalised errors small (see
+        :mod:`tdconv.ranks`); a layer may also be left dense where that serves the budget best.
+        ``rank`` is then not used. At most one of the two.
     min_rank : float in [0, 1)
         With a budget: no layer gets ranks below this fraction of its channels. The budget objective
         (the sum of the layers' estimated normalised errors) is concave along a layer whose singular
@@ -254,8 +363,7 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    method_desc, method_of = _method_spec(method, explicit_layers=layers is not None)
     if overrides is not None and not isinstance(overrides, dict):
         raise TypeError(f"overrides must be a dict from module name to rank, got {type(overrides).__name__}")
     if not (isinstance(input_size, (tuple, list)) and len(input_size) == 3
@@ -280,15 +388,27 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     if calibration is None and refine_steps:
         raise ValueError("refine_steps needs calibration data (calibration=...)")
     selected, skipped = select_layers(model, layers)
+    modules = dict(model.named_modules())
+    methods, kept = {}, []
+    for name in selected:
+        kind = layer_kind(modules[name])
+        m = method_of(name, modules[name], kind)
+        if m is None:
+            hint = (" (method='auto' or {'%s': 'svd'} factorises it by SVD)" % kind
+                    if kind in ("pointwise", "linear") and method_desc != "svd" else "")
+            skipped.append((name, f"left dense: method={method_desc} gives no method for this {kind} layer{hint}"))
+        else:
+            methods[name] = m
+            kept.append(name)
+    selected = kept
     if overrides:
         unknown = sorted(set(overrides) - set(selected))
         if unknown:
             raise ValueError(f"overrides names layers that are not selected for factorisation: {unknown} "
                              f"(selected: {selected})")
     if not selected:
-        raise ValueError("the model has no convolution to factorise with layers="
-                         f"{layers!r}" + (f" (skipped: {skipped})" if skipped else ""))
-    modules = dict(model.named_modules())
+        raise ValueError("the model has no layer to factorise with layers="
+                         f"{layers!r} and method={method_desc}" + (f" (skipped: {skipped})" if skipped else ""))
     if bias is False:
         with_bias = [n for n in selected if modules[n].bias is not None]
         if with_bias:
@@ -298,16 +418,45 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
     ranks = {}
     for name in selected:
         conv = modules[name]
+        g = _geometry(conv)
         if target is not None and name not in (overrides or {}):
             continue  # chosen by the budget below
         r = overrides.get(name, rank) if overrides else rank
         try:
             if isinstance(r, str):
-                r = data_rank(r, conv.weight, method)
-            ranks[name] = resolve_rank(r, method, conv.out_channels, conv.in_channels)
+                r = data_rank(r, conv.weight, methods[name], g.groups)
+            ranks[name] = resolve_rank(r, methods[name], g.out_channels, g.in_channels, g.groups)
         except ValueError as exc:
-            raise ValueError(f"rank for layer {name!r} ({conv.out_channels}x{conv.in_channels}): {exc}") from None
+            raise ValueError(f"rank for layer {name!r} ({methods[name]}, {g.out_channels}x{g.in_channels}"
+                             + (f", groups={g.groups}" if g.groups > 1 else "") + f"): {exc}") from None
     sizes = _input_sizes(model, selected, input_size)
+    if layers is None:  # the automatic choice leaves uncalled layers alone (e.g. weights read, not called)
+        for name in [n for n in selected if n not in sizes]:
+            skipped.append((name, "left dense: not called by a forward pass at input_size"))
+            selected.remove(name)
+            ranks.pop(name, None)
+        if not selected:
+            raise ValueError("no selected layer is called by a forward pass at input_size"
+                             + (f" (skipped: {skipped})" if skipped else ""))
+    # A layer whose factorised form costs at least the dense one (parameters or MACs) stays dense, unless
+    # ``layers`` names it: that is honoured as asked.
+    named = layers is not None and not isinstance(layers, str) and not callable(layers)
+    for name in [] if named else list(ranks):
+        g = _geometry(modules[name])
+        factorised = dataclasses.replace(g, bias=g.bias or bias is True)
+        costs = [("parameters", layer_cost(factorised, methods[name], ranks[name], "params"),
+                  layer_cost(g, "dense", None, "params"))]
+        if name in sizes:
+            costs.append(("MACs", layer_cost(factorised, methods[name], ranks[name], "macs", sizes[name]),
+                          layer_cost(g, "dense", None, "macs", sizes[name])))
+        worse = [f"{what} {after} >= {dense}" for what, after, dense in costs if after >= dense]
+        if worse:
+            r = ranks.pop(name)
+            skipped.append((name, f"left dense: {methods[name]} at rank {r} would not be cheaper ("
+                                  + ", ".join(worse) + ")"))
+            selected.remove(name)
+    if not selected:
+        raise ValueError(f"no selected layer is cheaper factorised at rank={rank!r} (skipped: {skipped})")
     before = count_complexity(model, input_size)
     show = progress if progress is not None else (sys.stderr.isatty() and len(selected) > 4)
     fitter = None
@@ -325,20 +474,29 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
                 if name not in sizes:
                     raise ValueError(f"layer {name!r} is not reached by a forward pass at input_size; a budget needs "
                                      "every selected layer's input size")
-                dense = ConvGeometry.of(conv)
+                dense = _geometry(conv)
                 factorised = dataclasses.replace(dense, bias=dense.bias or bias is True)  # the layer from_conv makes
                 priced[name] = (factorised, sizes[name], layer_cost(dense, "dense", None, metric, sizes[name]),
-                                conv.weight)
+                                conv.weight, methods[name])
             free = [n for n in selected if n not in (overrides or {})]
             tails = fitter.tails(free) if fitter is not None else None
-            ranks.update(budget_ranks(priced, method, total, metric, target, min_rank,
-                                      fixed={n: ranks[n] for n in (overrides or {})}, tails=tails))
-        report = CompressionReport(method=method, input_size=tuple(input_size), skipped=skipped)
+            chosen = budget_ranks(priced, None, total, metric, target, min_rank,
+                                  fixed={n: ranks[n] for n in (overrides or {}) if n in ranks}, tails=tails)
+            for name, r in chosen.items():
+                if r is None:
+                    skipped.append((name, f"left dense by the budget (target_{metric}={target}): its dense form "
+                                          "served the budget better than any rank cheaper than it"))
+                    selected.remove(name)
+                else:
+                    ranks[name] = r
+            if fitter is not None:
+                fitter.drop([n for n, r in chosen.items() if r is None])
+        report = CompressionReport(method=method_desc, input_size=tuple(input_size), skipped=skipped)
         if fitter is None:
-            new_layers = _kernel_fits(model, selected, method, ranks, bias, sizes, report, show,
+            new_layers = _kernel_fits(model, selected, methods, ranks, bias, sizes, report, show,
                                       decomposition_options)
         else:
-            student, new_layers = _data_fits(fitter, model, method, ranks, bias, sizes, report, show,
+            student, new_layers = _data_fits(fitter, model, methods, ranks, bias, sizes, report, show,
                                              decomposition_options)
     finally:
         if fitter is not None:
@@ -365,7 +523,10 @@ def compress(model: nn.Module, method: str = "cp", rank=0.5, *, layers=None, ove
 
 
 def _built_layer(conv, method, rank, bias, options):
-    decomposition = decompose_kernel(conv.weight.detach(), method, rank, **options)
+    if isinstance(conv, nn.Linear):
+        decomposition = decompose_kernel(conv.weight.detach(), "svd", rank)
+        return FactorizedLinear.from_decomposition(conv, "svd", decomposition, bias=bias).train(conv.training)
+    decomposition = decompose_kernel(conv.weight.detach(), method, rank, groups=conv.groups, **options)
     return FactorizedConv2d.from_decomposition(conv, method, decomposition, bias=bias).train(conv.training)
 
 
@@ -391,7 +552,7 @@ def _report_layer(report, name, conv, layer, sizes, seconds, **extra):
     report.layers.append(rep)
 
 
-def _kernel_fits(model, selected, method, ranks, bias, sizes, report, show, options) -> dict:
+def _kernel_fits(model, selected, methods, ranks, bias, sizes, report, show, options) -> dict:
     """Each layer fitted to its kernel."""
     modules = dict(model.named_modules())
     new_layers = {}
@@ -399,7 +560,7 @@ def _kernel_fits(model, selected, method, ranks, bias, sizes, report, show, opti
     for i, name in enumerate(selected):
         _progress(show, i, len(selected), name, t0)
         t = time.perf_counter()
-        new_layers[name] = layer = _built_layer(modules[name], method, ranks[name], bias, options)
+        new_layers[name] = layer = _built_layer(modules[name], methods[name], ranks[name], bias, options)
         _report_layer(report, name, modules[name], layer, sizes, time.perf_counter() - t)
     _progress(show, len(selected), len(selected), "done", t0)
     return new_layers
@@ -415,7 +576,9 @@ def _data_fit(fitter, name, conv, method, rank, bias, options, student):
     layer = _built_layer(conv, method, rank, bias, options)
     with_bias = layer.bias is not None
     candidates = {"kernel": cal.LayerFit.of_layer(layer)}
-    if method == "tucker":
+    if method == "svd":
+        candidates["data"] = cal.fit_svd(m, layer.rank, scale, with_bias)
+    elif method == "tucker":
         candidates["data"] = cal.fit_tucker(m, layer.rank, scale, with_bias)
     else:
         kh, kw = conv.kernel_size
@@ -426,7 +589,7 @@ def _data_fit(fitter, name, conv, method, rank, bias, options, student):
             start = cal.LayerFit.of_layer(FactorizedConv2d.from_decomposition(
                 conv, method, decompose_kernel(masked, method, rank, **options), bias=bias))
         candidates["data"] = cal.fit_cp(m, start, scale, with_bias)
-    c_out = conv.out_channels
+    c_out = _geometry(conv).out_channels
     kernels = {k: f.kernel_aug(c_out) for k, f in candidates.items()}
     errors = {k: cal.output_error(m, k_aug, scale) for k, k_aug in kernels.items()}
     held_errors = {k: cal.output_error(held, k_aug, scale) for k, k_aug in kernels.items()} if held else None
@@ -445,7 +608,7 @@ def _data_fit(fitter, name, conv, method, rank, bias, options, student):
     return layer, info
 
 
-def _data_fits(fitter, model, method, ranks, bias, sizes, report, show, options) -> tuple:
+def _data_fits(fitter, model, methods, ranks, bias, sizes, report, show, options) -> tuple:
     """Each layer fitted on the calibration data, in forward order; returns the student and its layers."""
     modules = dict(model.named_modules())
     student = copy.deepcopy(model).eval()
@@ -459,11 +622,11 @@ def _data_fits(fitter, model, method, ranks, bias, sizes, report, show, options)
         conv = modules[name]
         t = time.perf_counter()
         if name in fitter.kernel_only:
-            layer = _built_layer(conv, method, ranks[name], bias, options)
+            layer = _built_layer(conv, methods[name], ranks[name], bias, options)
             info = {"fit": f"kernel ({fitter.kernel_only[name]})"}
         else:
             with torch.no_grad():
-                layer, info = _data_fit(fitter, name, conv, method, ranks[name], bias, options, student)
+                layer, info = _data_fit(fitter, name, conv, methods[name], ranks[name], bias, options, student)
         parent, _, child = name.rpartition(".")
         setattr(s_modules[parent] if parent else student, child, layer)
         new_layers[name] = layer

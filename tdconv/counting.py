@@ -50,15 +50,16 @@ def fused_conv_macs(x_shape, first_shape, spatial_shape, last_shape, stride, pad
 
 def ptflops_hooks() -> dict:
     """``custom_modules_hooks`` for ptflops' module backend: each :class:`FactorizedConv2d` is counted as
-    ptflops counts its chain of ``nn.Conv2d`` (and the ``nn.ReLU`` of a fused ReLU); a
-    :class:`LiveTapConv2d` as the ``nn.Conv2d`` it computes."""
+    ptflops counts its chain of ``nn.Conv2d`` (and the ``nn.ReLU`` of a fused ReLU), each
+    :class:`FactorizedLinear` as its two ``nn.Linear``, a :class:`LiveTapConv2d` as the ``nn.Conv2d``
+    it computes."""
     try:
         from ptflops.pytorch_ops import MODULES_MAPPING
     except ImportError as exc:
         raise ImportError("ptflops_hooks needs ptflops: pip install ptflops") from exc
     from torch import nn
 
-    from .nn import FactorizedConv2d, LiveTapConv2d
+    from .nn import FactorizedConv2d, FactorizedLinear, LiveTapConv2d
 
     def factorized_hook(module, inputs, output):
         x = inputs[0]
@@ -69,7 +70,11 @@ def ptflops_hooks() -> dict:
                 macs += output.numel()
         module.__flops__ += int(macs)
 
-    return {FactorizedConv2d: factorized_hook, LiveTapConv2d: MODULES_MAPPING[nn.Conv2d]}
+    def linear_hook(module, inputs, output):  # as ptflops counts its two nn.Linear
+        x = inputs[0]
+        module.__flops__ += int(module.macs(1) * math.prod(x.shape[:-1]))
+
+    return {FactorizedConv2d: factorized_hook, FactorizedLinear: linear_hook, LiveTapConv2d: MODULES_MAPPING[nn.Conv2d]}
 
 
 def _op_macs(args, outputs) -> int:

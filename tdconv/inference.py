@@ -260,6 +260,5 @@ def to_standard(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 def _chain_params(layer: FactorizedConv2d):
-    order = [layer.first, layer.spatial] + ([layer.spatial_w] if layer.method == "cp4" else []) + [layer.last]
-    return order + ([layer.bias] if layer.bias is not None else [])
+    return layer.chain_factors() + ([layer.bias] if layer.bias is not None else [])
 

@@ -1,7 +1,7 @@
 """Saving and loading compressed models: the architecture changes travel with the weights.
 
-``tdconv.save(model, path)`` writes which modules are :class:`FactorizedConv2d` layers and their
-constructor arguments, next to the state dict. ``tdconv.load(path, model=base)`` rebuilds those layers
+``tdconv.save(model, path)`` writes which modules are factorised layers (:class:`FactorizedConv2d`,
+:class:`FactorizedLinear`) and their constructor arguments, next to the state dict. ``tdconv.load(path, model=base)`` rebuilds those layers
 in ``base`` (the uncompressed architecture, e.g. ``torchvision.models.resnet18(num_classes=10)``) and
 loads the weights. Files are read with ``torch.load(weights_only=True)``: plain containers and tensors
 only, never code.
@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from .nn import FactorizedConv2d
+from .nn import FactorizedConv2d, FactorizedLinear
 from .utils import atomic_save
 
 __all__ = ["save", "load"]
@@ -23,7 +23,7 @@ VERSION = 1
 
 
 def _layer_specs(model: nn.Module) -> dict:
-    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, FactorizedConv2d)}
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, (FactorizedConv2d, FactorizedLinear))}
 
 
 def save(model: nn.Module, path, meta: dict | None = None) -> None:
@@ -75,7 +75,13 @@ def load(path, model: nn.Module, *, strict: bool = True) -> nn.Module:
     kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
     for name, spec in payload["layers"].items():
         try:
-            layer = FactorizedConv2d(**spec, **kw)
+            if not isinstance(spec, dict):
+                raise TypeError(f"its specification is a {type(spec).__name__}, not a dict")
+            spec = dict(spec)
+            kind = spec.pop("kind", "conv")
+            if kind not in ("conv", "linear"):
+                raise ValueError(f"unknown layer kind {kind!r}")
+            layer = (FactorizedLinear if kind == "linear" else FactorizedConv2d)(**spec, **kw)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"path {os.fspath(path)!r}: layer {name!r} cannot be rebuilt: {exc}") from None
         parent_name, _, child = name.rpartition(".")

@@ -50,12 +50,15 @@ def test_compressed_model_computes_its_reconstructed_kernels(require_ext):
 def test_layer_selection_forms():
     model = _resnet18()
     selected, skipped = select_layers(model)
-    assert len(selected) == 16 and all(n.endswith(("conv1", "conv2")) and n != "conv1" for n in selected)
+    # every conv and linear layer but the stem: the 16 3x3 convs, the 3 downsampling 1x1 convs, the classifier
+    assert len(selected) == 20 and sum(n.endswith(("conv1", "conv2")) for n in selected) == 16
+    assert [n for n in selected if "downsample" in n] == [f"layer{i}.0.downsample.0" for i in (2, 3, 4)]
+    assert selected[-1] == "fc" and "conv1" not in selected
     assert skipped == [("conv1", "input conv (3 input channels) left dense")]
     assert select_layers(model, "seed")[0] == [f"layer{i}.{j}.conv2" for i in (1, 2, 3, 4) for j in (0, 1)]
     assert select_layers(model, ["layer1.0.conv1", "layer2.0.downsample.0"])[0] == \
         ["layer1.0.conv1", "layer2.0.downsample.0"]
-    assert select_layers(model, lambda m, n: m.out_channels == 512)[0] == \
+    assert select_layers(model, lambda m, n: isinstance(m, nn.Conv2d) and m.out_channels == 512)[0] == \
         ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2"]
     with pytest.raises(ValueError, match=r"does not have: \['layer9.conv'\]"):
         select_layers(model, ["layer9.conv"])
@@ -78,9 +81,11 @@ def test_inplace_overrides_and_options(require_ext):
 
 
 @pytest.mark.parametrize("name,kwargs,expected_skips", [
-    ("resnet50", dict(method="tucker", rank=0.25), 1),
-    ("vgg11_bn", dict(method="cp", rank=0.25), 1),
-    ("mobilenet_v2", dict(method="cp", rank=4, layers=lambda m, n: m.kernel_size != (1, 1)), 17),
+    # the stem, and the 1x1 convs and classifier a spatial-conv method leaves dense
+    ("resnet50", dict(method="tucker", rank=0.25), 1 + 36 + 1),
+    ("vgg11_bn", dict(method="cp", rank=0.25), 1 + 3),
+    ("mobilenet_v2", dict(method="cp", rank=4, layers=lambda m, n: isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)),
+     17),
 ])
 def test_torchvision_models(require_ext, name, kwargs, expected_skips):
     torch.manual_seed(0)
@@ -102,6 +107,8 @@ def test_torchvision_models(require_ext, name, kwargs, expected_skips):
     assert len(report.skipped) == expected_skips
     if name == "mobilenet_v2":
         assert all("depthwise" in why for _, why in report.skipped)
+    else:
+        assert all("input conv" in why or "gives no method" in why for _, why in report.skipped)
 
 
 def test_inplace_failure_leaves_the_model_unchanged(require_ext):
@@ -142,10 +149,10 @@ def test_bad_input(require_ext):
     small, _ = tdconv.compress(biased, "cp", 4, layers=["1"], bias=False, input_size=(8, 8, 8), **FAST)
     assert small[1].bias is None
     with pytest.raises(ValueError, match="method must be one of"):
-        tdconv.compress(model, "svd")
-    with pytest.raises(ValueError, match="no convolution to factorise"):
-        tdconv.compress(nn.Sequential(nn.Linear(3, 4)))
-    with pytest.raises(ValueError, match=r"rank for layer 'layer1.0.conv2' \(64x64\).*out of range"):
+        tdconv.compress(model, "svd4")
+    with pytest.raises(ValueError, match="no layer to factorise"):
+        tdconv.compress(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match=r"rank for layer 'layer1.0.conv2' \(tucker, 64x64\).*out of range"):
         tdconv.compress(model, "tucker", (128, 128), layers="seed")
     with pytest.raises(ValueError, match="overrides names layers that are not selected"):
         tdconv.compress(model, "cp", 0.5, layers="seed", overrides={"layer1.0.conv1": 3})
@@ -228,10 +235,12 @@ def test_budget_errors(require_ext):
     model = _resnet18()
     with pytest.raises(ValueError, match=r"unreachable.*smallest achievable is 0\.49"):
         tdconv.compress(model, "cp", target_macs=0.3, layers="seed")
-    with pytest.raises(ValueError, match=r"above what factorising these layers can use: at most 0\.96"):
-        # an 8x8 conv: Tucker ranks (7, 7) cost 553 of its 576 parameters, (8, 8) more than it
-        tdconv.compress(nn.Sequential(nn.Conv2d(8, 8, 3, bias=False)), "tucker", target_params=1.0,
-                        input_size=(8, 8, 8))
+    # an 8x8 conv: Tucker ranks (7, 7) cost 553 of its 576 parameters, (8, 8) more than it; at a budget
+    # of all its parameters it stays dense, with the reason
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, bias=False))
+    same, report = tdconv.compress(net, "tucker", target_params=1.0, input_size=(8, 8, 8))
+    assert isinstance(same[0], nn.Conv2d) and report.layers == []
+    assert report.skipped[0][0] == "0" and "left dense by the budget" in report.skipped[0][1]
     with pytest.raises(ValueError, match=r"target_macs must be a fraction in \(0, 1\]"):
         tdconv.compress(model, "cp", target_macs=1.5)
     with pytest.raises(ValueError, match="at most one of target_macs and target_params"):

@@ -216,7 +216,10 @@ def test_macs_and_params_agree_with_ptflops_on_the_chain(method):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(method="svd"), "method must be one of"),
+    (dict(method="svd4"), "method must be one of"),
+    (dict(method="svd"), "method='svd' factorises 1x1 convolutions"),
+    (dict(groups=3), "groups=3 must divide"),
+    (dict(groups=2, rank=3), "must be a multiple of groups=2"),
     (dict(rank=0), "rank must be a positive integer"),
     (dict(rank=1.5), r"fraction of the channels must be in \(0, 1\]"),
     (dict(method="tucker", rank=(9, 2)), "out of range"),
@@ -238,8 +241,8 @@ def test_bad_inputs():
         f(torch.randn(1, 5, 8, 8))
     with pytest.raises(ValueError, match="4-D input"):
         f(torch.randn(4, 8, 8))
-    with pytest.raises(ValueError, match="grouped convolutions are not supported"):
-        tdconv.FactorizedConv2d.from_conv(nn.Conv2d(4, 8, 3, groups=2))
+    with pytest.raises(ValueError, match="depthwise convolution"):
+        tdconv.FactorizedConv2d.from_conv(nn.Conv2d(4, 8, 3, groups=4))
     with pytest.raises(TypeError, match="nn.Conv2d"):
         tdconv.FactorizedConv2d.from_conv(nn.Linear(3, 4))
     assert tdconv.FactorizedConv2d(4, 6, 3, bias=0).bias is None  # any truth value, as nn.Conv2d

@@ -73,7 +73,7 @@ def parse_device(text: str) -> str:
 
 
 def parse_layers(text: str):
-    """'all' -> None (every eligible convolution), 'seed' as it is, else a list of module names."""
+    """'all' -> None (every eligible layer), 'seed' as it is, else a list of module names."""
     return None if text == "all" else "seed" if text == "seed" else text.split(",")
 
 
@@ -84,8 +84,25 @@ def is_resnet(name: str) -> bool:
     return (name.startswith("resnet") or name.startswith("wide_resnet")) and callable(getattr(resnet, name, None))
 
 
+TIMM_PREFIX = "timm:"
+
+
+def _build_timm(name: str, num_classes: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:
+        raise ValueError(f"model {name!r} needs timm: pip install timm (or pip install 'tdconv[timm]')") from exc
+    arch = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    if arch not in timm.list_models():
+        raise ValueError(f"model {name!r} is not a timm model (e.g. timm:resnet50d, timm:efficientnet_b0, "
+                         "timm:convnext_atto)")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+
 def build_model(name: str, num_classes: int, *, stem: str | None = None, in_channels: int = 3) -> nn.Module:
-    """A torchvision classification model by name, with random weights (nothing is downloaded).
+    """A classification model by name, with random weights (nothing is downloaded): a torchvision model
+    (``resnet18``, ``mobilenet_v2``, ...) or a timm one (``timm:NAME``, e.g. ``timm:efficientnet_b0``;
+    a name torchvision does not have is looked up in timm too, where timm is installed).
 
     ResNets only: ``stem="imagenet"`` keeps torchvision's 7x7 stride-2 conv and max-pool (the seed's
     model, also on 32x32 inputs), ``"cifar"`` puts a 3x3 stride-1 conv in its place and drops the
@@ -93,17 +110,25 @@ def build_model(name: str, num_classes: int, *, stem: str | None = None, in_chan
     model.
     """
     import torchvision
-    if not isinstance(name, str) or name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"model {name!r} is not a torchvision model (e.g. resnet18, resnet50, vgg11_bn, "
-                         "mobilenet_v2)")
+    if not isinstance(name, str):
+        raise ValueError(f"model must be a model name, got {type(name).__name__}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     if stem is not None and stem not in STEMS:
         raise ValueError(f"stem must be one of {STEMS} or None, got {stem!r}")
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise ValueError(f"in_channels must be an int >= 1, got {in_channels!r}")
+    in_torchvision = name in torchvision.models.list_models(module=torchvision.models)
     if (stem is not None or in_channels != 3) and not is_resnet(name):
         raise ValueError(f"stem and in_channels apply to torchvision ResNets only, not to {name!r}")
+    if not in_torchvision:
+        if name.startswith(TIMM_PREFIX):
+            return _build_timm(name, num_classes)
+        try:
+            return _build_timm(name, num_classes)
+        except ValueError:
+            raise ValueError(f"model {name!r} is not a torchvision model (e.g. resnet18, resnet50, vgg11_bn, "
+                             "mobilenet_v2) nor, with timm installed, a timm one (timm:NAME)") from None
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if stem == "cifar":
         model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
@@ -133,7 +158,7 @@ def build_from_meta(meta: dict) -> tuple:
     for key, ok, expected in [("num_classes", lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
                               ("in_channels", lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
                               ("stem", lambda v: v is None or v in STEMS, f"one of {STEMS} or null"),
-                              ("model", lambda v: isinstance(v, str), "a torchvision model name")]:
+                              ("model", lambda v: isinstance(v, str), "a torchvision or timm model name")]:
         if key in meta and (isinstance(meta[key], bool) or not ok(meta[key])):
             raise ValueError(f"its metadata has {key}={meta[key]!r}: expected {expected}")
     stem, in_channels = meta.get("stem"), meta.get("in_channels", 3)

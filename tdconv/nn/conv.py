@@ -7,13 +7,21 @@ For a kernel ``W[C_out, C_in, kh, kw]`` (Lebedev et al., ICLR 2015; Kim et al., 
 - ``method="cp4"``: CP of the order-4 kernel: 1x1 conv, depthwise kh x 1, depthwise 1 x kw, 1x1 conv.
 - ``method="tucker"``: Tucker-2 on the channel modes at ranks (R_out, R_in): 1x1 conv C_in->R_in,
   kh x kw core conv R_in->R_out, 1x1 conv R_out->C_out.
+- ``method="svd"`` (1x1 kernels): the truncated SVD of the kernel as a matrix at rank R: 1x1 conv
+  C_in->R (with the conv's stride, padding and dilation), 1x1 conv R->C_out.
+
+A grouped convolution (``groups=G``) is factorised per group: the factors are block diagonal and run as
+grouped 1x1 / grouped core convolutions (CP's depthwise stage is per component already), every group
+at the same ranks (each rank a multiple of G).
 
 ``implementation="auto"`` computes the layer with a fused op (``torch.ops.tdconv.cp_conv2d`` for CP and
 cp4, ``torch.ops.tdconv.tucker_conv2d`` for Tucker-2) when it can run the input and is the faster of
 the two for it (:mod:`tdconv.nn.autotune`), and with the chain of convolutions otherwise; ``"fused"``
 raises with the reasons when it cannot; ``"unfused"`` always takes the chain. Today the fused ops run
 on the CPU with zero padding; the CUDA kernel of ``cp_conv2d`` is only used when asked for with
-``"fused"`` until it has been validated on a GPU. Grouped convolutions are refused (``groups`` must be 1).
+``"fused"`` until it has been validated on a GPU. Grouped and SVD layers always run their chain: an SVD
+layer is two matrix products, which a fused op would not make cheaper, and the fused kernels compute
+ungrouped layers.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from . import dispatch
 from .autotune import autotuner
 from .inference_plan import InferencePlan
 from .live_taps import SkipsPaddingTaps
-from .mapping import cp_component_norms, factors_from_cp, factors_from_tucker, kernel_from_factors
+from .mapping import cp_component_norms, factors_from_cp, factors_from_groups, factors_from_tucker, kernel_from_factors
 
 __all__ = ["FactorizedConv2d"]
 
@@ -64,9 +72,12 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
     kernel_size, stride, dilation : int or (int, int)
     padding : int, (int, int), "same" or "valid"
     bias : bool
-    method : {"cp", "cp4", "tucker"}
+    method : {"cp", "cp4", "tucker", "svd"}
     rank : int, (int, int) or float
-        CP rank R, Tucker ranks (R_out, R_in), or a fraction of the channels (default 0.5).
+        CP or SVD rank R, Tucker ranks (R_out, R_in), or a fraction of the channels (default 0.5); see
+        :func:`tdconv.ranks.resolve_rank`.
+    groups : int
+        As ``nn.Conv2d``'s (keyword-only here); the ranks are then multiples of it.
     padding_mode : {"zeros", "reflect", "replicate", "circular"}
     implementation : {"auto", "fused", "unfused"}
         ``"auto"`` runs the fused op when it can run the input and the unfused chain otherwise;
@@ -78,10 +89,10 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
 
     Attributes (``nn.Parameter``)
     -----------------------------
-    first : [R or R_in, C_in, 1, 1]      1x1 conv into the factor space
+    first : [R or R_in, C_in / G, 1, 1]  1x1 conv into the factor space
     spatial : cp [R, 1, kh, kw]; cp4 ([R, 1, kh, 1], [R, 1, 1, kw]) as ``spatial`` and ``spatial_w``;
-              tucker: the core [R_out, R_in, kh, kw]
-    last : [C_out, R or R_out, 1, 1]     1x1 conv back to the output channels
+              tucker: the core [R_out, R_in / G, kh, kw]; svd: None
+    last : [C_out, (R or R_out) / G, 1, 1]  1x1 conv back to the output channels
     bias : [C_out] or None
 
     Examples
@@ -99,8 +110,8 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
     fused_relu: bool = False
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *,
-                 method="cp", rank=0.5, padding_mode="zeros", implementation="auto", fused_relu=False, device=None,
-                 dtype=None):
+                 method="cp", rank=0.5, groups=1, padding_mode="zeros", implementation="auto", fused_relu=False,
+                 device=None, dtype=None):
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels")
         self.out_channels = positive_int(out_channels, "out_channels")
@@ -124,21 +135,31 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         if not isinstance(fused_relu, bool):
             raise TypeError(f"fused_relu must be a bool, got {type(fused_relu).__name__}")
         self.fused_relu = fused_relu
+        self.groups = positive_int(groups, "groups")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups={self.groups} must divide in_channels ({self.in_channels}) and out_channels "
+                             f"({self.out_channels})")
+        if method == "svd" and self.kernel_size != (1, 1):
+            raise ValueError(f"method='svd' factorises 1x1 convolutions, got kernel_size={self.kernel_size}; use "
+                             "'tucker' or 'cp' for a spatial kernel")
         self.method = method
-        self.rank = resolve_rank(rank, method, self.out_channels, self.in_channels)
+        self.rank = resolve_rank(rank, method, self.out_channels, self.in_channels, self.groups)
         bias = bool(bias)  # as nn.Conv2d: any truth value
         kw = {"device": device, "dtype": dtype}
         kh, kwd = self.kernel_size
         r_mid, r_in = self._rank_pair()
-        self.first = nn.Parameter(torch.empty(r_in, self.in_channels, 1, 1, **kw))
+        g = self.groups
+        self.first = nn.Parameter(torch.empty(r_in, self.in_channels // g, 1, 1, **kw))
         if method == "cp":
             self.spatial = nn.Parameter(torch.empty(self.rank, 1, kh, kwd, **kw))
         elif method == "cp4":
             self.spatial = nn.Parameter(torch.empty(self.rank, 1, kh, 1, **kw))
             self.spatial_w = nn.Parameter(torch.empty(self.rank, 1, 1, kwd, **kw))
+        elif method == "svd":
+            self.register_parameter("spatial", None)
         else:
-            self.spatial = nn.Parameter(torch.empty(r_mid, r_in, kh, kwd, **kw))
-        self.last = nn.Parameter(torch.empty(self.out_channels, r_mid, 1, 1, **kw))
+            self.spatial = nn.Parameter(torch.empty(r_mid, r_in // g, kh, kwd, **kw))
+        self.last = nn.Parameter(torch.empty(self.out_channels, r_mid // g, 1, 1, **kw))
         self.bias = nn.Parameter(torch.empty(self.out_channels, **kw)) if bias else None
         if implementation == "fused" and self.fused_unsupported_reasons():
             raise ValueError("implementation='fused' cannot run: " + "; ".join(self.fused_unsupported_reasons()))
@@ -146,16 +167,22 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
 
     # ------------------------------------------------------------------------------------------ init
     def _factors(self) -> list:
-        return [self.first, self.spatial, self.last] + ([self.spatial_w] if self.method == "cp4" else [])
+        return [f for f in (self.first, self.spatial, self.last) if f is not None] + (
+            [self.spatial_w] if self.method == "cp4" else [])
+
+    def chain_factors(self) -> list:
+        """The factors in the order of :meth:`to_chain`'s convolutions."""
+        return [f for f in (self.first, self.spatial, getattr(self, "spatial_w", None), self.last) if f is not None]
 
     def reset_parameters(self) -> None:
         """Random factors whose product has the variance of ``nn.Conv2d``'s default kernel init."""
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         target = 1.0 / (3.0 * fan_in)  # variance of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         with torch.no_grad():
             factors = self._factors()
-            # A kernel entry sums `terms` products of one entry of each factor.
-            terms = self.rank if self.method != "tucker" else self.rank[0] * self.rank[1]
+            # A kernel entry sums `terms` products of one entry of each factor (within its group).
+            g = self.groups
+            terms = self.rank // g if self.method != "tucker" else (self.rank[0] // g) * (self.rank[1] // g)
             std = (target / terms) ** (1.0 / (2 * len(factors)))
             for f in factors:
                 f.normal_(0.0, std)
@@ -177,25 +204,34 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         the conv has none, initialised to zero (the function is unchanged).
         """
         layer = cls._like_checked(conv, method, rank, bias, implementation)
-        decomposition = decompose_kernel(conv.weight.detach(), method, layer.rank, seed=seed, **decomposition_options)
+        decomposition = decompose_kernel(conv.weight.detach(), method, layer.rank, groups=layer.groups, seed=seed,
+                                         **decomposition_options)
         return layer.load_decomposition(decomposition, conv.bias)
 
     @classmethod
     def from_decomposition(cls, conv: nn.Conv2d, method: str, decomposition, *, implementation: str = "auto",
                            bias: bool | None = None) -> "FactorizedConv2d":
         """The layer of ``conv``'s arguments made of ``decomposition`` (of its kernel, as
-        :func:`tdconv.decomposition.decompose_kernel` returns it for ``method``), with ``conv``'s bias."""
-        _check_container(method, decomposition)
-        rank = tuple(decomposition.ranks) if method == "tucker" else decomposition.rank
+        :func:`tdconv.decomposition.decompose_kernel` returns it for ``method``: for a grouped conv, a
+        list with one decomposition per group), with ``conv``'s bias."""
+        parts = decomposition if isinstance(decomposition, (list, tuple)) else [decomposition]
+        if not parts:
+            raise ValueError("decomposition is an empty list")
+        for part in parts:
+            _check_container(method, part)
+        first = parts[0]
+        rank = tuple(first.ranks) if method == "tucker" else first.rank
+        g = len(parts)
+        rank = (rank[0] * g, rank[1] * g) if method == "tucker" else rank * g
         return cls._like_checked(conv, method, rank, bias, implementation).load_decomposition(decomposition, conv.bias)
 
     @classmethod
     def _like_checked(cls, conv, method, rank, bias, implementation):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1:
-            raise ValueError(f"grouped convolutions are not supported (conv.groups={conv.groups}); "
-                             "only groups=1 convolutions can be factorised")
+        if conv.groups > 1 and conv.in_channels == conv.groups:
+            raise ValueError(f"a depthwise convolution (groups={conv.groups} = in_channels) has one input channel "
+                             "per group: there is no channel mode to factorise")
         if bias not in (None, True, False):
             raise ValueError(f"bias must be None (keep the conv's), True or False, got {bias!r}")
         if bias is False and conv.bias is not None:
@@ -204,20 +240,29 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         return cls.like(conv, method, rank, bias=bias, implementation=implementation, device=w.device, dtype=w.dtype)
 
     def load_decomposition(self, decomposition, bias: torch.Tensor | None = None) -> "FactorizedConv2d":
-        """Set the parameters from a decomposition of the kernel (a ``CPTensor`` for cp / cp4, a Tucker-2
-        ``TuckerTensor`` for tucker, of this layer's ranks) and ``bias`` (zero when None); returns self."""
-        shape = (self.out_channels, self.in_channels, *self.kernel_size)
-        _check_container(self.method, decomposition)
-        if tuple(decomposition.shape) != (shape if self.method != "cp" else shape[:2] + (shape[2] * shape[3],)):
-            raise ValueError(f"the decomposition is of a tensor of shape {tuple(decomposition.shape)}, not of this "
-                             f"layer's kernel {shape} (method={self.method})")
+        """Set the parameters from a decomposition of the kernel (a ``CPTensor`` for cp / cp4 / svd, a
+        Tucker-2 ``TuckerTensor`` for tucker, of this layer's ranks; a grouped layer: a list of them, one
+        per group) and ``bias`` (zero when None); returns self."""
+        g = self.groups
+        shape = (self.out_channels // g, self.in_channels // g, *self.kernel_size)  # of one group's block
+        expected = {"cp": shape[:2] + (shape[2] * shape[3],), "svd": shape[:2]}.get(self.method, shape)
+        parts = decomposition if isinstance(decomposition, (list, tuple)) else [decomposition]
+        if len(parts) != g:
+            raise ValueError(f"a layer of groups={g} is made of {g} decompositions (one per group), got "
+                             f"{len(parts)}")
+        for part in parts:
+            _check_container(self.method, part)
+            if tuple(part.shape) != expected:
+                what = "of this layer's kernel" if g == 1 else "of one group's block of this layer's kernel"
+                raise ValueError(f"the decomposition is of a tensor of shape {tuple(part.shape)}, not {what} "
+                                 f"{expected} (method={self.method})")
         if bias is not None and (self.bias is None or tuple(bias.shape) != (self.out_channels,)):
             raise ValueError(f"bias must be [{self.out_channels}] for a layer with a bias, got "
                              f"{tuple(bias.shape)}" + (" for a layer without one" if self.bias is None else ""))
         if self.method == "tucker":
-            factors = factors_from_tucker(decomposition, shape)
+            factors = factors_from_groups([factors_from_tucker(part, shape) for part in parts])
         else:
-            factors = factors_from_cp(decomposition, self.method, shape)
+            factors = factors_from_groups([factors_from_cp(part, self.method, shape) for part in parts])
         with torch.no_grad():
             for name, value in factors.items():
                 param = getattr(self, name)
@@ -236,8 +281,8 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         mode; a bias where ``conv`` has one or ``bias`` is True), freshly initialised. ``kwargs`` go
         to the constructor (``implementation``, ``device``, ``dtype``)."""
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                   conv.bias is not None or bias is True, method=method, rank=rank, padding_mode=conv.padding_mode,
-                   **kwargs)
+                   conv.bias is not None or bias is True, method=method, rank=rank, groups=conv.groups,
+                   padding_mode=conv.padding_mode, **kwargs)
 
     def spec(self) -> dict:
         """The constructor arguments that rebuild this layer (plain values, for saving)."""
@@ -247,6 +292,7 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
                 "dilation": list(self.dilation), "bias": self.bias is not None, "method": self.method,
                 "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank,
                 "padding_mode": self.padding_mode, "implementation": self.implementation,
+                **({"groups": self.groups} if self.groups != 1 else {}),
                 **({"fused_relu": True} if self.fused_relu else {})}
 
     @property
@@ -260,7 +306,7 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         layer's op."""
         config = (self.method, self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride,
                   self.padding, self.dilation, self.padding_mode, self.bias is not None, self.implementation,
-                  self.fused_relu)
+                  self.fused_relu, self.groups)
         state = self.__dict__.get("_dispatch_state")
         if state is None or state[0] != config:
             state = self.__dict__["_dispatch_state"] = (config, ConvGeometry.of(self), {})
@@ -268,11 +314,13 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
 
     def component_norms(self) -> torch.Tensor:
         """CP (cp, cp4): the norm of each rank-1 term of the kernel, the product of its factors' norms."""
-        return cp_component_norms(self.method, self.first, self.spatial, self.last, getattr(self, "spatial_w", None))
+        return cp_component_norms(self.method, self.first, self.spatial, self.last, getattr(self, "spatial_w", None),
+                                  self.groups)
 
     def kernel(self) -> torch.Tensor:
-        """The dense kernel ``[C_out, C_in, kh, kw]`` this layer computes with."""
-        return kernel_from_factors(self.method, self.first, self.spatial, self.last, getattr(self, "spatial_w", None))
+        """The dense kernel ``[C_out, C_in / groups, kh, kw]`` this layer computes with."""
+        return kernel_from_factors(self.method, self.first, self.spatial, self.last, getattr(self, "spatial_w", None),
+                                   self.groups)
 
     def to_conv(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d`` (same arguments, the reconstructed kernel, the bias). A layer
@@ -283,7 +331,7 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
                              "(which ends with an nn.ReLU)")
         w = self.first
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
+                         self.dilation, groups=self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
                          device=w.device, dtype=w.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.kernel())
@@ -299,30 +347,38 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         g = self.geometry
         kw = {"device": self.first.device, "dtype": self.first.dtype}
         r_out, r_in = self._rank_pair()
+        groups = self.groups
         pad = g.explicit_pad
         padding = g.symmetric_padding if pad is None else (0, 0)
-        mods = [nn.Conv2d(self.in_channels, r_in, 1, bias=False, **kw)]
-        if pad is not None:
-            mods.append(_PADS[self.padding_mode](pad))
+        mods = []
+        if self.method == "svd":  # the first 1x1 carries the stride, padding and dilation
+            if pad is not None:
+                mods.append(_PADS[self.padding_mode](pad))
+            mods.append(nn.Conv2d(self.in_channels, r_in, 1, self.stride, padding, self.dilation, groups=groups,
+                                  bias=False, **kw))
+        else:
+            mods.append(nn.Conv2d(self.in_channels, r_in, 1, groups=groups, bias=False, **kw))
+            if pad is not None:
+                mods.append(_PADS[self.padding_mode](pad))
         (sh, sw), (dh, dw), (kh, kwd) = self.stride, self.dilation, self.kernel_size
         if self.method == "tucker":
-            mods.append(nn.Conv2d(r_in, r_out, self.kernel_size, self.stride, padding, self.dilation, bias=False, **kw))
+            mods.append(nn.Conv2d(r_in, r_out, self.kernel_size, self.stride, padding, self.dilation, groups=groups,
+                                  bias=False, **kw))
         elif self.method == "cp":
             mods.append(nn.Conv2d(r_in, r_in, self.kernel_size, self.stride, padding, self.dilation, groups=r_in,
                                   bias=False, **kw))
-        else:
+        elif self.method == "cp4":
             mods.append(nn.Conv2d(r_in, r_in, (kh, 1), (sh, 1), (padding[0], 0), (dh, 1), groups=r_in, bias=False,
                                   **kw))
             mods.append(nn.Conv2d(r_in, r_in, (1, kwd), (1, sw), (0, padding[1]), (1, dw), groups=r_in, bias=False,
                                   **kw))
-        mods.append(nn.Conv2d(r_out, self.out_channels, 1, bias=self.bias is not None, **kw))
+        mods.append(nn.Conv2d(r_out, self.out_channels, 1, groups=groups, bias=self.bias is not None, **kw))
         if self.fused_relu:
             mods.append(nn.ReLU())
         chain = nn.Sequential(*mods)
         convs = [m for m in mods if isinstance(m, nn.Conv2d)]
         with torch.no_grad():
-            order = [self.first, self.spatial] + ([self.spatial_w] if self.method == "cp4" else []) + [self.last]
-            for conv, value in zip(convs, order):  # the chain's convs in order
+            for conv, value in zip(convs, self.chain_factors()):  # the chain's convs in order
                 conv.weight.copy_(value)
             if self.bias is not None:
                 convs[-1].bias.copy_(self.bias)
@@ -335,7 +391,7 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
     def fused_unsupported_reasons(self, x: torch.Tensor | None = None) -> list:
         """Why the fused op cannot compute this layer (on the input ``x``, when given); empty when it can."""
         if x is None:
-            return dispatch.layer_unsupported_reasons(self.geometry)
+            return dispatch.layer_unsupported_reasons(self.geometry, self.method)
         return dispatch.fused_unsupported_reasons(self.geometry, self.method, x, self.first,
                                                   explicit=self.implementation == "fused")
 
@@ -432,6 +488,8 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
              f", padding={self.padding}")
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
         if self.padding_mode != "zeros":

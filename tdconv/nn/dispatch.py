@@ -27,9 +27,16 @@ def fused_op_name(method: str) -> str:
     return "tucker_conv2d" if method == "tucker" else "cp_conv2d"
 
 
-def layer_unsupported_reasons(geometry: ConvGeometry) -> list:
-    """Why no fused op can compute a layer of this geometry, whatever the input (empty when one can)."""
+def layer_unsupported_reasons(geometry: ConvGeometry, method: str | None = None) -> list:
+    """Why no fused op can compute a layer of this geometry (and ``method``), whatever the input (empty
+    when one can)."""
     reasons = []
+    if method == "svd":
+        reasons.append("an SVD layer is two 1x1 convolutions (two matrix products), which a fused op would not "
+                       "make cheaper; it runs them")
+    if geometry.groups != 1:
+        reasons.append(f"the fused ops compute ungrouped layers; a grouped layer (groups={geometry.groups}) runs "
+                       "its chain of grouped convolutions")
     if geometry.padding_mode != "zeros":
         reasons.append(f"the fused op pads with zeros only, not padding_mode={geometry.padding_mode!r}")
     if geometry.symmetric_padding is None:
@@ -43,8 +50,10 @@ def fused_unsupported_reasons(geometry: ConvGeometry, method: str, x: torch.Tens
     """Why the fused op cannot compute the layer on the input ``x`` with parameters like ``factor``
     (empty when it can). ``explicit=False`` is the question of ``implementation="auto"``: a kernel that
     has not run on hardware yet counts as a reason too."""
-    return layer_unsupported_reasons(geometry) + _ops.fused_unsupported_reasons(x, factor, fused_op_name(method),
-                                                                                explicit=explicit)
+    reasons = layer_unsupported_reasons(geometry, method)
+    if method == "svd":
+        return reasons
+    return reasons + _ops.fused_unsupported_reasons(x, factor, fused_op_name(method), explicit=explicit)
 
 
 def _strides_like_channels_last(t: torch.Tensor) -> bool:
@@ -117,22 +126,32 @@ def unfused_forward(geometry: ConvGeometry, method: str, rank, x, first, spatial
                     skip_padding_taps: bool = False, relu: bool = False):
     """The layer as its chain of standard convolutions (``to_chain``; then a ReLU where ``relu``), in
     the layout ``nn.Conv2d`` would return."""
-    fmt = conv_memory_format(x, first, spatial, last)
-    y = F.conv2d(x, first)
+    fmt = conv_memory_format(x, *(w for w in (first, spatial, last) if w is not None))
     pad = geometry.explicit_pad
     padding = geometry.symmetric_padding if pad is None else (0, 0)
+    mode = "constant" if geometry.padding_mode == "zeros" else geometry.padding_mode
+    groups = geometry.groups
+    if method == "svd":  # the first 1x1 carries the stride, padding and dilation
+        if pad is not None:
+            x = F.pad(x, pad, mode=mode)
+        y = F.conv2d(x, first, None, geometry.stride, padding, geometry.dilation, groups)
+        y = F.conv2d(y, last, bias, 1, 0, 1, groups)
+        if relu:
+            y = torch.relu(y)
+        return y.contiguous(memory_format=fmt)
+    y = F.conv2d(x, first, None, 1, 0, 1, groups)
     if pad is not None:
-        y = F.pad(y, pad, mode="constant" if geometry.padding_mode == "zeros" else geometry.padding_mode)
+        y = F.pad(y, pad, mode=mode)
     conv = live_conv2d if pad is None and skip_padding_taps else F.conv2d
     if method == "tucker":
-        y = conv(y, spatial, None, geometry.stride, padding, geometry.dilation, 1)
+        y = conv(y, spatial, None, geometry.stride, padding, geometry.dilation, groups)
     elif method == "cp":
         y = conv(y, spatial, None, geometry.stride, padding, geometry.dilation, rank)
     else:
         (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
         y = F.conv2d(y, spatial, None, (sh, 1), (padding[0], 0), (dh, 1), groups=rank)
         y = F.conv2d(y, spatial_w, None, (1, sw), (0, padding[1]), (1, dw), groups=rank)
-    y = F.conv2d(y, last, bias)
+    y = F.conv2d(y, last, bias, 1, 0, 1, groups)
     if relu:  # (torch.relu, not F.relu: ptflops' functional counting wraps F.relu, and counts the layer itself)
         y = torch.relu(y)
     return y.contiguous(memory_format=fmt)

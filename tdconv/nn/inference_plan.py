@@ -84,6 +84,8 @@ class InferencePlan:
 
     def _build(self, layer) -> _Prepared:
         check = self._check_of(layer)
+        if layer.fused_unsupported_reasons():  # (SVD and grouped layers) nothing to prepare: the chain runs
+            return _Prepared(check, None, (), None, layer.first.device, layer.first.dtype, layer.in_channels, False)
         first, spatial, last, bias, spatial_w = (p.detach() if p is not None else None for p in layer._params())
         g = layer.geometry
         # Without the compiled extension there is no op to call: the ordinary path (and its fallback).
