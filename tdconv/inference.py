@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn import FactorizedConv2d
+from .nn import FactorizedConv2d, FactorizedLinear
 
 __all__ = ["optimize_for_inference", "to_standard", "InferenceReport"]
 
@@ -234,21 +234,22 @@ def optimize_for_inference(model: nn.Module, *, fold_batchnorm: bool = True, fus
 def to_standard(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """``model`` with every :class:`FactorizedConv2d` replaced by its chain of standard modules
     (:meth:`FactorizedConv2d.to_chain`: ``nn.Conv2d`` 1x1, the spatial conv(s), ``nn.Conv2d`` 1x1, and
-    an ``nn.ReLU`` where the layer has a fused one): the same function with no custom op, for runtimes
+    an ``nn.ReLU`` where the layer has a fused one; an SVD layer's two 1x1 convs) and every
+    :class:`FactorizedLinear` by its two ``nn.Linear``: the same function with no custom op, for runtimes
     and tools that know only standard layers. A copy unless ``inplace``; train / eval mode is kept
     per layer. A model that is itself a factorised layer comes back as its chain."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if isinstance(model, FactorizedConv2d):
+    if isinstance(model, (FactorizedConv2d, FactorizedLinear)):
         chain = model.to_chain()
         for p_old, p_new in zip(_chain_params(model), chain.parameters()):
             p_new.requires_grad_(p_old.requires_grad)
         return chain
     if not inplace:
         model = copy.deepcopy(model)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedConv2d)]
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (FactorizedConv2d, FactorizedLinear))]
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -170,6 +170,15 @@ def mode_tails(weight: torch.Tensor, groups: int = 1) -> tuple:
     blocks = w.chunk(groups, 0) if groups > 1 else [w]
     tails = []
     for mode in (0, 1):
+        if mode == 1 and w.shape[2] * w.shape[3] == 1 and groups == 1:
+            # a matrix (1x1 kernel, linear layer): the two unfoldings share their singular values
+            ev_tail = tails[0]
+            size = w.shape[1] + 1
+            if ev_tail.numel() >= size:  # (zero beyond the smaller channel count)
+                tails.append(ev_tail[:size].clone())
+            else:
+                tails.append(torch.cat([ev_tail, ev_tail.new_zeros(size - ev_tail.numel())]))
+            continue
         acc = None
         for b in blocks:
             u = b.movedim(mode, 0).reshape(b.shape[mode], -1)

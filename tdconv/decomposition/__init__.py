@@ -13,8 +13,8 @@ Layout (as tensorly's): containers (:class:`CPTensor`, :class:`TuckerTensor`), C
 from ._containers import CPTensor, TuckerTensor
 from .batch import decompose_batch
 from .cp import cp_als, cp_epc, initialize_cp
-from .kernels import KERNEL_METHODS, decompose_kernel
+from .kernels import KERNEL_METHODS, decompose_kernel, truncated_svd
 from .tucker import tucker_hooi, tucker_hosvd
 
 __all__ = ["CPTensor", "TuckerTensor", "initialize_cp", "cp_als", "cp_epc", "tucker_hosvd", "tucker_hooi",
-           "decompose_batch", "decompose_kernel", "KERNEL_METHODS"]
+           "decompose_batch", "decompose_kernel", "truncated_svd", "KERNEL_METHODS"]
