@@ -21,7 +21,7 @@ import torch
 
 from common import environment, median_times, print_environment, print_table, tdconv, write_json
 
-# (family, model): one of each family the issue asks for, from torchvision or timm.
+# (family, model): one architecture of each family, from torchvision or timm.
 MODELS = [
     ("residual", "resnet18"),
     ("bottleneck", "resnet50"),

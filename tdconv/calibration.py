@@ -44,6 +44,8 @@ RIDGE = 1e-5           # relative ridge of the least-squares solves (float32 pat
 HELD_OUT = 0.125       # fraction of the calibration images held out to measure the fits
 REFINE_LR = 1e-4       # Adam's step size of the block refinement
 CHUNK = 1 << 23        # patch-matrix elements unfolded at once (an image more where one is larger)
+MAX_FIT_DIM = 8192     # input dimension (C_in kh kw) above which a layer gets the kernel fit: its float64 moments
+                       # (two d x d matrices, 1 GiB at 8192) and their solves grow with d^2 and d^3
 
 
 class CalibrationWarning(UserWarning):
@@ -655,10 +657,14 @@ class SequentialFit:
         self.order = [n for n, c in calls.items() if c == 1]  # forward order
         # Layers the data cannot fit: the kernel fit, with the reason.
         self.kernel_only = {n: "not reached by the calibration data" for n in names if n not in calls}
-        grouped = [n for n, c in calls.items() if c == 1 and getattr(self.modules[n], "groups", 1) > 1
-                   and tuple(self.modules[n].kernel_size) != (1, 1)]
+        grouped = [n for n, c in calls.items() if c == 1 and getattr(self.modules[n], "groups", 1) > 1]
         self.kernel_only.update({n: "grouped convolution; data-aware fits cover ungrouped convs, 1x1 convs and "
                                     "linear layers" for n in grouped})
+        large = [n for n, c in calls.items() if c == 1 and n not in self.kernel_only
+                 and _layer_geometry(self.modules[n]).in_channels * math.prod(
+                     _layer_geometry(self.modules[n]).kernel_size) > MAX_FIT_DIM]
+        self.kernel_only.update({n: f"more than {MAX_FIT_DIM} inputs per output (C_in kh kw), beyond what a "
+                                    "data-aware fit keeps moments of" for n in large})
         self.order = [n for n in self.order if n not in self.kernel_only]
         self.kernel_only.update({n: f"called {c} times per forward (shared); fitted to its kernel"
                                  for n, c in calls.items() if c > 1})
@@ -738,13 +744,14 @@ class SequentialFit:
         """Adam on the block's output error; kept only where the held-out error goes down (skipped when
         nothing is held out). Only the block's factorised layers and BatchNorm affine parameters move;
         no parameter is left with a gradient or a changed ``requires_grad``."""
-        from .nn import FactorizedConv2d
+        from .nn import FactorizedConv2d, FactorizedLinear
         if not len(self.held_batches):
             return {"block": block_name, "steps": 0, "kept": False,
                     "reason": "no held-out images to check it on (fewer than 8 calibration images)"}
         block, xs, ys = self._block_data(block_name, student, self.fit_batches)
         _, hxs, hys = self._block_data(block_name, student, self.held_batches)
-        params = [p for m in block.modules() if isinstance(m, FactorizedConv2d) for p in m.parameters()]
+        params = [p for m in block.modules() if isinstance(m, (FactorizedConv2d, FactorizedLinear))
+                  for p in m.parameters()]
         params += [p for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                    for p in (m.weight, m.bias) if p is not None]
         if not params:

@@ -21,6 +21,7 @@ from torch import nn
 from . import calibration as cal
 from .counting import ptflops_hooks
 from .decomposition import decompose_kernel
+from .decomposition.kernels import method_options
 from .geometry import ConvGeometry
 from .nn import FactorizedConv2d, FactorizedLinear
 from .nn.mapping import cp_sensitivity
@@ -38,9 +39,9 @@ STEM_MAX_IN_CHANNELS = 4
 LAYER_KINDS = ("conv", "grouped_conv", "pointwise", "linear")
 KIND_METHODS = {"conv": ("cp", "cp4", "tucker"), "grouped_conv": ("cp", "cp4", "tucker"), "pointwise": ("svd",),
                 "linear": ("svd",)}
-# method="auto": Tucker-2 for spatial convs (deterministic, its budget error estimates are exact bounds of
-# HOSVD truncations, fast to compute at any rank, and it keeps the layer's channel structure), the
-# truncated SVD (the optimal factorisation of a matrix) for 1x1 convs and linear layers.
+# method="auto": Tucker-2 for spatial convs (deterministic, its budget error estimates come from the same
+# channel-mode spectra as its fit, fast to compute at any rank, and it keeps the layer's channel
+# structure), the truncated SVD (the optimal factorisation of a matrix) for 1x1 convs and linear layers.
 AUTO_METHODS = {"conv": "tucker", "grouped_conv": "tucker", "pointwise": "svd", "linear": "svd"}
 
 
@@ -114,9 +115,6 @@ def select_layers(model: nn.Module, layers=None) -> tuple[list, list]:
             if isinstance(m, nn.Conv2d) and m.in_channels <= STEM_MAX_IN_CHANNELS:
                 skipped.append((name, f"input conv ({m.in_channels} input channels) left dense"))
                 continue
-            if isinstance(parents.get(name), nn.MultiheadAttention):
-                skipped.append((name, "projection of an nn.MultiheadAttention, which reads its weight directly"))
-                continue
             wanted.append(name)
     elif isinstance(layers, str):
         if layers != "seed":
@@ -145,6 +143,10 @@ def select_layers(model: nn.Module, layers=None) -> tuple[list, list]:
     selected = []
     for name in wanted:
         reason = _why_not(convs[name])
+        if reason is None and isinstance(parents.get(name), nn.MultiheadAttention):
+            reason = "projection of an nn.MultiheadAttention, which reads its weight directly instead of calling it"
+        if reason is None and not bool(convs[name].weight.detach().ne(0).any()):
+            reason = "all-zero weight: nothing to factorise"
         if reason:
             skipped.append((name, reason))
         else:
@@ -154,14 +156,14 @@ def select_layers(model: nn.Module, layers=None) -> tuple[list, list]:
 
 def _method_spec(method, explicit_layers: bool = False):
     """``method`` checked: a method name, "auto", a mapping from layer kind to method (or None), or a
-    callable. Returns ``(description for the report, function (name, module, kind) -> method or None)``."""
+    callable ``(module, name)``. Returns ``(description for the report, function (name, module, kind) -> method or None)``."""
     from .ranks import METHODS
     if isinstance(method, str):
         if method == "auto":
             return "auto", lambda name, module, kind: AUTO_METHODS[kind]
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, 'auto', a dict from layer kind {LAYER_KINDS} to "
-                             f"method, or a callable (name, module) -> method; got {method!r}")
+                             f"method, or a callable (module, name) -> method; got {method!r}")
         if method == "svd":
             return method, lambda name, module, kind: "svd" if kind in ("pointwise", "linear") else None
         # A spatial-conv method names how spatial convs are factorised; 1x1 convs and linear layers (matrices,
@@ -183,7 +185,7 @@ def _method_spec(method, explicit_layers: bool = False):
         return desc, lambda name, module, kind: table.get(kind)
     if callable(method):
         def call(name, module, kind):
-            m = method(name, module)
+            m = method(module, name)
             m = AUTO_METHODS[kind] if m == "auto" else m
             if m is not None and m not in KIND_METHODS[kind]:
                 raise ValueError(f"method({name!r}) returned {m!r} for a {kind} layer; expected one of "
@@ -236,6 +238,9 @@ def count_complexity(model: nn.Module, input_size=(3, 32, 32)) -> tuple[int, int
     macs, params = ptflops.get_model_complexity_info(
         model, tuple(input_size), as_strings=False, print_per_layer_stat=False, verbose=False, backend="pytorch",
         backend_specific_config={"count_functional": False}, custom_modules_hooks=ptflops_hooks())
+    if macs is None or params is None:  # ptflops reports a failed forward by printing it and returning None
+        raise RuntimeError(f"ptflops could not count the model at input_size={tuple(input_size)}: its forward "
+                           "failed under the counter (run the model on an input of that size to see why)")
     return int(macs), int(params)
 
 
@@ -294,7 +299,8 @@ def compress(model: nn.Module, method="auto", rank=0.5, *, layers=None, override
           names or selects;
         - ``"svd"``: 1x1 convs and linear layers only;
         - a dict from kind to method (or None: leave that kind dense); kinds it does not name stay dense;
-        - a callable ``(name, module) -> method or None``, per layer.
+        - a callable ``(module, name) -> method or None``, per layer (the argument order of
+          ``layers``' callable).
 
         Depthwise convs always stay dense (the report says why).
     rank : int, (int, int), float or str
@@ -401,6 +407,11 @@ def compress(model: nn.Module, method="auto", rank=0.5, *, layers=None, override
             methods[name] = m
             kept.append(name)
     selected = kept
+    taken = set().union(*(method_options(m) for m in set(methods.values()))) if methods else {"seed"}
+    unknown = sorted(set(decomposition_options) - taken)
+    if unknown:
+        raise TypeError(f"unexpected decomposition options {unknown} for the methods in use "
+                        f"{sorted(set(methods.values()))} (allowed: {sorted(taken)})")
     if overrides:
         unknown = sorted(set(overrides) - set(selected))
         if unknown:
@@ -507,6 +518,8 @@ def compress(model: nn.Module, method="auto", rank=0.5, *, layers=None, override
     else:
         out = model if inplace else copy.deepcopy(model)
         out_modules = dict(out.named_modules())
+        saved = ({n: out_modules[n] for n in new_layers}, copy.deepcopy(out.state_dict()) if fitter is not None
+                 else None) if inplace else None
         for name, layer in new_layers.items():
             parent_name, _, child = name.rpartition(".")
             setattr(out_modules[parent_name] if parent_name else out, child, layer)
@@ -518,15 +531,32 @@ def compress(model: nn.Module, method="auto", rank=0.5, *, layers=None, override
             if n in flags:
                 m.training = flags[n]
     report.macs_before, report.params_before = before
-    report.macs_after, report.params_after = count_complexity(out, input_size)
+    try:
+        report.macs_after, report.params_after = count_complexity(out, input_size)
+    except Exception:
+        if inplace and saved is not None:  # the model as it was
+            originals, state = saved
+            for name, module in originals.items():
+                parent_name, _, child = name.rpartition(".")
+                setattr(out.get_submodule(parent_name) if parent_name else out, child, module)
+            if state is not None:
+                out.load_state_dict(state)
+        raise
     return out, report
+
+
+def _options(method, options) -> dict:
+    """The decomposition options that ``method`` takes (compress checked that each is taken by one)."""
+    allowed = method_options(method)
+    return {k: v for k, v in options.items() if k in allowed}
 
 
 def _built_layer(conv, method, rank, bias, options):
     if isinstance(conv, nn.Linear):
-        decomposition = decompose_kernel(conv.weight.detach(), "svd", rank)
+        decomposition = decompose_kernel(conv.weight.detach(), "svd", rank, **_options("svd", options))
         return FactorizedLinear.from_decomposition(conv, "svd", decomposition, bias=bias).train(conv.training)
-    decomposition = decompose_kernel(conv.weight.detach(), method, rank, groups=conv.groups, **options)
+    decomposition = decompose_kernel(conv.weight.detach(), method, rank, groups=conv.groups,
+                                     **_options(method, options))
     return FactorizedConv2d.from_decomposition(conv, method, decomposition, bias=bias).train(conv.training)
 
 
@@ -560,7 +590,10 @@ def _kernel_fits(model, selected, methods, ranks, bias, sizes, report, show, opt
     for i, name in enumerate(selected):
         _progress(show, i, len(selected), name, t0)
         t = time.perf_counter()
-        new_layers[name] = layer = _built_layer(modules[name], methods[name], ranks[name], bias, options)
+        try:
+            new_layers[name] = layer = _built_layer(modules[name], methods[name], ranks[name], bias, options)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from None
         _report_layer(report, name, modules[name], layer, sizes, time.perf_counter() - t)
     _progress(show, len(selected), len(selected), "done", t0)
     return new_layers
@@ -587,7 +620,7 @@ def _data_fit(fitter, name, conv, method, rank, bias, options, student):
         if not bool(live.all()) and bool(live.any()):  # no rank spent on taps that only read padding
             masked = conv.weight.detach() * live.reshape(1, 1, kh, kw).to(conv.weight)
             start = cal.LayerFit.of_layer(FactorizedConv2d.from_decomposition(
-                conv, method, decompose_kernel(masked, method, rank, **options), bias=bias))
+                conv, method, decompose_kernel(masked, method, rank, **_options(method, options)), bias=bias))
         candidates["data"] = cal.fit_cp(m, start, scale, with_bias)
     c_out = _geometry(conv).out_channels
     kernels = {k: f.kernel_aug(c_out) for k, f in candidates.items()}

@@ -15,7 +15,7 @@ __all__ = ["ConvGeometry"]
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """What the shape of a 2-D convolution's work depends on (``groups`` is 1 for factorised layers).
+    """What the shape of a 2-D convolution's work depends on.
 
     ``padding`` is a pair of ints, ``"same"`` or ``"valid"``, as ``nn.Conv2d`` keeps it.
     """

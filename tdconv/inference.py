@@ -39,7 +39,7 @@ class _LeafTracer(fx.Tracer):
     """torch.fx's tracer with the factorised layers kept as modules (their forward dispatches at run time)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, FactorizedConv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (FactorizedConv2d, FactorizedLinear)) or super().is_leaf_module(m, qualname)
 
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.nn.functional.relu)

@@ -221,10 +221,21 @@ def floor_rank(geometry: ConvGeometry, method: str, min_rank: float):
     return of(min(co, ci)) if method == "svd" else of(co)
 
 
+def _other_cheaper(layer, rank) -> bool:
+    """Whether the layer at ``rank`` also costs less than its dense form in the metric the budget is not
+    about (parameters for a MAC budget, MACs for a parameter budget)."""
+    other = layer.get("other_metric")
+    if other is None:
+        return True
+    g = layer["geometry"]
+    return layer_cost(g, layer["method"], rank, other, layer["hw"]) < layer_cost(g, "dense", None, other, layer["hw"])
+
+
 def _path(layer, cost, min_rank) -> list:
     """Ranks a layer may take, in steps of 1/64 of its channels (Tucker: both ranks together, in
     proportion to their channels; grouped layers: whole steps per group), from its floor up to where
-    the factorised form would cost as much as the dense conv, then ``None``: the layer left dense."""
+    the factorised form would cost as much as the dense conv in either metric, then ``None``: the
+    layer left dense."""
     p, method = layer["geometry"], layer["method"]
     g = p.groups
     co, ci = p.out_channels // g, p.in_channels // g
@@ -232,7 +243,7 @@ def _path(layer, cost, min_rank) -> list:
     top = g * min(co, ci) if method == "svd" else None
     path = []
     r = floor_rank(p, method, min_rank)
-    while cost(layer, r) < layer["dense_cost"]:
+    while cost(layer, r) < layer["dense_cost"] and _other_cheaper(layer, r):
         path.append(r)
         if method == "tucker":
             if r[0] >= p.out_channels and r[1] >= p.in_channels:
@@ -269,6 +280,7 @@ def allocate_budget(layers: list, method: str | None, budget: int, metric: str, 
     paths, costs, errors, pos = {}, {}, {}, {}
     for layer in layers:
         layer.setdefault("method", method)
+        layer.setdefault("other_metric", "params" if metric == "macs" else "macs")
         name = layer["name"]
         paths[name] = _path(layer, cost, min_rank)
         costs[name] = np.array([cost(layer, r) for r in paths[name]], dtype=np.float64)
@@ -354,9 +366,9 @@ def budget_ranks(layers: dict, method: str | None, total: int, metric: str, targ
                          ) from exc
     achieved = spent_elsewhere + sum(priced(f, ranks[f["name"]]) for f in free)
     if achieved < 0.98 * budget:
-        raise ValueError(f"target_{metric}={target} is above what factorising these layers can use: at most "
-                         f"{achieved / total:.4f} of the model's {metric} (each layer up to its dense cost); "
-                         "select more layers or leave the layers dense")
+        raise ValueError(f"target_{metric}={target} cannot be met within 2 %: the ranks these layers can take "
+                         f"(each up to its dense cost, or dense) come no closer than {achieved / total:.4f} of the "
+                         f"model's {metric}; select more layers or choose another target")
     return ranks
 
 

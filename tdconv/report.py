@@ -118,7 +118,7 @@ class CompressionReport:
     def __str__(self) -> str:
         cols, rows = self._rows()
         widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-        out = [f"tdconv.compress: method={self.method}, {len(self.layers)} conv(s) factorised"]
+        out = [f"tdconv.compress: method={self.method}, {len(self.layers)} layer(s) factorised"]
         out.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
         out.append("  ".join("-" * w for w in widths))
         out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]

@@ -241,6 +241,10 @@ def test_budget_errors(require_ext):
     same, report = tdconv.compress(net, "tucker", target_params=1.0, input_size=(8, 8, 8))
     assert isinstance(same[0], nn.Conv2d) and report.layers == []
     assert report.skipped[0][0] == "0" and "left dense by the budget" in report.skipped[0][1]
+    # its largest rank also cheaper in MACs than the dense conv, (6, 6), has 0.73 of its parameters; the
+    # next choice is the dense conv: nothing lands within 2 % of 0.99
+    with pytest.raises(ValueError, match=r"target_params=0.99 cannot be met within 2 %.*0\.7292"):
+        tdconv.compress(net, "tucker", target_params=0.99, input_size=(8, 8, 8))
     with pytest.raises(ValueError, match=r"target_macs must be a fraction in \(0, 1\]"):
         tdconv.compress(model, "cp", target_macs=1.5)
     with pytest.raises(ValueError, match="at most one of target_macs and target_params"):

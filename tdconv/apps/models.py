@@ -93,7 +93,7 @@ def _build_timm(name: str, num_classes: int) -> nn.Module:
     except ImportError as exc:
         raise ValueError(f"model {name!r} needs timm: pip install timm (or pip install 'tdconv[timm]')") from exc
     arch = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
-    if arch not in timm.list_models():
+    if not timm.is_model(arch):  # (tagged names such as convnext_atto.d2_in1k included)
         raise ValueError(f"model {name!r} is not a timm model (e.g. timm:resnet50d, timm:efficientnet_b0, "
                          "timm:convnext_atto)")
     return timm.create_model(arch, pretrained=False, num_classes=num_classes)

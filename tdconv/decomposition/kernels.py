@@ -9,12 +9,18 @@ from .batch import decompose_batch
 from .cp import cp_als
 from .tucker import tucker_hooi
 
-__all__ = ["KERNEL_METHODS", "decompose_kernel", "truncated_svd"]
+__all__ = ["KERNEL_METHODS", "decompose_kernel", "truncated_svd", "method_options"]
 
 KERNEL_METHODS = ("cp", "cp4", "tucker", "svd")
 GRAM_SVD_MIN = 1024  # truncated_svd of a matrix whose smaller side is at least this: from the Gram matrix
+# The SVD is exact in one step: it accepts the iteration controls every method takes, and needs neither.
 _OPTIONS = {"cp": {"n_iter_max", "tol", "init", "l2_reg", "epc"}, "tucker": {"n_iter_max", "tol"},
-            "svd": {"n_iter_max", "tol", "init", "l2_reg", "epc"}}  # (accepted, unused: one set of options serves all)
+            "svd": {"n_iter_max", "tol"}}
+
+
+def method_options(method: str) -> set:
+    """The keyword options :func:`decompose_kernel` takes for ``method`` (``seed`` is taken by all)."""
+    return _OPTIONS["tucker" if method == "tucker" else "svd" if method == "svd" else "cp"] | {"seed"}
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int) -> CPTensor:

@@ -106,8 +106,9 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
     torch.Size([2, 64, 8, 8])
     """
 
-    # (A class default too: a layer pickled whole before the attribute existed loads without it.)
+    # (Class defaults too: a layer pickled whole before the attributes existed loads without them.)
     fused_relu: bool = False
+    groups: int = 1
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *,
                  method="cp", rank=0.5, groups=1, padding_mode="zeros", implementation="auto", fused_relu=False,
@@ -250,8 +251,13 @@ class FactorizedConv2d(SkipsPaddingTaps, nn.Module):
         if len(parts) != g:
             raise ValueError(f"a layer of groups={g} is made of {g} decompositions (one per group), got "
                              f"{len(parts)}")
+        share = tuple(r // g for r in self.rank) if self.method == "tucker" else self.rank // g
         for part in parts:
             _check_container(self.method, part)
+            got = tuple(part.ranks) if self.method == "tucker" else part.rank
+            if got != share:
+                raise ValueError(f"the decomposition has rank {got}, this layer {share}"
+                                 + (f" per group (rank {self.rank}, groups={g})" if g > 1 else ""))
             if tuple(part.shape) != expected:
                 what = "of this layer's kernel" if g == 1 else "of one group's block of this layer's kernel"
                 raise ValueError(f"the decomposition is of a tensor of shape {tuple(part.shape)}, not {what} "

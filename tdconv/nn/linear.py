@@ -166,7 +166,7 @@ class FactorizedLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+        if isinstance(x, torch.Tensor) and (x.dim() < 1 or x.shape[-1] != self.in_features):
             raise ValueError(f"FactorizedLinear expects inputs [..., {self.in_features}], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         return F.linear(F.linear(x, self.first), self.last, self.bias)
