@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .geometry import ConvGeometry
+
 __all__ = ["CalibrationWarning", "prepare_calibration", "Moments", "LayerFit", "patches", "bn_scale_after",
            "fit_tucker", "fit_cp", "fit_svd", "refit_last", "output_error", "data_tails", "module_input", "model_output_error",
            "reestimate_batchnorm"]
@@ -176,7 +178,7 @@ def bn_scale_after(model: nn.Module, names: list, x: torch.Tensor) -> dict:
         def hook(mod, inputs):
             for name, out, version in outputs:
                 if inputs[0] is out and out._version == version and name not in found \
-                        and bn.num_features == _layer_geometry(modules[name]).out_channels:
+                        and bn.num_features == ConvGeometry.of(modules[name]).out_channels:
                     w = bn.weight.detach().double() if bn.weight is not None else 1.0
                     found[name] = (w / torch.sqrt(bn.running_var.detach().double() + bn.eps)
                                    if bn.running_var is not None else None)
@@ -194,14 +196,6 @@ def bn_scale_after(model: nn.Module, names: list, x: torch.Tensor) -> dict:
         for h in handles:
             h.remove()
     return {n: d for n, d in found.items() if d is not None}
-
-
-def _layer_geometry(module: nn.Module):
-    """A conv's geometry; a linear layer's as the 1x1 conv it is fitted as."""
-    from .geometry import ConvGeometry
-    if isinstance(module, nn.Linear):
-        return ConvGeometry(module.in_features, module.out_features, (1, 1), bias=module.bias is not None)
-    return ConvGeometry.of(module)
 
 
 def _as_images(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -661,8 +655,8 @@ class SequentialFit:
         self.kernel_only.update({n: "grouped convolution; data-aware fits cover ungrouped convs, 1x1 convs and "
                                     "linear layers" for n in grouped})
         large = [n for n, c in calls.items() if c == 1 and n not in self.kernel_only
-                 and _layer_geometry(self.modules[n]).in_channels * math.prod(
-                     _layer_geometry(self.modules[n]).kernel_size) > MAX_FIT_DIM]
+                 and ConvGeometry.of(self.modules[n]).in_channels * math.prod(
+                     ConvGeometry.of(self.modules[n]).kernel_size) > MAX_FIT_DIM]
         self.kernel_only.update({n: f"more than {MAX_FIT_DIM} inputs per output (C_in kh kw), beyond what a "
                                     "data-aware fit keeps moments of" for n in large})
         self.order = [n for n in self.order if n not in self.kernel_only]
@@ -695,7 +689,7 @@ class SequentialFit:
     def moments(self, name: str, student: nn.Module | None, batches: list) -> Moments:
         """The moments of layer ``name`` over ``batches`` (``student`` None: the teacher's inputs only)."""
         conv = self.modules[name]
-        m = Moments(conv.weight, conv.bias, _layer_geometry(conv))
+        m = Moments(conv.weight, conv.bias, ConvGeometry.of(conv))
         s_conv = dict(student.named_modules())[name] if student is not None else None
         for x in batches:
             x_t = _as_images(module_input(self.teacher, conv, x), conv)

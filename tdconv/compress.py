@@ -78,13 +78,6 @@ def _why_not(module: nn.Module) -> str | None:
     return None
 
 
-def _geometry(module: nn.Module) -> ConvGeometry:
-    """A conv's geometry; a linear layer's as the 1x1 conv it is priced as."""
-    if isinstance(module, nn.Linear):
-        return ConvGeometry(module.in_features, module.out_features, (1, 1), bias=module.bias is not None)
-    return ConvGeometry.of(module)
-
-
 def select_layers(model: nn.Module, layers=None) -> tuple[list, list]:
     """The layers of ``model`` that ``layers`` selects: ``(selected names, [(name, reason), ...] skipped)``.
 
@@ -253,7 +246,7 @@ def _layer_report(name, conv, layer, kernel, hw, seconds) -> LayerReport:
                       rank=list(layer.rank) if isinstance(layer.rank, tuple) else layer.rank,
                       params_before=sum(p.numel() for p in conv.parameters()),
                       params_after=sum(p.numel() for p in layer.parameters()),
-                      macs_before=layer_cost(_geometry(conv), "dense", None, "macs", hw),
+                      macs_before=layer_cost(ConvGeometry.of(conv), "dense", None, "macs", hw),
                       macs_after=macs_after, rel_error=err, seconds=seconds, kernel_norm=wn)
     if layer.method in ("cp", "cp4"):
         norms = layer.component_norms().double()
@@ -429,7 +422,7 @@ def compress(model: nn.Module, method="auto", rank=0.5, *, layers=None, override
     ranks = {}
     for name in selected:
         conv = modules[name]
-        g = _geometry(conv)
+        g = ConvGeometry.of(conv)
         if target is not None and name not in (overrides or {}):
             continue  # chosen by the budget below
         r = overrides.get(name, rank) if overrides else rank
@@ -453,7 +446,7 @@ def compress(model: nn.Module, method="auto", rank=0.5, *, layers=None, override
     # ``layers`` names it: that is honoured as asked.
     named = layers is not None and not isinstance(layers, str) and not callable(layers)
     for name in [] if named else list(ranks):
-        g = _geometry(modules[name])
+        g = ConvGeometry.of(modules[name])
         factorised = dataclasses.replace(g, bias=g.bias or bias is True)
         costs = [("parameters", layer_cost(factorised, methods[name], ranks[name], "params"),
                   layer_cost(g, "dense", None, "params"))]
@@ -485,7 +478,7 @@ def compress(model: nn.Module, method="auto", rank=0.5, *, layers=None, override
                 if name not in sizes:
                     raise ValueError(f"layer {name!r} is not reached by a forward pass at input_size; a budget needs "
                                      "every selected layer's input size")
-                dense = _geometry(conv)
+                dense = ConvGeometry.of(conv)
                 factorised = dataclasses.replace(dense, bias=dense.bias or bias is True)  # the layer from_conv makes
                 priced[name] = (factorised, sizes[name], layer_cost(dense, "dense", None, metric, sizes[name]),
                                 conv.weight, methods[name])
@@ -622,7 +615,7 @@ def _data_fit(fitter, name, conv, method, rank, bias, options, student):
             start = cal.LayerFit.of_layer(FactorizedConv2d.from_decomposition(
                 conv, method, decompose_kernel(masked, method, rank, **_options(method, options)), bias=bias))
         candidates["data"] = cal.fit_cp(m, start, scale, with_bias)
-    c_out = _geometry(conv).out_channels
+    c_out = ConvGeometry.of(conv).out_channels
     kernels = {k: f.kernel_aug(c_out) for k, f in candidates.items()}
     errors = {k: cal.output_error(m, k_aug, scale) for k, k_aug in kernels.items()}
     held_errors = {k: cal.output_error(held, k_aug, scale) for k, k_aug in kernels.items()} if held else None

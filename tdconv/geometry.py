@@ -32,7 +32,10 @@ class ConvGeometry:
 
     @classmethod
     def of(cls, conv) -> "ConvGeometry":
-        """The geometry of an ``nn.Conv2d`` (or anything with its attributes)."""
+        """The geometry of an ``nn.Conv2d`` (or anything with its attributes); of an ``nn.Linear`` (or
+        anything with ``in_features`` / ``out_features``), the 1x1 conv it is priced and fitted as."""
+        if hasattr(conv, "in_features"):
+            return cls(int(conv.in_features), int(conv.out_features), (1, 1), bias=conv.bias is not None)
         return cls(int(conv.in_channels), int(conv.out_channels), tuple(conv.kernel_size), tuple(conv.stride),
                    conv.padding if isinstance(conv.padding, str) else tuple(conv.padding), tuple(conv.dilation),
                    conv.padding_mode, conv.bias is not None, int(getattr(conv, "groups", 1)))

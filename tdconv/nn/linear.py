@@ -175,7 +175,7 @@ class FactorizedLinear(nn.Module):
     @property
     def geometry(self) -> ConvGeometry:
         """The layer as the 1x1 convolution it is priced as (see :func:`tdconv.ranks.layer_cost`)."""
-        return ConvGeometry(self.in_features, self.out_features, (1, 1), bias=self.bias is not None)
+        return ConvGeometry.of(self)
 
     def num_params(self, rank=None) -> int:
         """Parameters of this layer, or of the same layer at another ``rank``."""
