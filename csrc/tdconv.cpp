@@ -55,6 +55,14 @@ TORCH_LIBRARY(tdconv, m) {
   m.def("factorized_conv2d_prepacked(Tensor x, Tensor first, Tensor spatial, Tensor last, Tensor? bias,"
         " int[2] stride, int[2] padding, int[2] dilation, bool relu, bool tucker, Tensor first_packed,"
         " Tensor? core_packed, Tensor last_packed, Tensor? bias_packed) -> Tensor");
+  // The block program of the CUDA fused convs run on the CPU (csrc/common/fused_tiles.h): kThreads host
+  // threads per block, a barrier for __syncthreads; refuses a plan needing more than smem_limit bytes.
+  // For tests of the kernel's tiling without a GPU; slow.
+  m.def("_fused_conv2d_emulated(Tensor x, Tensor first, Tensor spatial, Tensor last, Tensor? bias, int[2] stride,"
+        " int[2] padding, int[2] dilation, bool relu, bool tucker, int smem_limit) -> Tensor");
+  // The CUDA launch plan for these shapes and dtype: [blocks, padded R_out, shared-memory bytes, wmma].
+  m.def("_fused_conv2d_plan(Tensor x, Tensor first, Tensor spatial, Tensor last, int[2] stride, int[2] padding,"
+        " int[2] dilation, bool tucker) -> int[]");
   // Which compiled variant of the CPU kernels' vector loops runs here: "avx2" or "baseline".
   m.def("cpu_isa() -> str");
 }

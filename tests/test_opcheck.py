@@ -51,10 +51,12 @@ def _registered_ops():
 
 # Ops without tensor arguments (facts about the build), which opcheck does not apply to.
 QUERY_OPS = {"cpu_isa": ("avx2", "baseline")}
+# Test helpers (the CUDA kernels' block program run on the CPU, their launch plan): tests/test_gpu_kernels.py.
+TEST_OPS = ("_fused_conv2d_emulated", "_fused_conv2d_plan")
 
 
 def test_every_op_has_a_sample(require_ext):
-    assert _registered_ops() == sorted([*_samples("cpu"), *QUERY_OPS])
+    assert _registered_ops() == sorted([*_samples("cpu"), *QUERY_OPS, *TEST_OPS])
 
 
 def test_query_ops(require_ext):
@@ -63,14 +65,14 @@ def test_query_ops(require_ext):
 
 
 CONV_OPS = ("cp_conv2d", "tucker_conv2d")
-CPU_ONLY = ("tucker_conv2d", "pack_factors", "factorized_conv2d_prepacked")
+CPU_ONLY = ("pack_factors", "factorized_conv2d_prepacked")
 
 
 @pytest.mark.parametrize("op", ["cp_als", "cp_epc", "cp_init_svd", "tucker_hosvd", "tucker_hooi", "mode_contract", *CONV_OPS,
                                 "pack_factors", "factorized_conv2d_prepacked"])
 def test_opcheck(require_ext, device, op):
     if op in CPU_ONLY and device.type != "cpu":
-        pytest.skip(f"{op} has no CUDA kernel yet")
+        pytest.skip(f"{op} is CPU only")
     samples = _samples(device)[op]
     # The engine ops are not differentiable: their schema and fake kernels are what is checked.
     tests = (("test_schema", "test_faketensor") if op not in CONV_OPS

@@ -1,0 +1,207 @@
+"""The CUDA fused convolutions: their block program (csrc/common/fused_tiles.h) run on the CPU by its
+host emulation, against the float64 reference, for every tiling edge (partial pixel blocks, output
+channels and ranks that are not multiples of the tiles, several column chunks, taps in the padding);
+their launch plan; and, on a GPU, the kernels themselves against the emulation and the reference.
+
+The emulation runs each block with 256 host threads and a barrier for __syncthreads, fills shared
+memory with NaN bytes before each block (a read of a value the program did not write shows up), and
+counts WMMA loads / stores that break the alignment rules (the op raises then)."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tdconv
+from tdconv import reference as ref
+
+BM = 64  # output pixels per block (fused_tiles.h)
+
+
+def _operands(tucker, dtype, n=2, c_in=5, hw=(9, 7), ranks=(11, 6), c_out=70, k=(3, 3), bias=True, seed=0,
+              device="cpu"):
+    """x, first, spatial (CP [R, kh, kw] / Tucker core [R_out, R_in, kh, kw]), last, bias; ranks = (R_out, R_in)."""
+    g = torch.Generator().manual_seed(seed)
+    r_out, r_in = ranks if tucker else (ranks[0], ranks[0])
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    spatial = rnd(r_out, r_in, *k) if tucker else rnd(r_in, *k)
+    return rnd(n, c_in, *hw), rnd(r_in, c_in), spatial, rnd(c_out, r_out), rnd(c_out) if bias else None
+
+
+def _reference(tucker, args, conv, relu):
+    f = ref.tucker_conv2d if tucker else ref.cp_conv2d
+    return f(*[None if a is None else a.double().cpu() for a in args], *conv, relu)
+
+
+def _emulated(tucker, args, conv, relu, smem_limit=1 << 30):
+    return torch.ops.tdconv._fused_conv2d_emulated(*args, *[list(c) for c in conv], relu, tucker, smem_limit)
+
+
+def _rel(a, b):
+    return ((a.double().cpu() - b).norm() / b.norm()).item()
+
+
+# (name, operands kwargs, (stride, padding, dilation), relu)
+CASES = [
+    ("3x3, two partial blocks", dict(), ((1, 1), (1, 1), (1, 1)), False),
+    ("stride, asymmetric padding, dilation, relu, no bias", dict(bias=False, hw=(11, 10)),
+     ((2, 1), (0, 2), (1, 2)), True),
+    ("5x5 padding 4 dilation 2: taps in the padding", dict(k=(5, 5), hw=(6, 6)), ((1, 1), (4, 4), (2, 2)), False),
+    ("1x3, one image, one block", dict(n=1, k=(1, 3), hw=(5, 6)), ((1, 1), (0, 1), (1, 1)), True),
+    ("ranks over one column chunk, C_out a multiple of the tile", dict(ranks=(70, 19), c_out=128, hw=(5, 5)),
+     ((1, 1), (1, 1), (1, 1)), False),
+    ("1x1 kernel, stride 2", dict(k=(1, 1), ranks=(16, 16), c_out=3), ((2, 2), (0, 0), (1, 1)), False),
+    ("one output channel, rank 1", dict(ranks=(1, 1), c_out=1), ((1, 1), (1, 1), (1, 1)), False),
+]
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["cp", "tucker"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_emulated_kernel_matches_reference(require_ext, tucker, case):
+    _, kw, conv, relu = case
+    for dtype, tol in [(torch.float64, 1e-13), (torch.float32, 1e-5)]:
+        args = _operands(tucker, dtype, **kw)
+        got = _emulated(tucker, args, conv, relu)
+        exact = _reference(tucker, args, conv, relu)
+        assert got.shape == exact.shape and got.dtype == dtype
+        assert torch.isfinite(got).all()
+        assert _rel(got, exact) < tol, (dtype, _rel(got, exact))
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["cp", "tucker"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:5], ids=[c[0] for c in CASES[:5]])
+def test_emulated_tensor_core_path(require_ext, tucker, dtype, case):
+    # The WMMA form: half-precision tiles, float32 accumulation. As accurate as PyTorch's own chain in
+    # the same dtype (within a factor 2), and every WMMA call aligned (the op raises otherwise).
+    _, kw, conv, relu = case
+    args = _operands(tucker, dtype, **kw)
+    got = _emulated(tucker, args, conv, relu)
+    exact = _reference(tucker, args, conv, relu)
+    f = ref.tucker_conv2d if tucker else ref.cp_conv2d
+    chain = f(*[None if a is None else a.float() for a in args], *conv, relu).to(dtype)
+    err, chain_err = _rel(got, exact), _rel(chain, exact)
+    assert got.dtype == dtype and err < (2e-3 if dtype == torch.float16 else 2e-2)
+    assert err <= 2 * chain_err + 1e-4, (err, chain_err)
+
+
+def test_emulated_kernel_layouts_and_empty_batch(require_ext):
+    args = _operands(True, torch.float64)
+    conv = ((1, 1), (1, 1), (1, 1))
+    x_cl = args[0].to(memory_format=torch.channels_last)
+    got = _emulated(True, (x_cl, *args[1:]), conv, False)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    torch.testing.assert_close(got, _reference(True, args, conv, False))
+    assert _emulated(True, args, conv, False).is_contiguous()
+    empty = _emulated(True, (args[0][:0], *args[1:]), conv, False)
+    assert empty.shape == (0, 70, 9, 7)
+
+
+def _plan(tucker, dtype, **kw):
+    args = _operands(tucker, dtype, bias=False, **kw)[:4]
+    conv = ((1, 1), (1, 1), (1, 1))
+    return torch.ops.tdconv._fused_conv2d_plan(*args, *[list(c) for c in conv], tucker)
+
+
+def test_launch_plan(require_ext):
+    # 2 images of 9 x 7 output pixels: 126 pixels in two blocks of 64.
+    blocks, rp, smem, wmma = _plan(True, torch.float32, ranks=(70, 6))
+    assert (blocks, rp, wmma) == (2, 80, 0)
+    # y2 [64, 80 + 4] + A [64, 16 + 4] + B [16, 64 + 4], float32, each region rounded up to 128 bytes
+    assert smem == (64 * 84 * 4) + (64 * 20 * 4) + (16 * 68 * 4)
+    blocks, rp, smem16, wmma = _plan(True, torch.float16, ranks=(70, 6))
+    # half tiles (8 elements of padding) and the float32 staging tile of the accumulators [64, 68]
+    assert wmma == 1 and smem16 == (64 * 88 * 2) + (64 * 24 * 2) + (16 * 72 * 2) + 64 * 68 * 4
+    # CP needs no im2col tile
+    assert _plan(False, torch.float32, ranks=(70, 70))[2] == (64 * 84 * 4) + (16 * 68 * 4)
+    # a rank whose y2 tile exceeds what any GPU grants one block (227 KiB on sm_90): the CUDA op runs the chain
+    assert _plan(False, torch.float32, ranks=(1024, 1024), hw=(3, 3), c_out=2)[2] > 227 * 1024
+
+
+def test_emulation_refuses_a_plan_over_the_shared_memory_limit(require_ext):
+    args = _operands(False, torch.float32)
+    with pytest.raises(RuntimeError, match="smem_limit=1024"):
+        _emulated(False, args, ((1, 1), (1, 1), (1, 1)), False, smem_limit=1024)
+
+
+def test_emulation_checks_its_arguments(require_ext):
+    args = _operands(True, torch.float32)
+    with pytest.raises(RuntimeError, match="x has 5 channels but first expects 4"):
+        _emulated(True, (args[0], args[1][:, :4], *args[2:]), ((1, 1), (1, 1), (1, 1)), False)
+    with pytest.raises(RuntimeError, match=r"spatial must be \[R, kh, kw\]"):
+        _emulated(False, args, ((1, 1), (1, 1), (1, 1)), False)
+
+
+# ---- on a GPU: the kernels themselves -----------------------------------------------------------
+cuda = pytest.mark.cuda
+
+
+def _cuda_ready():
+    if not tdconv.has_cuda_ext():
+        pytest.fail("a GPU is present but tdconv._C was built without its CUDA part")
+
+
+@cuda
+@pytest.mark.parametrize("tucker", [False, True], ids=["cp", "tucker"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_cuda_fused_kernel_matches_emulation(require_ext, tucker, dtype, case):
+    _cuda_ready()
+    _, kw, conv, relu = case
+    args = _operands(tucker, dtype, **kw)
+    op = torch.ops.tdconv.tucker_conv2d if tucker else torch.ops.tdconv.cp_conv2d
+    got = op(*[None if a is None else a.cuda() for a in args], *[list(c) for c in conv], relu)
+    torch.cuda.synchronize()
+    emulated = _emulated(tucker, args, conv, relu)
+    exact = _reference(tucker, args, conv, relu)
+    assert got.dtype == dtype and got.shape == exact.shape
+    tol = {torch.float64: 1e-13, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    assert _rel(got, exact) < tol
+    # the same program on both sides: equal up to the order of float additions (and cuBLAS's y1)
+    assert _rel(got, emulated.double()) < tol
+
+
+@cuda
+def test_cuda_fused_kernel_large_and_fallback(require_ext):
+    _cuda_ready()
+    # many blocks, channels_last in and out
+    for tucker in (False, True):
+        args = _operands(tucker, torch.float32, n=8, c_in=64, hw=(28, 28), ranks=(48, 32), c_out=96, device="cuda")
+        x = args[0].to(memory_format=torch.channels_last)
+        op = torch.ops.tdconv.tucker_conv2d if tucker else torch.ops.tdconv.cp_conv2d
+        got = op(x, *args[1:], [1, 1], [1, 1], [1, 1], True)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert _rel(got, _reference(tucker, args, ((1, 1), (1, 1), (1, 1)), True)) < 1e-5
+    # a y2 tile larger than one block's shared memory: the ATen chain, same result
+    args = _operands(False, torch.float32, n=1, hw=(4, 4), ranks=(1100, 1100), c_out=8, device="cuda")
+    got = torch.ops.tdconv.cp_conv2d(*args, [1, 1], [1, 1], [1, 1], False)
+    assert _rel(got, _reference(False, args, ((1, 1), (1, 1), (1, 1)), False)) < 1e-5
+
+
+@cuda
+def test_cuda_fused_layer_forward_and_backward(require_ext):
+    _cuda_ready()
+    for method, rank in [("cp", 12), ("tucker", (12, 8))]:
+        layer = tdconv.FactorizedConv2d(16, 24, 3, padding=1, method=method, rank=rank, implementation="fused",
+                                        device="cuda", dtype=torch.float64)
+        chain = tdconv.FactorizedConv2d(16, 24, 3, padding=1, method=method, rank=rank, implementation="unfused",
+                                        device="cuda", dtype=torch.float64)
+        chain.load_state_dict(layer.state_dict())
+        x = torch.randn(3, 16, 10, 10, device="cuda", dtype=torch.float64, requires_grad=True)
+        y, y_ref = layer(x), chain(x)
+        torch.testing.assert_close(y, y_ref)
+        g, = torch.autograd.grad(y.square().sum(), x)
+        g_ref, = torch.autograd.grad(y_ref.square().sum(), x)
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_no_cuda_test_runs_without_a_gpu(request):
+    # The CUDA tests above carry the `cuda` mark, which conftest skips without a GPU, and `cuda` in
+    # their names, so that `pytest -k cuda` (benchmarks/gpu_check.sh, stage 1) selects them.
+    names = [n for n in globals() if n.startswith("test_cuda_")]
+    assert len(names) == 3
+    for n in names:
+        assert any(m.name == "cuda" for m in getattr(globals()[n], "pytestmark", []))
