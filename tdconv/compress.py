@@ -20,7 +20,7 @@ from torch import nn
 
 from . import calibration as cal
 from .counting import ptflops_hooks
-from .decomposition import decompose_kernel
+from .decomposition import decompose_batch, decompose_kernel
 from .decomposition.kernels import method_options
 from .geometry import ConvGeometry
 from .nn import FactorizedConv2d, FactorizedLinear
@@ -544,7 +544,9 @@ def _options(method, options) -> dict:
     return {k: v for k, v in options.items() if k in allowed}
 
 
-def _built_layer(conv, method, rank, bias, options):
+def _built_layer(conv, method, rank, bias, options, decomposition=None):
+    if decomposition is not None:
+        return FactorizedConv2d.from_decomposition(conv, method, decomposition, bias=bias).train(conv.training)
     if isinstance(conv, nn.Linear):
         decomposition = decompose_kernel(conv.weight.detach(), "svd", rank, **_options("svd", options))
         return FactorizedLinear.from_decomposition(conv, "svd", decomposition, bias=bias).train(conv.training)
@@ -575,19 +577,57 @@ def _report_layer(report, name, conv, layer, sizes, seconds, **extra):
     report.layers.append(rep)
 
 
+def _batched_decompositions(modules, selected, methods, ranks, options) -> tuple[dict, dict]:
+    """The decompositions of the layers that share a kernel shape, method and rank, computed by one batched
+    engine call per such group (:func:`tdconv.decompose_batch`: on a GPU, one sequence of launches for the
+    group instead of one per layer; resnet18's 3x3 convs form 4 groups). Each equals the layer's own
+    :func:`decompose_kernel` result up to rounding. Returns ({name: decomposition}, {name: seconds}), the
+    seconds being the group's time shared equally."""
+    groups: dict = {}
+    for name in selected:
+        conv, method = modules[name], methods[name]
+        if isinstance(conv, nn.Linear) or conv.groups != 1 or method not in ("cp", "cp4", "tucker"):
+            continue
+        w = conv.weight
+        rank = tuple(ranks[name]) if method == "tucker" else ranks[name]
+        groups.setdefault((method, tuple(w.shape), w.dtype, w.device, rank), []).append(name)
+    found, seconds = {}, {}
+    for (method, shape, _, _, rank), names in groups.items():
+        if len(names) < 2:
+            continue
+        c_out, c_in, kh, kw = shape
+        ws = [modules[n].weight.detach() for n in names]
+        opts = _options(method, options)
+        t = time.perf_counter()
+        if method == "tucker":
+            out = decompose_batch(ws, "hooi", rank, modes=(0, 1), **{k: v for k, v in opts.items() if k != "seed"})
+        else:
+            xs = [w.reshape(c_out, c_in, kh * kw) for w in ws] if method == "cp" else ws
+            out = decompose_batch(xs, "cp", rank, **opts)
+        share = (time.perf_counter() - t) / len(names)
+        for n, d in zip(names, out):
+            found[n], seconds[n] = d, share
+    return found, seconds
+
+
 def _kernel_fits(model, selected, methods, ranks, bias, sizes, report, show, options) -> dict:
-    """Each layer fitted to its kernel."""
+    """Each layer fitted to its kernel; layers of one shape, method and rank in one batched call."""
     modules = dict(model.named_modules())
     new_layers = {}
     t0 = time.perf_counter()
+    try:
+        batched, shared = _batched_decompositions(modules, selected, methods, ranks, options)
+    except ValueError:
+        batched, shared = {}, {}  # each layer on its own below, which names the layer in the error
     for i, name in enumerate(selected):
         _progress(show, i, len(selected), name, t0)
         t = time.perf_counter()
         try:
-            new_layers[name] = layer = _built_layer(modules[name], methods[name], ranks[name], bias, options)
+            new_layers[name] = layer = _built_layer(modules[name], methods[name], ranks[name], bias, options,
+                                                    batched.get(name))
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from None
-        _report_layer(report, name, modules[name], layer, sizes, time.perf_counter() - t)
+        _report_layer(report, name, modules[name], layer, sizes, time.perf_counter() - t + shared.get(name, 0.0))
     _progress(show, len(selected), len(selected), "done", t0)
     return new_layers
 

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -301,3 +303,23 @@ def test_budget_min_rank_floor(require_ext):
         tdconv.compress(model, "tucker", target_macs=0.5, min_rank=0.9)
     with pytest.raises(ValueError, match=r"min_rank must be a fraction in \[0, 1\)"):
         tdconv.compress(model, "tucker", target_macs=0.5, min_rank=1.0)
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker"])
+def test_equal_layers_are_decomposed_in_one_batched_call(require_ext, monkeypatch, method):
+    # Layers of one kernel shape, method and rank go to the engine as one batch (one sequence of GPU
+    # launches instead of one per layer); each result is the layer's own decomposition.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    calls = []
+    cmod = sys.modules["tdconv.compress"]  # the module (tdconv.compress is the function)
+    real = cmod.decompose_batch
+    monkeypatch.setattr(cmod, "decompose_batch", lambda ts, *a, **k: calls.append(len(ts)) or real(ts, *a, **k))
+    rank = 6 if method == "cp" else (6, 6)
+    out, _ = tdconv.compress(model, method, rank=rank, input_size=(8, 6, 6), seed=0)
+    assert calls == [3]
+    for i in (0, 2, 4, 6):
+        expected = tdconv.FactorizedConv2d.from_decomposition(
+            model[i], method, tdconv.decomposition.decompose_kernel(model[i].weight.detach(), method, rank, seed=0))
+        torch.testing.assert_close(out[i].kernel(), expected.kernel(), rtol=1e-4, atol=1e-5)

@@ -198,10 +198,28 @@ def test_cuda_fused_layer_forward_and_backward(require_ext):
         torch.testing.assert_close(g, g_ref)
 
 
+@cuda
+def test_cuda_decompose_batch_on_a_side_stream(require_ext):
+    # Groups run on their own streams, from worker threads: the results must be those of the sequential
+    # run even when the caller works on a stream of its own, and usable on it without a synchronisation.
+    _cuda_ready()
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(s, generator=g) for s in [(64, 64, 9)] * 3 + [(128, 64, 9)] * 2 + [(32, 16, 9)]]
+    expected = tdconv.decompose_batch([w.cuda() for w in ws], "cp", 16, n_iter_max=20, seed=0, parallel=False)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        xs = [w.cuda() * 1.0 for w in ws]  # written on the caller's stream
+        got = tdconv.decompose_batch(xs, "cp", 16, n_iter_max=20, seed=0, parallel=True)
+        kernels = [tdconv.reference.cp_to_tensor(c.weights, c.factors) for c in got]
+    stream.synchronize()
+    for k, e in zip(kernels, expected):
+        torch.testing.assert_close(k, tdconv.reference.cp_to_tensor(e.weights, e.factors), rtol=1e-4, atol=1e-4)
+
+
 def test_no_cuda_test_runs_without_a_gpu(request):
     # The CUDA tests above carry the `cuda` mark, which conftest skips without a GPU, and `cuda` in
     # their names, so that `pytest -k cuda` (benchmarks/gpu_check.sh, stage 1) selects them.
     names = [n for n in globals() if n.startswith("test_cuda_")]
-    assert len(names) == 3
+    assert len(names) == 4
     for n in names:
         assert any(m.name == "cuda" for m in getattr(globals()[n], "pytestmark", []))

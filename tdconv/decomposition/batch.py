@@ -120,18 +120,40 @@ def _run_jobs(jobs: list, parallel: bool) -> list:
     """
     if not parallel or len(jobs) < 2:
         return [j() for _, j in jobs]
+    # The caller's stream, read here: a worker thread's current stream is its device's default stream,
+    # not the stream the caller made the stacked inputs on.
+    callers = {dev: torch.cuda.current_stream(dev) for dev, _ in jobs if dev.type == "cuda"}
+    sides = {i: torch.cuda.Stream(device=dev) for i, (dev, _) in enumerate(jobs) if dev.type == "cuda"}
+    for i, side in sides.items():
+        side.wait_stream(callers[jobs[i][0]])  # the inputs were written on the caller's stream
 
-    def run(dev: torch.device, j):
+    def run(i: int):
+        dev, j = jobs[i]
         if dev.type != "cuda":
             return j()
-        with torch.cuda.device(dev):
-            main = torch.cuda.current_stream()
-            side = torch.cuda.Stream()
-            side.wait_stream(main)  # the stacked inputs were written on the caller's stream
-            with torch.cuda.stream(side):
-                out = j()
-            side.synchronize()
-        return out
+        with torch.cuda.device(dev), torch.cuda.stream(sides[i]):
+            return j()
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda dj: run(*dj), jobs))
+        outs = list(pool.map(run, range(len(jobs))))
+    # The caller's stream waits for every side stream (no host synchronisation), and the caching
+    # allocator learns that the outputs made on a side stream are used on the caller's.
+    for i, side in sides.items():
+        caller = callers[jobs[i][0]]
+        caller.wait_stream(side)
+        for res in outs[i]:
+            for t in _tensors_of(res):
+                if t.device.type == "cuda":
+                    t.record_stream(caller)
+    return outs
+
+
+def _tensors_of(res) -> list:
+    """The tensors a CPTensor or TuckerTensor holds."""
+    out = []
+    for value in vars(res).values():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, (list, tuple)):
+            out.extend(v for v in value if isinstance(v, torch.Tensor))
+    return out
