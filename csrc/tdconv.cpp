@@ -60,6 +60,9 @@ TORCH_LIBRARY(tdconv, m) {
   // For tests of the kernel's tiling without a GPU; slow.
   m.def("_fused_conv2d_emulated(Tensor x, Tensor first, Tensor spatial, Tensor last, Tensor? bias, int[2] stride,"
         " int[2] padding, int[2] dilation, bool relu, bool tucker, int smem_limit) -> Tensor");
+  // The fused small solve of a CP-ALS mode update (csrc/decomp/small_solve.h) run on the CPU: the Grams
+  // to multiply, M [B, I, R] -> (U with unit columns, lambda). For tests without a GPU.
+  m.def("_cp_solve_emulated(Tensor[] grams, Tensor m, float l2_reg) -> (Tensor u, Tensor lam)");
   // The CUDA launch plan for these shapes and dtype: [blocks, padded R_out, shared-memory bytes, wmma].
   m.def("_fused_conv2d_plan(Tensor x, Tensor first, Tensor spatial, Tensor last, int[2] stride, int[2] padding,"
         " int[2] dilation, bool tucker) -> int[]");

@@ -6,11 +6,9 @@ their launch plan; and, on a GPU, the kernels themselves against the emulation a
 The emulation runs each block with 256 host threads and a barrier for __syncthreads, fills shared
 memory with NaN bytes before each block (a read of a value the program did not write shows up), and
 counts WMMA loads / stores that break the alignment rules (the op raises then)."""
-import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tdconv
 from tdconv import reference as ref
@@ -135,6 +133,58 @@ def test_emulation_checks_its_arguments(require_ext):
         _emulated(False, args, ((1, 1), (1, 1), (1, 1)), False)
 
 
+# ---- the fused small solve of a CP-ALS mode update (csrc/decomp/small_solve.h) ---------------------
+def _solve_reference(grams, m, l2_reg):
+    """solve_normalised(hadamard_grams(...)) of the ATen path, in float64."""
+    v = grams[0].double()
+    for g in grams[1:]:
+        v = v * g.double()
+    diag = v.diagonal(0, -2, -1)
+    eps = torch.finfo(m.dtype).eps
+    v = v + torch.diag_embed((diag.amax(-1, keepdim=True) * 10 * eps + l2_reg).expand_as(diag))
+    u = torch.linalg.solve(v, m.double().transpose(1, 2)).transpose(1, 2)
+    lam = u.norm(dim=1)
+    return u / lam.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1), lam
+
+
+def _solve_operands(b, i, r, n_grams, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grams = []
+    for _ in range(n_grams):
+        f = torch.randn(b, 3 * r + 2, r, generator=g, dtype=torch.float64)
+        grams.append((f.transpose(1, 2) @ f).to(dtype))
+    return grams, torch.randn(b, i, r, generator=g, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("r,n_grams,i", [(1, 1, 5), (7, 2, 130), (16, 3, 9), (64, 2, 40)])
+def test_emulated_small_solve_matches_reference(require_ext, r, n_grams, i):
+    for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 2e-3)]:
+        grams, m = _solve_operands(3, i, r, n_grams, dtype)
+        for l2 in (0.0, 0.5):
+            u, lam = torch.ops.tdconv._cp_solve_emulated(grams, m, l2)
+            u_ref, lam_ref = _solve_reference(grams, m, l2)
+            assert u.dtype == dtype and u.shape == m.shape and lam.shape == (3, r)
+            assert _rel(u, u_ref) < tol and _rel(lam, lam_ref) < tol, (dtype, r, _rel(u, u_ref), _rel(lam, lam_ref))
+            torch.testing.assert_close(u.double().norm(dim=1), torch.ones(3, r, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_emulated_small_solve_marks_a_singular_member(require_ext):
+    grams, m = _solve_operands(2, 6, 4, 2, torch.float64)
+    grams[0][1].zero_()  # member 1: V = 0, no ridge: the first pivot is 0
+    u, lam = torch.ops.tdconv._cp_solve_emulated(grams, m, 0.0)
+    assert torch.isnan(u[1]).all() and torch.isfinite(u[0]).all()
+    torch.testing.assert_close(u[0], _solve_reference([g[:1] for g in grams], m[:1], 0.0)[0][0])
+
+
+def test_emulated_small_solve_checks_its_arguments(require_ext):
+    grams, m = _solve_operands(2, 6, 65, 1, torch.float64)
+    with pytest.raises(RuntimeError, match=r"the rank must be in \[1, 64\], got 65"):
+        torch.ops.tdconv._cp_solve_emulated(grams, m, 0.0)
+    grams, m = _solve_operands(2, 6, 4, 1, torch.float64)
+    with pytest.raises(RuntimeError, match="every Gram matrix must be"):
+        torch.ops.tdconv._cp_solve_emulated([grams[0][:, :3]], m, 0.0)
+
+
 # ---- on a GPU: the kernels themselves -----------------------------------------------------------
 cuda = pytest.mark.cuda
 
@@ -216,10 +266,26 @@ def test_cuda_decompose_batch_on_a_side_stream(require_ext):
         torch.testing.assert_close(k, tdconv.reference.cp_to_tensor(e.weights, e.factors), rtol=1e-4, atol=1e-4)
 
 
+@cuda
+def test_cuda_small_solve_in_cp_als(require_ext, monkeypatch):
+    # The fused small solve (TDCONV_CUDA_SMALL_SOLVE=1) gives the sweeps of the ATen path.
+    _cuda_ready()
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(64, 64, 9, generator=g).cuda() for _ in range(3)]
+    monkeypatch.delenv("TDCONV_CUDA_SMALL_SOLVE", raising=False)
+    expected = tdconv.decompose_batch(ws, "cp", 32, n_iter_max=30, seed=0)
+    monkeypatch.setenv("TDCONV_CUDA_SMALL_SOLVE", "1")
+    got = tdconv.decompose_batch(ws, "cp", 32, n_iter_max=30, seed=0)
+    for a, b in zip(got, expected):
+        assert abs(a.rel_error - b.rel_error) < 1e-4
+        torch.testing.assert_close(tdconv.reference.cp_to_tensor(a.weights, a.factors),
+                                   tdconv.reference.cp_to_tensor(b.weights, b.factors), rtol=1e-3, atol=1e-3)
+
+
 def test_no_cuda_test_runs_without_a_gpu(request):
     # The CUDA tests above carry the `cuda` mark, which conftest skips without a GPU, and `cuda` in
     # their names, so that `pytest -k cuda` (benchmarks/gpu_check.sh, stage 1) selects them.
     names = [n for n in globals() if n.startswith("test_cuda_")]
-    assert len(names) == 4
+    assert len(names) == 5
     for n in names:
         assert any(m.name == "cuda" for m in getattr(globals()[n], "pytestmark", []))

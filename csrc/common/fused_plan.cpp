@@ -2,18 +2,16 @@
 // the operands in the layout the block program reads (fused_tiles.h), the launch plan, the plain
 // ATen chain that a call too large for one block's shared memory runs instead, and the host
 // emulation of the kernel (tdconv::_fused_conv2d_emulated), which runs the very block program of the
-// kernel on the CPU, with kThreads threads per block and a barrier for __syncthreads.
+// kernel on the CPU, with kThreads threads per block and a barrier for __syncthreads (host_emulation.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <condition_variable>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "checks.h"
 #include "fused_tiles.h"
 #include "fused_conv.h"
+#include "host_emulation.h"
 
 namespace tdconv {
 
@@ -67,52 +65,12 @@ at::Tensor fused_chain(bool tucker, const ConvShape& s, const at::Tensor& x, con
 
 namespace {
 
-// A reusable barrier for the emulated block's threads (__syncthreads).
-class Barrier {
- public:
-  explicit Barrier(int n) : n_(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(m_);
-    const int64_t gen = gen_;
-    if (++count_ == n_) {
-      count_ = 0;
-      ++gen_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return gen_ != gen; });
-    }
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  int n_, count_ = 0;
-  int64_t gen_ = 0;
-};
-
-struct HostCtx {
-  Barrier* barrier;
-  void sync() { barrier->wait(); }
-};
-
 template <typename T, bool kTucker, bool kWmma>
 void emulate(const fused::Params<T>& P) {
-  std::vector<unsigned char> smem(static_cast<size_t>(P.plan.smem_bytes) + fused::kAlign);
-  auto* base = smem.data() + (fused::kAlign - reinterpret_cast<uintptr_t>(smem.data()) % fused::kAlign) % fused::kAlign;
-  for (int64_t b = 0; b < P.plan.blocks; ++b) {
-    // Poison the shared memory: the program must write everything it reads.
-    for (auto& c : smem) c = 0xFF;
-    Barrier barrier(fused::kThreads);
-    std::vector<std::thread> threads;
-    threads.reserve(fused::kThreads);
-    for (int t = 0; t < fused::kThreads; ++t) {
-      threads.emplace_back([&, t] {
-        HostCtx ctx{&barrier};
-        fused::fused_block<T, kTucker, kWmma>(P, b, t, base, ctx);
-      });
-    }
-    for (auto& th : threads) th.join();
-  }
+  emulate_blocks(P.plan.blocks, fused::kThreads, P.plan.smem_bytes, fused::kAlign,
+                 [&](int64_t b, int t, unsigned char* smem, HostCtx& ctx) {
+                   fused::fused_block<T, kTucker, kWmma>(P, b, t, smem, ctx);
+                 });
 }
 
 template <typename T>

@@ -7,6 +7,7 @@
 #include <c10/util/irange.h>
 
 #include <optional>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -59,6 +60,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> tucker_hosvd(const at::Tensor& x
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> tucker_hooi(
     const at::Tensor& x, at::TensorList init, at::IntArrayRef modes, int64_t n_iter_max, double tol,
     int64_t check_every);
+
+// ---- the fused small solve of a CP-ALS mode update (decomp/small_solve.h) ------------------------
+// (U with unit columns, lambda) from the Grams (grams[skip] left out), M and the ridge: one kernel.
+using SmallSolveFn = std::pair<at::Tensor, at::Tensor> (*)(const std::vector<at::Tensor>& grams, int64_t skip,
+                                                          const at::Tensor& m, double l2_reg);
+// The CUDA kernel (csrc/cuda/small_solve.cu sets it at load time); null in a CPU-only build.
+SmallSolveFn& cuda_small_solve();
+// TDCONV_CUDA_SMALL_SOLVE=1: the drivers use it on CUDA (off until it has run on a GPU).
+bool small_solve_enabled();
+// Argument checks of the fused solve: 1..8 Grams [B, R, R], m [B, I, R], R <= 64, one dtype and device.
+void check_small_solve(const char* op, const std::vector<at::Tensor>& grams, const at::Tensor& m);
 
 // ---- small linear-algebra helpers shared by the drivers (decomp/linalg.cpp) ---------------------
 // Leading `rank` eigenvectors (descending eigenvalues) of the symmetric batch G [B, n, n], with

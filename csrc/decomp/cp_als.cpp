@@ -56,7 +56,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
     at::Tensor M;
     for (int64_t k = 0; k < N; ++k) {
       M = tree.mttkrp(U, k);
-      std::tie(U[k], cur.weights) = solve_normalised(hadamard_grams(G, k), M, l2_reg);
+      std::tie(U[k], cur.weights) = solve_mode(G, k, M, l2_reg);
       G[k] = gram(U[k]);
     }
 

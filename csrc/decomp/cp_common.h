@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "../common/ops.h"
+
 #include <limits>
 #include <utility>
 #include <vector>
@@ -54,6 +56,15 @@ inline std::pair<at::Tensor, at::Tensor> solve_normalised(at::Tensor v, const at
   const auto failed = (std::get<1>(chol) != 0).view({-1, 1, 1});  // on the device: no host synchronisation
   u = at::where(failed, at::full({}, std::numeric_limits<double>::quiet_NaN(), u.options()), u);
   return normalise_columns(u);
+}
+
+// The mode update U_k V = M with V = the Hadamard product of the Grams but G[k]: the fused kernel on
+// CUDA where it is enabled and applies (small_solve.h), the ATen ops otherwise.
+inline std::pair<at::Tensor, at::Tensor> solve_mode(const std::vector<at::Tensor>& G, int64_t k, const at::Tensor& m,
+                                                    double l2_reg) {
+  if (m.is_cuda() && cuda_small_solve() != nullptr && m.size(2) <= 64 && G.size() <= 9 && small_solve_enabled())
+    return cuda_small_solve()(G, k, m, l2_reg);
+  return solve_normalised(hadamard_grams(G, k), m, l2_reg);
 }
 
 inline at::Tensor gram(const at::Tensor& u) { return at::bmm(u.transpose(1, 2), u); }

@@ -1,0 +1,75 @@
+// The fused small solve of a CP-ALS mode update (small_solve.h): its use by the drivers on CUDA, and
+// its host emulation tdconv::_cp_solve_emulated, which runs the kernel's block program on the CPU.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/checks.h"
+#include "../common/host_emulation.h"
+#include "../common/ops.h"
+#include "small_solve.h"
+
+namespace tdconv {
+
+SmallSolveFn& cuda_small_solve() {
+  static SmallSolveFn fn = nullptr;
+  return fn;
+}
+
+bool small_solve_enabled() {
+  const char* v = std::getenv("TDCONV_CUDA_SMALL_SOLVE");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+void check_small_solve(const char* op, const std::vector<at::Tensor>& grams, const at::Tensor& m) {
+  const std::string name = std::string("tdconv::") + op + ": ";
+  TDCONV_CHECK(!grams.empty() && static_cast<int>(grams.size()) <= small_solve::kMaxGrams, name, "1 to ",
+               small_solve::kMaxGrams, " Gram matrices are needed, got ", grams.size());
+  TDCONV_CHECK(m.dim() == 3, name, "m must be [B, I, R], got shape ", m.sizes());
+  const int64_t B = m.size(0), R = m.size(2);
+  TDCONV_CHECK(R >= 1 && R <= small_solve::kMaxRank, name, "the rank must be in [1, ", small_solve::kMaxRank,
+               "], got ", R);
+  TDCONV_CHECK_FLOAT(m, "m");
+  for (const auto& g : grams) {
+    TDCONV_CHECK(g.dim() == 3 && g.size(0) == B && g.size(1) == R && g.size(2) == R, name,
+                 "every Gram matrix must be [", B, ", ", R, ", ", R, "], got ", g.sizes());
+    TDCONV_CHECK_TYPE(g.scalar_type() == m.scalar_type(), name, "the Gram matrices must have m's dtype");
+    TDCONV_CHECK_SAME_DEVICE(g, m, "a Gram matrix", "m");
+  }
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> cp_solve_emulated(at::TensorList grams_in, const at::Tensor& m_in, double l2_reg) {
+  std::vector<at::Tensor> grams;
+  for (const auto& g : grams_in) grams.push_back(g.contiguous());
+  check_small_solve("_cp_solve_emulated", grams, m_in);
+  TDCONV_CHECK(m_in.device().is_cpu(), "tdconv::_cp_solve_emulated: m must be on the CPU");
+  const auto m = m_in.contiguous();
+  auto u = at::empty_like(m);
+  auto lam = at::empty({m.size(0), m.size(2)}, m.options());
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cp_solve_emulated", [&] {
+    small_solve::Params<scalar_t> P{};
+    for (size_t g = 0; g < grams.size(); ++g) P.grams[g] = grams[g].const_data_ptr<scalar_t>();
+    P.n_grams = static_cast<int>(grams.size());
+    P.m = m.const_data_ptr<scalar_t>();
+    P.u = u.mutable_data_ptr<scalar_t>();
+    P.lam = lam.mutable_data_ptr<scalar_t>();
+    P.I = m.size(1);
+    P.R = m.size(2);
+    P.l2_reg = l2_reg;
+    emulate_blocks(m.size(0), small_solve::kThreads, small_solve::smem_bytes(P.R, sizeof(scalar_t)), 16,
+                   [&](int64_t b, int t, unsigned char* smem, HostCtx& ctx) {
+                     small_solve::block<scalar_t>(P, b, t, smem, ctx);
+                   });
+  });
+  return {u, lam};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tdconv, CPU, m) { m.impl("_cp_solve_emulated", &cp_solve_emulated); }
+
+}  // namespace tdconv
