@@ -282,10 +282,33 @@ def test_cuda_small_solve_in_cp_als(require_ext, monkeypatch):
                                    tdconv.reference.cp_to_tensor(b.weights, b.factors), rtol=1e-3, atol=1e-3)
 
 
+@cuda
+@pytest.mark.parametrize("small_solve", ["0", "1"])
+def test_cuda_graph_sweeps_in_cp_als(require_ext, monkeypatch, small_solve):
+    # Sweeps replayed from a CUDA graph (TDCONV_CUDA_GRAPHS=1) are the eager sweeps: same errors, same
+    # sweep counts, same factors; also with members that converge early and are frozen.
+    _cuda_ready()
+    g = torch.Generator().manual_seed(0)
+    planted = [tdconv.reference.cp_to_tensor(torch.ones(8, dtype=torch.float64),
+                                             [torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (32, 24, 9)])
+               for _ in range(2)]
+    ws = [w.float().cuda() for w in planted] + [torch.randn(32, 24, 9, generator=g).cuda()]
+    monkeypatch.setenv("TDCONV_CUDA_SMALL_SOLVE", small_solve)
+    monkeypatch.delenv("TDCONV_CUDA_GRAPHS", raising=False)
+    expected = tdconv.decompose_batch(ws, "cp", 8, n_iter_max=60, seed=0)
+    monkeypatch.setenv("TDCONV_CUDA_GRAPHS", "1")
+    got = tdconv.decompose_batch(ws, "cp", 8, n_iter_max=60, seed=0)
+    for a, b in zip(got, expected):
+        assert a.n_iter == b.n_iter
+        torch.testing.assert_close(torch.as_tensor(a.errors), torch.as_tensor(b.errors), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(tdconv.reference.cp_to_tensor(a.weights, a.factors),
+                                   tdconv.reference.cp_to_tensor(b.weights, b.factors), rtol=1e-4, atol=1e-4)
+
+
 def test_no_cuda_test_runs_without_a_gpu(request):
     # The CUDA tests above carry the `cuda` mark, which conftest skips without a GPU, and `cuda` in
     # their names, so that `pytest -k cuda` (benchmarks/gpu_check.sh, stage 1) selects them.
     names = [n for n in globals() if n.startswith("test_cuda_")]
-    assert len(names) == 5
+    assert len(names) == 6
     for n in names:
         assert any(m.name == "cuda" for m in getattr(globals()[n], "pytestmark", []))

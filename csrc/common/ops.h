@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/irange.h>
 
+#include <functional>
 #include <optional>
 #include <utility>
 #include <tuple>
@@ -71,6 +72,14 @@ SmallSolveFn& cuda_small_solve();
 bool small_solve_enabled();
 // Argument checks of the fused solve: 1..8 Grams [B, R, R], m [B, I, R], R <= 64, one dtype and device.
 void check_small_solve(const char* op, const std::vector<at::Tensor>& grams, const at::Tensor& m);
+
+// CUDA graphs of the sweeps (csrc/cuda/sweep_graph.cu sets it at load time; null in a CPU-only build):
+// body() captured once, after one eager run, on a side stream; the returned function replays it on
+// the current stream; empty where the capture failed.
+using GraphCapture = std::function<void()> (*)(const std::function<void()>& body, c10::DeviceIndex device);
+GraphCapture& cuda_graph_capture();
+// TDCONV_CUDA_GRAPHS=1: cp_als replays each sweep from a CUDA graph (off until it has run on a GPU).
+bool sweep_graphs_enabled();
 
 // ---- small linear-algebra helpers shared by the drivers (decomp/linalg.cpp) ---------------------
 // Leading `rank` eigenvectors (descending eigenvalues) of the symmetric batch G [B, n, n], with

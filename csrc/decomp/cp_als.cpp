@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include "../common/checks.h"
@@ -51,13 +52,55 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
   // no running member needs it only at the sweeps where it reads the flags (every sweep on the CPU).
   bool form_residual = false;
 
+  // On CUDA with TDCONV_CUDA_GRAPHS=1, the mode updates of a sweep (MTTKRPs, solves, Grams) are captured
+  // once in a CUDA graph that reads the iterate from fixed buffers (u_in, g_in, w_in) and writes the
+  // next into its own (u_out, ...); the error, the tracker and the freezing of members stay eager, and
+  // the accepted iterate is copied back into the fixed buffers. Same arithmetic, one launch.
+  std::vector<at::Tensor> u_in, g_in, u_out, g_out;
+  at::Tensor w_in, w_out, m_out;
+  std::function<void()> replay;
+  if (x.is_cuda() && cuda_graph_capture() != nullptr && sweep_graphs_enabled()) {
+    for (int64_t n = 0; n < N; ++n) {
+      u_in.push_back(U[n].clone());
+      g_in.push_back(G[n].clone());
+    }
+    w_in = cur.weights.clone();
+    const auto sweep = [&] {
+      std::vector<at::Tensor> u = u_in, g = g_in;
+      at::Tensor m, w;
+      for (int64_t k = 0; k < N; ++k) {
+        m = tree.mttkrp(u, k);
+        std::tie(u[k], w) = solve_mode(g, k, m, l2_reg);
+        g[k] = gram(u[k]);
+      }
+      u_out = u;
+      g_out = g;
+      w_out = w;
+      m_out = m;
+    };
+    replay = cuda_graph_capture()(sweep, x.device().index());
+    if (replay) {
+      U = u_in;
+      G = g_in;
+      cur.weights = w_in;
+    }
+  }
+
   for (int64_t it = 0; it < n_iter_max; ++it) {
     const auto previous = cur;
     at::Tensor M;
-    for (int64_t k = 0; k < N; ++k) {
-      M = tree.mttkrp(U, k);
-      std::tie(U[k], cur.weights) = solve_mode(G, k, M, l2_reg);
-      G[k] = gram(U[k]);
+    if (replay) {
+      replay();
+      U = u_out;
+      G = g_out;
+      cur.weights = w_out;
+      M = m_out;
+    } else {
+      for (int64_t k = 0; k < N; ++k) {
+        M = tree.mttkrp(U, k);
+        std::tie(U[k], cur.weights) = solve_mode(G, k, M, l2_reg);
+        G[k] = gram(U[k]);
+      }
     }
 
     auto err = rel_error_from_norms(norm_x2, M, U, G, cur.weights);
@@ -71,6 +114,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
     // system) keep their previous iterate.
     const auto step = tracker.record(it, err);
     cur.keep_unless(tracker, step, previous);
+    if (replay) {  // the next replay reads the accepted iterate from the fixed buffers
+      for (int64_t n = 0; n < N; ++n) {
+        u_in[n].copy_(U[n]);
+        g_in[n].copy_(G[n]);
+      }
+      w_in.copy_(cur.weights);
+      U = u_in;
+      G = g_in;
+      cur.weights = w_in;
+    }
     exact = exact.logical_or(err < exact_below);  // for the next sweep; a NaN error compares false
     // Is anybody still running, and does any of them need the explicit residual next sweep?
     const bool check = tracker.is_check(it);

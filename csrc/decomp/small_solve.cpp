@@ -18,6 +18,16 @@ SmallSolveFn& cuda_small_solve() {
   return fn;
 }
 
+GraphCapture& cuda_graph_capture() {
+  static GraphCapture fn = nullptr;
+  return fn;
+}
+
+bool sweep_graphs_enabled() {
+  const char* v = std::getenv("TDCONV_CUDA_GRAPHS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 bool small_solve_enabled() {
   const char* v = std::getenv("TDCONV_CUDA_SMALL_SOLVE");
   return v != nullptr && std::strcmp(v, "1") == 0;
