@@ -1,69 +1,141 @@
 #!/usr/bin/env bash
-# One check of everything CUDA in tdconv, for any Linux machine with an NVIDIA GPU and PyTorch (no
-# package registry needed): build the extension in place against this machine's torch, run the test
-# suite (the CUDA tests included), run compute-sanitizer on the small CUDA kernel tests where it exists, run the
-# benchmarks on the GPU, and write logs and JSON into OUT_DIR (8 files at most). The stage limits add up
-# to under 9 minutes; a typical run on one H200 should take about 4. benchmarks/gpu_experiment.sh is the
-# full-length training experiment, run separately.
+# One check of everything CUDA in tdconv, for a Linux machine with an NVIDIA GPU and PyTorch (no package
+# registry needed), in under 7 minutes: the most valuable results first, each stage under its own time
+# limit, its log kept even when it is killed, and a summary of what passed, what failed and what did
+# not run.
 #
-#   benchmarks/gpu_check.sh OUT_DIR [--no-bench]
+#   benchmarks/gpu_check.sh OUT_DIR [--dry-run] [--no-bench]
+#
+# Stages (limits in seconds; they add up to 405):
+#   imports    10   torch, numpy and pytest must import; tensorly, torchvision, ptflops are reported
+#   build     120   the extension in place, for this GPU's architecture only (TDCONV_CUDA=1)
+#   cuda       75   the CUDA tests alone (pytest -k cuda, verbose, junit XML): the kernels are
+#                   validated even if every later stage runs out of time
+#   sanitizer  40   compute-sanitizer memcheck on the fused kernels' and the small solve's CUDA tests
+#   decompose  60   resnet18's 20 convs, CP rank C/2, 100 sweeps: eager / small solve / graphs / both,
+#                   TensorLy beside it (benchmarks/gpu_bench.py; JSON lines written row by row)
+#   layers     40   each seed layer at batch 256, float32 and bfloat16: fused vs the cuDNN chain
+#   models     60   the seed's CP and Tucker resnet18 vs dense cuDNN, eager and torch.compile
+# --dry-run runs every stage on the CPU with tiny shapes (the CUDA tests then skip, the sanitizer is not
+# run, the build is skipped when tdconv._C is already importable): a test of this script, not of the GPU.
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's architecture),
-# MAX_JOBS (parallel compile jobs). Python packages missing on the machine (e.g. tensorly) can be put
-# on PYTHONPATH beforehand.
+# MAX_JOBS (parallel compile jobs). Packages missing on the machine can be put on PYTHONPATH beforehand.
 set -u
-OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [--dry-run] [--no-bench]}
+shift
+DRY=0
+BENCH=1
+for a in "$@"; do
+  case "$a" in
+    --dry-run) DRY=1 ;;
+    --no-bench) BENCH=0 ;;
+    *) echo "unknown option $a (expected --dry-run, --no-bench)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# The extension is built in place: scripts run from benchmarks/ must find the package here.
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
+PASSED=()
+FAILED=()
+NOTRUN=()
 say() { echo "$*" | tee -a "$SUMMARY"; }
-stage() {  # stage NAME TIMEOUT_S LOG CMD...
-  local name=$1 limit=$2 log=$3; shift 3
-  local t=$(date +%s)
-  timeout "$limit" "$@" > "$log" 2>&1
+# stage NAME LIMIT_S CMD...: runs CMD with its output in OUT/NAME.log, records the verdict.
+stage() {
+  local name=$1 limit=$2; shift 2
+  local log="$OUT/$name.log" t=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" > "$log" 2>&1
   local rc=$?
-  say "$(printf '%-12s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t ))" "$(tail -n 1 "$log" | cut -c1-150)")"
+  local verdict=passed
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="killed at ${limit}s"; FAILED+=("$name"); 
+  elif [ "$rc" -ne 0 ]; then verdict="failed"; FAILED+=("$name"); else PASSED+=("$name"); fi
+  say "$(printf '%-10s %-16s rc=%-3s %4ss  %s' "$name" "$verdict" "$rc" "$(( $(date +%s) - t ))" \
+    "$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-140)")"
   return $rc
 }
+skip() { NOTRUN+=("$1"); say "$(printf '%-10s %-16s %s' "$1" "not run" "$2")"; }
 
-{
-  echo "== nvidia-smi"; nvidia-smi 2>&1 | head -20
-  echo "== nvcc"; (command -v nvcc && nvcc --version) 2>&1 | tail -2
-  echo "== compute-sanitizer"; command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>&1
-} >> "$SUMMARY" 2>&1
-
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')" 2>/dev/null || echo "9.0")
-  export TORCH_CUDA_ARCH_LIST
-fi
-say "gpu_check: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1); arch $TORCH_CUDA_ARCH_LIST"
-
-rm -f tdconv/_C*.so
-stage build 150 "$OUT/build.log" env TDCONV_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace || {
-  say "build failed: see build.log"; exit 1; }
-$PY -m tdconv.info 2>&1 | tee -a "$SUMMARY" | grep -E "cuda_kernels_usable|reasons_cuda"
-
-# The whole suite: every device-parametrised test runs on CPU and CUDA here.
-stage tests 150 "$OUT/tests.log" $PY -m pytest -q -rs -p no:cacheprovider tests
-if [ "${2:-}" != "--no-bench" ]; then
-  stage bench 120 "$OUT/bench.log" $PY benchmarks/decompose.py --device cuda --layers both --iters 100 \
-    --tensorly-iters 20 --repeats 2 --json "$OUT/decompose-cuda.json"
-  stage latency 60 "$OUT/latency.log" $PY benchmarks/latency.py --device cuda --inputs imagenet32 \
-    --batches 32,256 --configs seed --min-time 0.5 --json "$OUT/latency-cuda.json"
-fi
-SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [ -x "$SAN" ]; then
-  stage sanitizer 45 "$OUT/sanitizer.log" "$SAN" --tool memcheck --error-exitcode 9 \
-    $PY -m pytest -q -p no:cacheprovider tests/test_cp.py tests/test_nn.py \
-    -k "cuda and (mode_contract or fused_tiles or (fused_low_precision and not tucker))"
+if [ "$DRY" = 1 ]; then
+  DEV=cpu
+  BENCH_ARGS=(--device cpu --tiny)
+  say "gpu_check --dry-run on $(uname -m): every stage on the CPU, tiny shapes; figures meaningless"
 else
-  say "sanitizer    skipped: compute-sanitizer not found"
+  DEV=cuda
+  BENCH_ARGS=(--device cuda)
+  {
+    echo "== nvidia-smi"; nvidia-smi 2>&1 | head -20
+    echo "== nvcc"; (command -v nvcc && nvcc --version) 2>&1 | tail -2
+  } >> "$SUMMARY" 2>&1
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')" \
+      2>/dev/null || echo "9.0")
+    export TORCH_CUDA_ARCH_LIST
+  fi
+  say "gpu_check: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1); arch $TORCH_CUDA_ARCH_LIST"
 fi
-say "total        $(( $(date +%s) - T0 ))s"
+
+# ---- imports: the required ones must import; the optional ones are reported
+stage imports 10 $PY -c "
+import importlib, sys
+import torch, numpy, pytest
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())
+missing = []
+for m in ('tensorly', 'torchvision', 'ptflops', 'scipy'):
+    try:
+        importlib.import_module(m)
+    except Exception as e:
+        missing.append(m)
+print('optional missing:', ', '.join(missing) or 'none')
+" || { say "required packages missing: see imports.log"; exit 1; }
+
+# ---- build in place (an in-place build shadows any installed tdconv: PYTHONPATH=the source tree)
+if [ "$DRY" = 1 ] && (cd / && $PY -c "import tdconv._C") 2>/dev/null; then
+  skip build "dry run: tdconv._C is importable already"
+else
+  rm -f tdconv/_C*.so
+  stage build 120 env TDCONV_CUDA=$([ "$DRY" = 1 ] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-16} \
+    $PY setup.py build_ext --inplace || { say "build failed: see build.log"; exit 1; }
+fi
+if ls tdconv/_C*.so > /dev/null 2>&1; then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  PYT=($PY -m pytest)
+else
+  PYT=($PY -P -m pytest)  # the installed tdconv, not the unbuilt source tree
+fi
+$PY -m tdconv.info >> "$SUMMARY" 2>&1
+
+# ---- the CUDA tests alone, first
+stage cuda 75 "${PYT[@]}" -v -rs -p no:cacheprovider tests -k cuda --junitxml="$OUT/cuda-tests.xml"
+CUDA_RC=$?
+[ -f "$OUT/cuda-tests.xml" ] && say "$(printf '%-10s %s' '' "$(grep -o 'tests="[0-9]*"[^>]*' "$OUT/cuda-tests.xml" | head -1)")"
+
+# ---- compute-sanitizer on the kernels
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ "$DRY" = 1 ]; then
+  skip sanitizer "dry run"
+elif [ ! -x "$SAN" ]; then
+  skip sanitizer "compute-sanitizer not found"
+else
+  stage sanitizer 40 "$SAN" --tool memcheck --error-exitcode 9 "${PYT[@]}" -q -p no:cacheprovider \
+    tests/test_gpu_kernels.py -k "cuda and (matches_emulation and (3x3 or stride) or small_solve)"
+fi
+
+# ---- benchmarks: one JSON line per measured row
+if [ "$BENCH" = 1 ]; then
+  stage decompose 60 $PY benchmarks/gpu_bench.py decompose --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
+  stage layers 40 $PY benchmarks/gpu_bench.py layers --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
+  stage models 60 $PY benchmarks/gpu_bench.py models --compile --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
+else
+  for s in decompose layers models; do skip "$s" "--no-bench"; done
+fi
+
+say "passed:  ${PASSED[*]:-none}"
+say "failed:  ${FAILED[*]:-none}"
+say "not run: ${NOTRUN[*]:-none}"
+say "total    $(( $(date +%s) - T0 ))s"
+[ "${#FAILED[@]}" -eq 0 ]

@@ -1,0 +1,223 @@
+"""The GPU figures of tdconv in one script, each row appended to a JSON-lines file as soon as it is
+measured (a run cut short keeps every finished row):
+
+- ``decompose``: every conv of resnet18 (20 kernels), CP at rank C_out / 2, a fixed number of sweeps,
+  all in one ``decompose_batch`` call: eager, with the fused small solve, with CUDA graphs, with both;
+  TensorLy's ``parafac`` on the same device beside it (layer by layer, as TensorLy runs).
+- ``layers``: each seed layer shape (resnet18's conv2 layers at 224 x 224) at batch 256: dense cuDNN,
+  the unfused CP / Tucker chain (cuDNN) and the fused op, float32 and bfloat16.
+- ``models``: the seed's CP and Tucker resnet18 against the dense one, batch 256, eager and (with
+  ``--compile``) under ``torch.compile``.
+
+    python benchmarks/gpu_bench.py SECTION --out FILE.jsonl [--device cuda] [--tiny]
+
+``--tiny`` shrinks every shape and count so that the whole script runs on a CPU in seconds (the dry
+run of benchmarks/gpu_check.sh); its figures mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tdconv
+import tdconv.info
+from tdconv.utils import describe_environment, median_times
+
+SEED_LAYER = re.compile(r"^layer\d\.\d\.conv2$")
+
+
+class Rows:
+    """Appends one JSON object per line and flushes it, so that a killed run keeps its rows."""
+
+    def __init__(self, path: Path, section: str, device: torch.device):
+        self.path, self.section = path, section
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a")
+        self.add({"kind": "environment", **describe_environment(device), **tdconv.info.collect()})
+
+    def add(self, row: dict) -> None:
+        row = {"section": self.section, **row}
+        self.f.write(json.dumps(row, default=str) + "\n")
+        self.f.flush()
+        print(" ".join(f"{k}={v}" for k, v in row.items() if k not in ("section",) and not isinstance(v, dict))[:400],
+              flush=True)
+
+
+@contextlib.contextmanager
+def env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def once(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def resnet18(device, dtype=torch.float32):
+    from tdconv.apps.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("resnet18", 10, stem="imagenet").to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- decompose
+def decompose(args, rows: Rows, device) -> None:
+    weights = [m.weight.detach() for m in resnet18(device).modules() if isinstance(m, nn.Conv2d)]
+    if args.tiny:
+        weights = [w[:8, :8] for w in weights[:4]]
+    iters = 3 if args.tiny else args.iters
+    xs = [w.reshape(w.shape[0], w.shape[1], -1) for w in weights]
+    ranks = [max(1, w.shape[0] // 2) for w in weights]
+
+    def run():
+        return tdconv.decompose_batch(xs, "cp", ranks, n_iter_max=iters, tol=0.0, seed=0)
+
+    base = None
+    for name, flags in [("eager", {}), ("small_solve", {"TDCONV_CUDA_SMALL_SOLVE": "1"}),
+                        ("graphs", {"TDCONV_CUDA_GRAPHS": "1"}),
+                        ("graphs+small_solve", {"TDCONV_CUDA_GRAPHS": "1", "TDCONV_CUDA_SMALL_SOLVE": "1"})]:
+        with env(**flags):
+            try:
+                once(run, device)  # warm-up (allocator, cuBLAS handles)
+                seconds = min(once(run, device) for _ in range(args.repeats))
+                out = run()
+                err = [float(c.rel_error) for c in out]
+            except Exception as exc:  # a variant that fails is a finding, not the end of the run
+                rows.add({"kind": "decompose", "variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+        if base is None:
+            base = err
+        rows.add({"kind": "decompose", "variant": name, "layers": len(xs), "sweeps": iters, "seconds": seconds,
+                  "mean_rel_error": sum(err) / len(err),
+                  "max_error_change_vs_eager": max(abs(a - b) for a, b in zip(err, base))})
+    try:
+        import tensorly as tl
+        from tensorly.decomposition import parafac
+    except ImportError as exc:
+        rows.add({"kind": "decompose", "variant": "tensorly", "error": f"not installed: {exc}"})
+        return
+    tl.set_backend("pytorch")
+    tl_iters = 2 if args.tiny else args.tensorly_iters
+    n = len(xs) if args.tiny else len(xs)
+
+    def run_tl():
+        for x, r in zip(xs[:n], ranks[:n]):
+            parafac(x, r, n_iter_max=tl_iters, init="svd", tol=0, random_state=0)
+
+    try:
+        once(lambda: parafac(xs[0], ranks[0], n_iter_max=1, init="svd", tol=0), device)
+        seconds = once(run_tl, device)
+        rows.add({"kind": "decompose", "variant": "tensorly", "layers": n, "sweeps": tl_iters, "seconds": seconds,
+                  "seconds_scaled_to_sweeps": seconds * iters / tl_iters})
+    except Exception as exc:
+        rows.add({"kind": "decompose", "variant": "tensorly", "error": f"{type(exc).__name__}: {exc}"[:300]})
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def layers(args, rows: Rows, device) -> None:
+    shapes = [(64, 56), (128, 28), (256, 14), (512, 7)]
+    batch = 2 if args.tiny else args.batch
+    if args.tiny:
+        shapes = [(8, 6)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for c, hw in shapes:
+            x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
+            dense = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device, dtype).eval()
+            for method, rank in (("cp", c // 2), ("tucker", (c // 2, c // 2))):
+                fused = tdconv.FactorizedConv2d.from_conv(dense, method, rank, implementation="fused", n_iter_max=2,
+                                                          seed=0).to(device, dtype).eval()
+                chain = copy.deepcopy(fused)
+                chain.implementation = "unfused"
+                with torch.no_grad():
+                    err = float((fused(x).float() - chain(x).float()).norm() / chain(x).float().norm())
+                    t = median_times({"dense": lambda: dense(x), "chain": lambda: chain(x), "fused": lambda: fused(x)},
+                                     rounds=args.rounds, warmup=3, device=device)
+                rows.add({"kind": "layer", "dtype": str(dtype).replace("torch.", ""), "channels": c, "hw": hw,
+                          "batch": batch, "method": method, "dense_ms": t["dense"] * 1e3,
+                          "chain_ms": t["chain"] * 1e3, "fused_ms": t["fused"] * 1e3,
+                          "fused_speedup_vs_chain": t["chain"] / t["fused"],
+                          "fused_speedup_vs_dense": t["dense"] / t["fused"], "fused_vs_chain_rel_error": err})
+
+
+# ---------------------------------------------------------------------------------------------- models
+def models(args, rows: Rows, device) -> None:
+    batch = 2 if args.tiny else args.batch
+    size = 32
+    x = torch.randn(batch, 3, size, size, device=device)
+    dense = resnet18(device).eval()
+    variants = {"dense": dense}
+    for method in ("cp", "tucker"):
+        for impl in ("fused", "auto"):
+            m = tdconv.compress(copy.deepcopy(dense), method, 0.5, layers="seed", n_iter_max=2, seed=0,
+                                progress=False, input_size=(3, size, size))[0].eval()
+            for mod in m.modules():
+                if isinstance(mod, tdconv.FactorizedConv2d):
+                    mod.implementation = impl
+            variants[f"{method}-{impl}"] = m
+    modes = ["eager"] + (["compile"] if args.compile else [])
+    for mode in modes:
+        fns = {}
+        for name, m in variants.items():
+            f = torch.compile(m) if mode == "compile" else m
+            fns[name] = (lambda f=f: f(x))
+        try:
+            with torch.no_grad():
+                t = median_times(fns, rounds=args.rounds, warmup=3, device=device)
+        except Exception as exc:
+            rows.add({"kind": "model", "mode": mode, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        for name, s in t.items():
+            rows.add({"kind": "model", "mode": mode, "model": name, "batch": batch, "input": f"3x{size}x{size}",
+                      "ms": s * 1e3, "speedup_vs_dense": t["dense"] / s})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("section", choices=("decompose", "layers", "models"))
+    p.add_argument("--out", type=Path, required=True, help="JSON-lines file the rows are appended to")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU dry run (figures meaningless)")
+    p.add_argument("--iters", type=int, default=100, help="CP sweeps (decompose)")
+    p.add_argument("--tensorly-iters", type=int, default=20, help="TensorLy sweeps, its time also scaled to --iters")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--compile", action="store_true", help="models: add torch.compile rows")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no GPU (use --device cpu --tiny for a dry run)")
+    rows = Rows(args.out, args.section, device)
+    {"decompose": decompose, "layers": layers, "models": models}[args.section](args, rows, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""benchmarks/gpu_check.sh --dry-run end to end on the CPU: every stage runs (the CUDA tests skip, the
+sanitizer is not run), each writes its log, the benchmarks write their JSON rows, and the summary says
+what passed, what failed and what did not run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(require_ext, tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    if list((ROOT / "tdconv").glob("_C*.so")):  # an in-place build: the script's own python must see it
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stderr
+    for stage in ("imports", "cuda", "decompose", "layers", "models"):
+        assert (out / f"{stage}.log").exists()
+        assert any(line.startswith(stage) and "passed" in line for line in summary.splitlines()), (stage, summary)
+    assert "failed:  none" in summary and "sanitizer" in summary.split("not run:")[1]
+    assert (out / "cuda-tests.xml").exists()
+    rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in rows}
+    assert {"environment", "decompose", "layer", "model"} <= kinds
+    variants = {r["variant"] for r in rows if r["kind"] == "decompose"}
+    assert {"eager", "small_solve", "graphs", "graphs+small_solve"} <= variants
+    assert not [r for r in rows if "error" in r and r.get("variant") != "tensorly"], rows
+    assert {r["mode"] for r in rows if r["kind"] == "model"} == {"eager", "compile"}
+
+
+def test_gpu_check_refuses_unknown_options(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--fast"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
