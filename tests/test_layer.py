@@ -47,8 +47,6 @@ def test_planted_cp4_kernel_is_exact(require_ext, device, implementation):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_tucker_full_rank_is_exact(require_ext, device, implementation):
-    if device.type == "cuda" and implementation == "fused":
-        pytest.skip("tucker_conv2d has no CUDA kernel yet")
     conv = _conv(6, 9, 3, device=device, stride=2, padding=1)
     f = tdconv.FactorizedConv2d.from_conv(conv, "tucker", (9, 6))
     x = torch.randn(3, 6, 11, 8, dtype=torch.float64, device=device)
