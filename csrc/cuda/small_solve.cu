@@ -13,7 +13,7 @@
 
 #include "../common/checks.h"
 #include "../common/ops.h"
-#include "../decomp/small_solve.h"
+#include "../decomp/small_solve_host.h"
 
 namespace tdconv {
 namespace {
@@ -45,15 +45,7 @@ std::pair<at::Tensor, at::Tensor> small_solve_cuda(const std::vector<at::Tensor>
   TDCONV_CHECK(B <= std::numeric_limits<int32_t>::max(), "tdconv::cp_als: batch of ", B, " too large for one launch");
   if (B == 0) return {u, lam};
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "small_solve_cuda", [&] {
-    small_solve::Params<scalar_t> P{};
-    for (size_t g = 0; g < grams.size(); ++g) P.grams[g] = grams[g].const_data_ptr<scalar_t>();
-    P.n_grams = static_cast<int>(grams.size());
-    P.m = m.const_data_ptr<scalar_t>();
-    P.u = u.mutable_data_ptr<scalar_t>();
-    P.lam = lam.mutable_data_ptr<scalar_t>();
-    P.I = m.size(1);
-    P.R = m.size(2);
-    P.l2_reg = l2_reg;
+    const auto P = small_solve::make_params<scalar_t>(grams, m, u, lam, l2_reg);
     const auto bytes = small_solve::smem_bytes(P.R, sizeof(scalar_t));
     TDCONV_CHECK(bytes <= 48 * 1024, "tdconv::cp_als: the small solve needs ", bytes, " bytes of shared memory");
     small_solve_kernel<scalar_t><<<static_cast<unsigned>(B), small_solve::kThreads, static_cast<size_t>(bytes),

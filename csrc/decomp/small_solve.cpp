@@ -9,7 +9,7 @@
 #include "../common/checks.h"
 #include "../common/host_emulation.h"
 #include "../common/ops.h"
-#include "small_solve.h"
+#include "small_solve_host.h"
 
 namespace tdconv {
 
@@ -61,15 +61,7 @@ std::tuple<at::Tensor, at::Tensor> cp_solve_emulated(at::TensorList grams_in, co
   auto u = at::empty_like(m);
   auto lam = at::empty({m.size(0), m.size(2)}, m.options());
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cp_solve_emulated", [&] {
-    small_solve::Params<scalar_t> P{};
-    for (size_t g = 0; g < grams.size(); ++g) P.grams[g] = grams[g].const_data_ptr<scalar_t>();
-    P.n_grams = static_cast<int>(grams.size());
-    P.m = m.const_data_ptr<scalar_t>();
-    P.u = u.mutable_data_ptr<scalar_t>();
-    P.lam = lam.mutable_data_ptr<scalar_t>();
-    P.I = m.size(1);
-    P.R = m.size(2);
-    P.l2_reg = l2_reg;
+    const auto P = small_solve::make_params<scalar_t>(grams, m, u, lam, l2_reg);
     emulate_blocks(m.size(0), small_solve::kThreads, small_solve::smem_bytes(P.R, sizeof(scalar_t)), 16,
                    [&](int64_t b, int t, unsigned char* smem, HostCtx& ctx) {
                      small_solve::block<scalar_t>(P, b, t, smem, ctx);
