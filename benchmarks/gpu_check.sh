@@ -6,16 +6,17 @@
 #
 #   benchmarks/gpu_check.sh OUT_DIR [--dry-run] [--no-bench]
 #
-# Stages (limits in seconds; they add up to 405):
+# Stages (limits in seconds; they add up to 415):
 #   imports    10   torch, numpy and pytest must import; tensorly, torchvision, ptflops are reported
-#   build     120   the extension in place, for this GPU's architecture only (TDCONV_CUDA=1)
-#   cuda       75   the CUDA tests alone (pytest -k cuda, verbose, junit XML): the kernels are
-#                   validated even if every later stage runs out of time
-#   sanitizer  40   compute-sanitizer memcheck on the fused kernels' and the small solve's CUDA tests
-#   decompose  60   resnet18's 20 convs, CP rank C/2, 100 sweeps: eager / small solve / graphs / both,
+#   build     150   the extension in place, for this GPU's architecture only (TDCONV_CUDA=1)
+#   kernels    40   the CUDA tests of the new kernels and engine paths (tests/test_gpu_kernels.py -k cuda,
+#                   verbose, junit XML): validated even if every later stage runs out of time
+#   cuda       50   every other CUDA test of the suite (-k cuda, verbose, junit XML)
+#   sanitizer  35   compute-sanitizer memcheck on the fused kernels' and the small solve's CUDA tests
+#   decompose  55   resnet18's 20 convs, CP rank C/2, 100 sweeps: eager / small solve / graphs / both,
 #                   TensorLy beside it (benchmarks/gpu_bench.py; JSON lines written row by row)
-#   layers     40   each seed layer at batch 256, float32 and bfloat16: fused vs the cuDNN chain
-#   models     60   the seed's CP and Tucker resnet18 vs dense cuDNN, eager and torch.compile
+#   layers     35   each seed layer at batch 256, float32 and bfloat16: fused vs the cuDNN chain
+#   models     40   the seed's CP and Tucker resnet18 vs dense cuDNN, eager then torch.compile
 # --dry-run runs every stage on the CPU with tiny shapes (the CUDA tests then skip, the sanitizer is not
 # run, the build is skipped when tdconv._C is already importable): a test of this script, not of the GPU.
 #
@@ -98,7 +99,7 @@ if [ "$DRY" = 1 ] && (cd / && $PY -c "import tdconv._C") 2>/dev/null; then
   skip build "dry run: tdconv._C is importable already"
 else
   rm -f tdconv/_C*.so
-  stage build 120 env TDCONV_CUDA=$([ "$DRY" = 1 ] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-16} \
+  stage build 150 env TDCONV_CUDA=$([ "$DRY" = 1 ] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-16} \
     $PY setup.py build_ext --inplace || { say "build failed: see build.log"; exit 1; }
 fi
 if ls tdconv/_C*.so > /dev/null 2>&1; then
@@ -109,10 +110,14 @@ else
 fi
 $PY -m tdconv.info >> "$SUMMARY" 2>&1
 
-# ---- the CUDA tests alone, first
-stage cuda 75 "${PYT[@]}" -v -rs -p no:cacheprovider tests -k cuda --junitxml="$OUT/cuda-tests.xml"
-CUDA_RC=$?
-[ -f "$OUT/cuda-tests.xml" ] && say "$(printf '%-10s %s' '' "$(grep -o 'tests="[0-9]*"[^>]*' "$OUT/cuda-tests.xml" | head -1)")"
+# ---- the CUDA tests alone, first: the new kernels, then the rest of the suite's
+junit() { [ -f "$1" ] && say "$(printf '%-10s %s' '' "$(grep -o 'tests="[0-9]*"[^>]*' "$1" | head -1 | cut -c1-100)")"; }
+stage kernels 40 "${PYT[@]}" -v -rs -p no:cacheprovider tests/test_gpu_kernels.py -k cuda \
+  --junitxml="$OUT/kernels-tests.xml"
+junit "$OUT/kernels-tests.xml"
+stage cuda 50 "${PYT[@]}" -v -rs -p no:cacheprovider tests -k cuda --deselect tests/test_gpu_kernels.py \
+  --ignore=tests/test_gpu_check.py --junitxml="$OUT/cuda-tests.xml"
+junit "$OUT/cuda-tests.xml"
 
 # ---- compute-sanitizer on the kernels
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
@@ -121,15 +126,15 @@ if [ "$DRY" = 1 ]; then
 elif [ ! -x "$SAN" ]; then
   skip sanitizer "compute-sanitizer not found"
 else
-  stage sanitizer 40 "$SAN" --tool memcheck --error-exitcode 9 "${PYT[@]}" -q -p no:cacheprovider \
+  stage sanitizer 35 "$SAN" --tool memcheck --error-exitcode 9 "${PYT[@]}" -q -p no:cacheprovider \
     tests/test_gpu_kernels.py -k "cuda and (matches_emulation and (3x3 or stride) or small_solve)"
 fi
 
 # ---- benchmarks: one JSON line per measured row
 if [ "$BENCH" = 1 ]; then
-  stage decompose 60 $PY benchmarks/gpu_bench.py decompose --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
-  stage layers 40 $PY benchmarks/gpu_bench.py layers --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
-  stage models 60 $PY benchmarks/gpu_bench.py models --compile --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
+  stage decompose 55 $PY benchmarks/gpu_bench.py decompose --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
+  stage layers 35 $PY benchmarks/gpu_bench.py layers --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
+  stage models 40 $PY benchmarks/gpu_bench.py models --compile --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
 else
   for s in decompose layers models; do skip "$s" "--no-bench"; done
 fi

@@ -22,11 +22,11 @@ def test_gpu_check_dry_run(require_ext, tmp_path):
                           capture_output=True, text=True, timeout=600)
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stderr
-    for stage in ("imports", "cuda", "decompose", "layers", "models"):
+    for stage in ("imports", "kernels", "cuda", "decompose", "layers", "models"):
         assert (out / f"{stage}.log").exists()
         assert any(line.startswith(stage) and "passed" in line for line in summary.splitlines()), (stage, summary)
     assert "failed:  none" in summary and "sanitizer" in summary.split("not run:")[1]
-    assert (out / "cuda-tests.xml").exists()
+    assert (out / "cuda-tests.xml").exists() and (out / "kernels-tests.xml").exists()
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in rows}
     assert {"environment", "decompose", "layer", "model"} <= kinds
