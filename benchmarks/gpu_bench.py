@@ -6,8 +6,8 @@ measured (a run cut short keeps every finished row):
   TensorLy's ``parafac`` on the same device beside it (layer by layer, as TensorLy runs).
 - ``layers``: each seed layer shape (resnet18's conv2 layers at 224 x 224) at batch 256: dense cuDNN,
   the unfused CP / Tucker chain (cuDNN) and the fused op, float32 and bfloat16.
-- ``models``: the seed's CP and Tucker resnet18 against the dense one, batch 256, eager and (with
-  ``--compile``) under ``torch.compile``.
+- ``models``: the seed's CP and Tucker resnet18 (ImageNet stem, 3 x 32 x 32 inputs, as the seed's
+  experiment) against the dense one, batch 256, eager and (with ``--compile``) under ``torch.compile``.
 
     python benchmarks/gpu_bench.py SECTION --out FILE.jsonl [--device cuda] [--tiny]
 
@@ -36,14 +36,33 @@ from tdconv.utils import describe_environment, median_times
 SEED_LAYER = re.compile(r"^layer\d\.\d\.conv2$")
 
 
-class Rows:
-    """Appends one JSON object per line and flushes it, so that a killed run keeps its rows."""
+STATS = ("graph_captures", "graph_capture_failures", "graph_replays", "small_solves", "fused_conv_launches",
+         "fused_conv_fallbacks")
 
-    def __init__(self, path: Path, section: str, device: torch.device):
+
+def engine_stats() -> dict:
+    """What the CUDA paths did since load (tdconv::_cuda_engine_stats): tells a path that ran from one
+    that fell back."""
+    return dict(zip(STATS, torch.ops.tdconv._cuda_engine_stats()))
+
+
+class Rows:
+    """Appends one JSON object per line and flushes it, so that a killed run keeps its rows. With a
+    deadline (seconds from the start), ``time_left()`` says whether another row should be started."""
+
+    def __init__(self, path: Path, section: str, device: torch.device, deadline: float | None = None):
         self.path, self.section = path, section
+        self.t0, self.deadline = time.perf_counter(), deadline
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "a")
         self.add({"kind": "environment", **describe_environment(device), **tdconv.info.collect()})
+
+    def time_left(self) -> bool:
+        if self.deadline is not None and time.perf_counter() - self.t0 > self.deadline:
+            self.add({"kind": "deadline", "note": f"stopped starting rows after {self.deadline:.0f} s"})
+            self.deadline = None  # noted once; every later call answers False
+            self.stopped = True
+        return not getattr(self, "stopped", False)
 
     def add(self, row: dict) -> None:
         row = {"section": self.section, **row}
@@ -103,18 +122,31 @@ def decompose(args, rows: Rows, device) -> None:
     for name, flags in [("eager", {}), ("small_solve", {"TDCONV_CUDA_SMALL_SOLVE": "1"}),
                         ("graphs", {"TDCONV_CUDA_GRAPHS": "1"}),
                         ("graphs+small_solve", {"TDCONV_CUDA_GRAPHS": "1", "TDCONV_CUDA_SMALL_SOLVE": "1"})]:
+        if not rows.time_left():
+            return
         with env(**flags):
             try:
                 once(run, device)  # warm-up (allocator, cuBLAS handles)
-                seconds = min(once(run, device) for _ in range(args.repeats))
-                out = run()
+                before = engine_stats()
+                times, out = [], None
+                for _ in range(args.repeats):
+                    sync(device)
+                    t = time.perf_counter()
+                    out = run()
+                    sync(device)
+                    times.append(time.perf_counter() - t)
+                seconds = min(times)
+                stats = {k: v - before[k] for k, v in engine_stats().items() if k.startswith(("graph", "small"))}
                 err = [float(c.rel_error) for c in out]
             except Exception as exc:  # a variant that fails is a finding, not the end of the run
                 rows.add({"kind": "decompose", "variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
         if base is None:
             base = err
+        # The fused small solve takes ranks up to 64 (here the layers of 64 and 128 output channels); the
+        # graphs need it, so they too apply to those layers only. `stats` says what ran.
         rows.add({"kind": "decompose", "variant": name, "layers": len(xs), "sweeps": iters, "seconds": seconds,
+                  "layers_with_rank_le_64": sum(r <= 64 for r in ranks), "stats": stats,
                   "mean_rel_error": sum(err) / len(err),
                   "max_error_change_vs_eager": max(abs(a - b) for a, b in zip(err, base))})
     try:
@@ -125,7 +157,9 @@ def decompose(args, rows: Rows, device) -> None:
         return
     tl.set_backend("pytorch")
     tl_iters = 2 if args.tiny else args.tensorly_iters
-    n = len(xs) if args.tiny else len(xs)
+    n = len(xs)
+    if not rows.time_left():
+        return
 
     def run_tl():
         for x, r in zip(xs[:n], ranks[:n]):
@@ -151,6 +185,9 @@ def layers(args, rows: Rows, device) -> None:
             x = torch.randn(batch, c, hw, hw, device=device, dtype=dtype)
             dense = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device, dtype).eval()
             for method, rank in (("cp", c // 2), ("tucker", (c // 2, c // 2))):
+                if not rows.time_left():
+                    return
+                before = engine_stats()["fused_conv_launches"]
                 fused = tdconv.FactorizedConv2d.from_conv(dense, method, rank, implementation="fused", n_iter_max=2,
                                                           seed=0).to(device, dtype).eval()
                 chain = copy.deepcopy(fused)
@@ -163,7 +200,8 @@ def layers(args, rows: Rows, device) -> None:
                           "batch": batch, "method": method, "dense_ms": t["dense"] * 1e3,
                           "chain_ms": t["chain"] * 1e3, "fused_ms": t["fused"] * 1e3,
                           "fused_speedup_vs_chain": t["chain"] / t["fused"],
-                          "fused_speedup_vs_dense": t["dense"] / t["fused"], "fused_vs_chain_rel_error": err})
+                          "fused_speedup_vs_dense": t["dense"] / t["fused"], "fused_vs_chain_rel_error": err,
+                          "fused_kernel_launched": engine_stats()["fused_conv_launches"] > before})
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -184,8 +222,13 @@ def models(args, rows: Rows, device) -> None:
     # Each variant is timed against dense in its own interleaved pair, and its row written at once: a
     # stage cut short by torch.compile's compile times keeps the rows it finished.
     for mode in ["eager"] + (["compile"] if args.compile else []):
-        fns = {name: (torch.compile(m) if mode == "compile" else m) for name, m in variants.items()}
-        for name in [n for n in variants if n != "dense"]:
+        # Under torch.compile the explicit fused op only (auto is the chain until the kernels are validated).
+        names = [n for n in variants if n != "dense" and (mode == "eager" or n.endswith("-fused"))]
+        fns = {name: (torch.compile(variants[name]) if mode == "compile" else variants[name])
+               for name in ["dense", *names]}
+        for name in names:
+            if not rows.time_left():
+                return
             try:
                 with torch.no_grad():
                     t = median_times({"dense": lambda: fns["dense"](x), name: lambda: fns[name](x)},
@@ -209,11 +252,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--compile", action="store_true", help="models: add torch.compile rows")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after which no new row is started (the run then ends normally)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no GPU (use --device cpu --tiny for a dry run)")
-    rows = Rows(args.out, args.section, device)
+    rows = Rows(args.out, args.section, device, args.deadline)
     {"decompose": decompose, "layers": layers, "models": models}[args.section](args, rows, device)
     return 0
 

@@ -63,6 +63,9 @@ TORCH_LIBRARY(tdconv, m) {
   // The fused small solve of a CP-ALS mode update (csrc/decomp/small_solve.h) run on the CPU: the Grams
   // to multiply, M [B, I, R] -> (U with unit columns, lambda). For tests without a GPU.
   m.def("_cp_solve_emulated(Tensor[] grams, Tensor m, float l2_reg) -> (Tensor u, Tensor lam)");
+  // Counters of the CUDA paths since load: [graph captures, failed captures, graph replays, fused small
+  // solves, fused conv launches, fused conv calls that ran the ATen chain instead].
+  m.def("_cuda_engine_stats() -> int[]");
   // The CUDA launch plan for these shapes and dtype: [blocks, padded R_out, shared-memory bytes, wmma].
   m.def("_fused_conv2d_plan(Tensor x, Tensor first, Tensor spatial, Tensor last, int[2] stride, int[2] padding,"
         " int[2] dilation, bool tucker) -> int[]");

@@ -581,7 +581,8 @@ def _batched_decompositions(modules, selected, methods, ranks, options) -> tuple
     """The decompositions of the layers that share a kernel shape, method and rank, computed by one batched
     engine call per such group (:func:`tdconv.decompose_batch`: on a GPU, one sequence of launches for the
     group instead of one per layer; resnet18's 3x3 convs form 4 groups). Each equals the layer's own
-    :func:`decompose_kernel` result up to rounding. Returns ({name: decomposition}, {name: seconds}), the
+    :func:`decompose_kernel` result up to rounding (with ``seed=None``, a CP group draws one random seed
+    where the layers would each draw their own). Returns ({name: decomposition}, {name: seconds}), the
     seconds being the group's time shared equally."""
     groups: dict = {}
     for name in selected:
@@ -599,11 +600,14 @@ def _batched_decompositions(modules, selected, methods, ranks, options) -> tuple
         ws = [modules[n].weight.detach() for n in names]
         opts = _options(method, options)
         t = time.perf_counter()
-        if method == "tucker":
-            out = decompose_batch(ws, "hooi", rank, modes=(0, 1), **{k: v for k, v in opts.items() if k != "seed"})
-        else:
-            xs = [w.reshape(c_out, c_in, kh * kw) for w in ws] if method == "cp" else ws
-            out = decompose_batch(xs, "cp", rank, **opts)
+        try:
+            if method == "tucker":
+                out = decompose_batch(ws, "hooi", rank, modes=(0, 1), **{k: v for k, v in opts.items() if k != "seed"})
+            else:
+                xs = [w.reshape(c_out, c_in, kh * kw) for w in ws] if method == "cp" else ws
+                out = decompose_batch(xs, "cp", rank, **opts)
+        except RuntimeError as exc:  # e.g. out of memory stacking the group: say which layers
+            raise RuntimeError(f"layers {names} (decomposed together): {exc}") from exc
         share = (time.perf_counter() - t) / len(names)
         for n, d in zip(names, out):
             found[n], seconds[n] = d, share

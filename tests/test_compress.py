@@ -316,9 +316,11 @@ def test_equal_layers_are_decomposed_in_one_batched_call(require_ext, monkeypatc
     cmod = sys.modules["tdconv.compress"]  # the module (tdconv.compress is the function)
     real = cmod.decompose_batch
     monkeypatch.setattr(cmod, "decompose_batch", lambda ts, *a, **k: calls.append(len(ts)) or real(ts, *a, **k))
+    single, real_single = [], cmod.decompose_kernel
+    monkeypatch.setattr(cmod, "decompose_kernel", lambda w, *a, **k: single.append(tuple(w.shape)) or real_single(w, *a, **k))
     rank = 6 if method == "cp" else (6, 6)
     out, _ = tdconv.compress(model, method, rank=rank, input_size=(8, 6, 6), seed=0)
-    assert calls == [3]
+    assert calls == [3] and single == [(16, 8, 3, 3)]  # the batched layers are not decomposed again
     for i in (0, 2, 4, 6):
         expected = tdconv.FactorizedConv2d.from_decomposition(
             model[i], method, tdconv.decomposition.decompose_kernel(model[i].weight.detach(), method, rank, seed=0))

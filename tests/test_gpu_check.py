@@ -13,10 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run(require_ext, tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable)
-    if list((ROOT / "tdconv").glob("_C*.so")):  # an in-place build: the script's own python must see it
+def _env(**extra):
+    env = dict(os.environ, **extra)
+    if list((ROOT / "tdconv").glob("_C*.so")):  # an in-place build: the scripts' own python must see it
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_gpu_check_dry_run(require_ext, tmp_path):
+    env = _env(PYTHON=sys.executable)
     out = tmp_path / "gpu"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -40,3 +45,26 @@ def test_gpu_check_refuses_unknown_options(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--fast"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
+
+
+def test_gpu_check_summary_survives_a_failed_import(tmp_path):
+    # A python that cannot import torch: the later stages are marked "not run", the summary is written,
+    # and the script fails.
+    env = dict(os.environ, PYTHON="false")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert proc.returncode != 0
+    assert "failed:  imports" in summary
+    for stage in ("build", "kernels", "cuda", "decompose", "layers", "models"):
+        assert stage in summary.split("not run:")[1], summary
+
+
+def test_gpu_bench_stops_starting_rows_at_its_deadline(require_ext, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "layers", "--device", "cpu",
+                           "--tiny", "--deadline", "0", "--out", str(out)], capture_output=True, text=True,
+                          timeout=120, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    kinds = [json.loads(line)["kind"] for line in out.read_text().splitlines()]
+    assert kinds == ["environment", "deadline"]

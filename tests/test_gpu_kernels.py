@@ -73,8 +73,9 @@ def test_emulated_kernel_matches_reference(require_ext, tucker, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES[:5], ids=[c[0] for c in CASES[:5]])
 def test_emulated_tensor_core_path(require_ext, tucker, dtype, case):
-    # The WMMA form: half-precision tiles, float32 accumulation. As accurate as PyTorch's own chain in
-    # the same dtype (within a factor 2), and every WMMA call aligned (the op raises otherwise).
+    # The WMMA form: half-precision tiles, float32 accumulation. Within a factor 2 of the error of the
+    # chain computed in float32 from the same half-precision operands and rounded once, and every WMMA
+    # call aligned (the op raises otherwise).
     _, kw, conv, relu = case
     args = _operands(tucker, dtype, **kw)
     got = _emulated(tucker, args, conv, relu)
@@ -194,17 +195,35 @@ def _cuda_ready():
         pytest.fail("a GPU is present but tdconv._C was built without its CUDA part")
 
 
+STATS = ("graph_captures", "graph_capture_failures", "graph_replays", "small_solves", "fused_conv_launches",
+         "fused_conv_fallbacks")
+
+
+def _stats():
+    """What the CUDA paths did since load: a path that silently fell back cannot pass for one that ran."""
+    return dict(zip(STATS, torch.ops.tdconv._cuda_engine_stats()))
+
+
+def test_engine_stats_are_counters(require_ext):
+    stats = _stats()
+    assert set(stats) == set(STATS) and all(isinstance(v, int) and v >= 0 for v in stats.values())
+
+
 @cuda
 @pytest.mark.parametrize("tucker", [False, True], ids=["cp", "tucker"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["float64", "float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cuda_fused_kernel_matches_emulation(require_ext, tucker, dtype, case):
     _cuda_ready()
     _, kw, conv, relu = case
     args = _operands(tucker, dtype, **kw)
     op = torch.ops.tdconv.tucker_conv2d if tucker else torch.ops.tdconv.cp_conv2d
+    before = _stats()
     got = op(*[None if a is None else a.cuda() for a in args], *[list(c) for c in conv], relu)
     torch.cuda.synchronize()
+    after = _stats()
+    assert after["fused_conv_launches"] == before["fused_conv_launches"] + 1, "the kernel did not run"
     emulated = _emulated(tucker, args, conv, relu)
     exact = _reference(tucker, args, conv, relu)
     assert got.dtype == dtype and got.shape == exact.shape
@@ -222,12 +241,16 @@ def test_cuda_fused_kernel_large_and_fallback(require_ext):
         args = _operands(tucker, torch.float32, n=8, c_in=64, hw=(28, 28), ranks=(48, 32), c_out=96, device="cuda")
         x = args[0].to(memory_format=torch.channels_last)
         op = torch.ops.tdconv.tucker_conv2d if tucker else torch.ops.tdconv.cp_conv2d
+        launches = _stats()["fused_conv_launches"]
         got = op(x, *args[1:], [1, 1], [1, 1], [1, 1], True)
+        assert _stats()["fused_conv_launches"] == launches + 1
         assert got.is_contiguous(memory_format=torch.channels_last)
         assert _rel(got, _reference(tucker, args, ((1, 1), (1, 1), (1, 1)), True)) < 1e-5
     # a y2 tile larger than one block's shared memory: the ATen chain, same result
     args = _operands(False, torch.float32, n=1, hw=(4, 4), ranks=(1100, 1100), c_out=8, device="cuda")
+    fallbacks = _stats()["fused_conv_fallbacks"]
     got = torch.ops.tdconv.cp_conv2d(*args, [1, 1], [1, 1], [1, 1], False)
+    assert _stats()["fused_conv_fallbacks"] == fallbacks + 1
     assert _rel(got, _reference(False, args, ((1, 1), (1, 1), (1, 1)), False)) < 1e-5
 
 
@@ -275,7 +298,9 @@ def test_cuda_small_solve_in_cp_als(require_ext, monkeypatch):
     monkeypatch.delenv("TDCONV_CUDA_SMALL_SOLVE", raising=False)
     expected = tdconv.decompose_batch(ws, "cp", 32, n_iter_max=30, seed=0)
     monkeypatch.setenv("TDCONV_CUDA_SMALL_SOLVE", "1")
+    solves = _stats()["small_solves"]
     got = tdconv.decompose_batch(ws, "cp", 32, n_iter_max=30, seed=0)
+    assert _stats()["small_solves"] > solves, "the fused small solve did not run"
     for a, b in zip(got, expected):
         assert abs(a.rel_error - b.rel_error) < 1e-4
         torch.testing.assert_close(tdconv.reference.cp_to_tensor(a.weights, a.factors),
@@ -285,8 +310,9 @@ def test_cuda_small_solve_in_cp_als(require_ext, monkeypatch):
 @cuda
 @pytest.mark.parametrize("small_solve", ["0", "1"])
 def test_cuda_graph_sweeps_in_cp_als(require_ext, monkeypatch, small_solve):
-    # Sweeps replayed from a CUDA graph (TDCONV_CUDA_GRAPHS=1) are the eager sweeps: same errors, same
-    # sweep counts, same factors; also with members that converge early and are frozen.
+    # Sweeps replayed from a CUDA graph (TDCONV_CUDA_GRAPHS=1; always with the fused small solve inside)
+    # are the eager sweeps, with the ATen or the fused solve: same errors, same sweep counts, same
+    # factors; also with members that converge early and are frozen.
     _cuda_ready()
     g = torch.Generator().manual_seed(0)
     planted = [tdconv.reference.cp_to_tensor(torch.ones(8, dtype=torch.float64),
@@ -297,7 +323,12 @@ def test_cuda_graph_sweeps_in_cp_als(require_ext, monkeypatch, small_solve):
     monkeypatch.delenv("TDCONV_CUDA_GRAPHS", raising=False)
     expected = tdconv.decompose_batch(ws, "cp", 8, n_iter_max=60, seed=0)
     monkeypatch.setenv("TDCONV_CUDA_GRAPHS", "1")
+    before = _stats()
     got = tdconv.decompose_batch(ws, "cp", 8, n_iter_max=60, seed=0)
+    after = _stats()
+    assert after["graph_captures"] == before["graph_captures"] + 1, after  # one shape group, one capture
+    assert after["graph_capture_failures"] == before["graph_capture_failures"]
+    assert after["graph_replays"] > before["graph_replays"]
     for a, b in zip(got, expected):
         assert a.n_iter == b.n_iter
         torch.testing.assert_close(torch.as_tensor(a.errors), torch.as_tensor(b.errors), rtol=1e-5, atol=1e-7)

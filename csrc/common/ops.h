@@ -81,6 +81,12 @@ GraphCapture& cuda_graph_capture();
 // TDCONV_CUDA_GRAPHS=1: cp_als replays each sweep from a CUDA graph (off until it has run on a GPU).
 bool sweep_graphs_enabled();
 
+// What the CUDA paths did, counted since the library loaded (tdconv::_cuda_engine_stats), so that tests
+// and benchmarks can tell a path that ran from one that silently fell back.
+enum EngineStat { kGraphCaptures, kGraphCaptureFailures, kGraphReplays, kSmallSolves, kFusedConvLaunches,
+                  kFusedConvFallbacks, kEngineStatCount };
+void count_engine_stat(EngineStat which, int64_t n = 1);
+
 // ---- small linear-algebra helpers shared by the drivers (decomp/linalg.cpp) ---------------------
 // Leading `rank` eigenvectors (descending eigenvalues) of the symmetric batch G [B, n, n], with
 // deterministic signs (the largest-magnitude entry of each column is positive).

@@ -12,7 +12,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <limits>
+#include <mutex>
 
 #include "../common/checks.h"
 #include "../common/fused_conv.h"
@@ -20,16 +23,18 @@
 namespace tdconv {
 namespace {
 
-// What the device grants: shared memory per block (opt-in) and the compute capability's major.
-struct DeviceLimits {
-  int64_t smem_optin;
-  int major;
-};
-DeviceLimits device_limits(int device) {
-  int smem = 0, major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return {smem, major};
+// What the device grants: shared memory per block (opt-in), read once per device.
+int64_t smem_optin(int device) {
+  static std::array<std::atomic<int64_t>, 64> cache{};
+  TDCONV_CHECK(device >= 0 && device < 64, "tdconv: device index ", device, " out of range");
+  int64_t v = cache[device].load();
+  if (v == 0) {
+    int smem = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    v = smem;
+    cache[device] = v;
+  }
+  return v;
 }
 
 struct DeviceCtx {
@@ -44,14 +49,42 @@ __global__ void __launch_bounds__(fused::kThreads) fused_conv_kernel(const fused
                                         ctx);
 }
 
+// Per kernel and device, once: the dynamic shared memory it may use raised to the device's opt-in
+// limit (setting it per call would race between threads launching different sizes), and the
+// architecture it was compiled for (a build for an older architecture JIT-compiled from PTX would run
+// the tensor-core form as the slow per-lane loop: such a kernel is not used).
+struct KernelInfo {
+  bool usable;
+};
+
+template <typename T, bool kTucker>
+const KernelInfo& kernel_info(int device) {
+  constexpr bool wmma = std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
+  static std::array<std::once_flag, 64> once;
+  static std::array<KernelInfo, 64> info;
+  std::call_once(once[device], [&] {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    auto kernel = fused_conv_kernel<T, kTucker, wmma>;
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_optin(device))));
+    info[device].usable = !wmma || attr.binaryVersion >= 80;
+  });
+  return info[device];
+}
+
 template <typename T, bool kTucker>
 void launch(const fused::Params<T>& P, cudaStream_t stream) {
   constexpr bool wmma = std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
-  auto kernel = fused_conv_kernel<T, kTucker, wmma>;
-  const auto bytes = static_cast<int>(P.plan.smem_bytes);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  kernel<<<static_cast<unsigned>(P.plan.blocks), fused::kThreads, bytes, stream>>>(P);
+  fused_conv_kernel<T, kTucker, wmma><<<static_cast<unsigned>(P.plan.blocks), fused::kThreads,
+                                        static_cast<size_t>(P.plan.smem_bytes), stream>>>(P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+bool usable(bool tucker, int device) {
+  return tucker ? kernel_info<T, true>(device).usable : kernel_info<T, false>(device).usable;
 }
 
 at::Tensor fused_conv2d_cuda(bool tucker, const at::Tensor& x, const at::Tensor& first, const at::Tensor& spatial,
@@ -62,13 +95,18 @@ at::Tensor fused_conv2d_cuda(bool tucker, const at::Tensor& x, const at::Tensor&
   const c10::cuda::CUDAGuard guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // gradients are the autograd formula's job
   const fused::Plan plan = fused_plan(s, x.scalar_type(), tucker);
-  const DeviceLimits lim = device_limits(x.device().index());
+  const int device = x.device().index();
+  bool compiled_ok = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv2d_cuda_check",
+                                  [&] { compiled_ok = usable<scalar_t>(tucker, device); });
   // The launch is checked before it is made: the grid fits gridDim.x, the block's shared memory fits
-  // what the device grants one block (opt-in), and WMMA runs on sm_80 and later.
-  const bool wmma_ok = !plan.wmma || lim.major >= 8;
-  const bool fits = plan.blocks <= std::numeric_limits<int32_t>::max() &&
-                    plan.smem_bytes <= lim.smem_optin && wmma_ok;
-  if (!fits) return fused_chain(tucker, s, x, first, spatial, last, bias, relu);
+  // what the device grants one block (opt-in), the kernel was compiled for sm_80+ where it uses WMMA.
+  const bool fits = plan.blocks <= std::numeric_limits<int32_t>::max() && plan.smem_bytes <= smem_optin(device) &&
+                    compiled_ok;
+  if (!fits) {
+    count_engine_stat(kFusedConvFallbacks);
+    return fused_chain(tucker, s, x, first, spatial, last, bias, relu);
+  }
   auto out = fused_output(x, s);
   if (s.N == 0 || s.Ho == 0 || s.Wo == 0) return fused_finish(x, out);
   const FusedOperands o = prepare_fused(tucker, s, x, first, spatial, last, bias);
@@ -83,6 +121,7 @@ at::Tensor fused_conv2d_cuda(bool tucker, const at::Tensor& x, const at::Tensor&
     else
       launch<scalar_t, false>(P, stream);
   });
+  count_engine_stat(kFusedConvLaunches);
   return fused_finish(x, out);
 }
 

@@ -1,6 +1,6 @@
 // CUDA kernel of the fused small solve of a CP-ALS mode update (csrc/decomp/small_solve.h): one block
-// per batch member. Used by the drivers on CUDA for ranks up to 64 when TDCONV_CUDA_SMALL_SOLVE=1
-// (off by default until it has run on a GPU).
+// per batch member. Used by the drivers on CUDA for ranks up to 64 when TDCONV_CUDA_SMALL_SOLVE=1 or
+// TDCONV_CUDA_GRAPHS=1 (both off by default until they have run on a GPU).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,8 +40,8 @@ std::pair<at::Tensor, at::Tensor> small_solve_cuda(const std::vector<at::Tensor>
   auto u = at::empty_like(m);
   auto lam = at::empty({m.size(0), m.size(2)}, m.options());
   const int64_t B = m.size(0);
-  // Checked before the launch: the grid fits gridDim.x; the shared memory (at most 32 KiB) fits the
-  // 48 KiB every device grants without opting in.
+  // Checked before the launch (solve_mode sends only batches that fit gridDim.x): the shared memory
+  // (at most 32 KiB + 8 bytes) fits the 48 KiB every device grants without opting in.
   TDCONV_CHECK(B <= std::numeric_limits<int32_t>::max(), "tdconv::cp_als: batch of ", B, " too large for one launch");
   if (B == 0) return {u, lam};
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "small_solve_cuda", [&] {
@@ -51,6 +51,7 @@ std::pair<at::Tensor, at::Tensor> small_solve_cuda(const std::vector<at::Tensor>
     small_solve_kernel<scalar_t><<<static_cast<unsigned>(B), small_solve::kThreads, static_cast<size_t>(bytes),
                                    c10::cuda::getCurrentCUDAStream()>>>(P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    count_engine_stat(kSmallSolves);
   });
   return {u, lam};
 }

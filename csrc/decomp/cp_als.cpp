@@ -55,11 +55,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
   // On CUDA with TDCONV_CUDA_GRAPHS=1, the mode updates of a sweep (MTTKRPs, solves, Grams) are captured
   // once in a CUDA graph that reads the iterate from fixed buffers (u_in, g_in, w_in) and writes the
   // next into its own (u_out, ...); the error, the tracker and the freezing of members stay eager, and
-  // the accepted iterate is copied back into the fixed buffers. Same arithmetic, one launch.
+  // the accepted iterate is copied back into the fixed buffers. Only where the fused small solve
+  // applies (R <= 64): ATen's batched Cholesky solve is not capturable (it stages pointer arrays on
+  // the host), so the graph always uses the fused solve.
   std::vector<at::Tensor> u_in, g_in, u_out, g_out;
   at::Tensor w_in, w_out, m_out;
   std::function<void()> replay;
-  if (x.is_cuda() && cuda_graph_capture() != nullptr && sweep_graphs_enabled()) {
+  if (x.is_cuda() && cuda_graph_capture() != nullptr && sweep_graphs_enabled() &&
+      small_solve_applies(true, B, R, U.size())) {
     for (int64_t n = 0; n < N; ++n) {
       u_in.push_back(U[n].clone());
       g_in.push_back(G[n].clone());
@@ -70,7 +73,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
       at::Tensor m, w;
       for (int64_t k = 0; k < N; ++k) {
         m = tree.mttkrp(u, k);
-        std::tie(u[k], w) = solve_mode(g, k, m, l2_reg);
+        std::tie(u[k], w) = solve_mode(g, k, m, l2_reg, /*fused=*/true);
         g[k] = gram(u[k]);
       }
       u_out = u;
@@ -91,6 +94,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
     at::Tensor M;
     if (replay) {
       replay();
+      count_engine_stat(kGraphReplays);
       U = u_out;
       G = g_out;
       cur.weights = w_out;

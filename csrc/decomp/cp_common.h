@@ -58,12 +58,17 @@ inline std::pair<at::Tensor, at::Tensor> solve_normalised(at::Tensor v, const at
   return normalise_columns(u);
 }
 
-// The mode update U_k V = M with V = the Hadamard product of the Grams but G[k]: the fused kernel on
-// CUDA where it is enabled and applies (small_solve.h), the ATen ops otherwise.
+// Whether the fused small solve can take this mode update: CUDA, R <= 64, at most 8 Grams, a grid that fits.
+inline bool small_solve_applies(bool cuda, int64_t batch, int64_t rank, size_t n_factors) {
+  return cuda && cuda_small_solve() != nullptr && rank <= 64 && n_factors <= 9 &&
+         batch <= std::numeric_limits<int32_t>::max();
+}
+
+// The mode update U_k V = M with V = the Hadamard product of the Grams but G[k]: the fused kernel where
+// it applies and is asked for (`fused`, or TDCONV_CUDA_SMALL_SOLVE=1), the ATen ops otherwise.
 inline std::pair<at::Tensor, at::Tensor> solve_mode(const std::vector<at::Tensor>& G, int64_t k, const at::Tensor& m,
-                                                    double l2_reg) {
-  if (m.is_cuda() && cuda_small_solve() != nullptr && m.size(2) <= 64 && G.size() <= 9 && small_solve_enabled())
-    return cuda_small_solve()(G, k, m, l2_reg);
+                                                    double l2_reg, bool fused = false) {
+  if (small_solve_applies(m.is_cuda(), m.size(0), m.size(2), G.size()) && (fused || small_solve_enabled())) return cuda_small_solve()(G, k, m, l2_reg);
   return solve_normalised(hadamard_grams(G, k), m, l2_reg);
 }
 

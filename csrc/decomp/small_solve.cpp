@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -26,6 +27,18 @@ GraphCapture& cuda_graph_capture() {
 bool sweep_graphs_enabled() {
   const char* v = std::getenv("TDCONV_CUDA_GRAPHS");
   return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+namespace {
+std::atomic<int64_t> engine_stats[kEngineStatCount];
+}  // namespace
+
+void count_engine_stat(EngineStat which, int64_t n) { engine_stats[which] += n; }
+
+std::vector<int64_t> cuda_engine_stats() {
+  std::vector<int64_t> out;
+  for (int i = 0; i < kEngineStatCount; ++i) out.push_back(engine_stats[i].load());
+  return out;
 }
 
 bool small_solve_enabled() {
@@ -73,5 +86,6 @@ std::tuple<at::Tensor, at::Tensor> cp_solve_emulated(at::TensorList grams_in, co
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tdconv, CPU, m) { m.impl("_cp_solve_emulated", &cp_solve_emulated); }
+TORCH_LIBRARY_IMPL(tdconv, CompositeImplicitAutograd, m) { m.impl("_cuda_engine_stats", &cuda_engine_stats); }
 
 }  // namespace tdconv

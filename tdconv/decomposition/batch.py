@@ -134,17 +134,21 @@ def _run_jobs(jobs: list, parallel: bool) -> list:
         with torch.cuda.device(dev), torch.cuda.stream(sides[i]):
             return j()
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-        outs = list(pool.map(run, range(len(jobs))))
-    # The caller's stream waits for every side stream (no host synchronisation), and the caching
-    # allocator learns that the outputs made on a side stream are used on the caller's.
-    for i, side in sides.items():
-        caller = callers[jobs[i][0]]
-        caller.wait_stream(side)
-        for res in outs[i]:
-            for t in _tensors_of(res):
-                if t.device.type == "cuda":
-                    t.record_stream(caller)
+    outs = None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+            outs = list(pool.map(run, range(len(jobs))))
+    finally:
+        # The caller's stream waits for every side stream (no host synchronisation; also when a worker
+        # raised, so that the inputs are not reused while a side stream still reads them), and the
+        # caching allocator learns that the outputs made on a side stream are used on the caller's.
+        for i, side in sides.items():
+            caller = callers[jobs[i][0]]
+            caller.wait_stream(side)
+            for res in (outs[i] if outs is not None else []):
+                for t in _tensors_of(res):
+                    if t.device.type == "cuda":
+                        t.record_stream(caller)
     return outs
 
 
