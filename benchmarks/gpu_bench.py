@@ -57,8 +57,9 @@ class Rows:
         self.f = open(path, "a")
         self.add({"kind": "environment", **describe_environment(device), **tdconv.info.collect()})
 
-    def time_left(self) -> bool:
-        if self.deadline is not None and time.perf_counter() - self.t0 > self.deadline:
+    def time_left(self, need: float = 0.0) -> bool:
+        """Whether a row that takes about ``need`` seconds can still start."""
+        if self.deadline is not None and time.perf_counter() - self.t0 + need > self.deadline:
             self.add({"kind": "deadline", "note": f"stopped starting rows after {self.deadline:.0f} s"})
             self.deadline = None  # noted once; every later call answers False
             self.stopped = True
@@ -227,7 +228,8 @@ def models(args, rows: Rows, device) -> None:
         fns = {name: (torch.compile(variants[name]) if mode == "compile" else variants[name])
                for name in ["dense", *names]}
         for name in names:
-            if not rows.time_left():
+            # a compiled row compiles its model cold (tens of seconds on a GPU machine)
+            if not rows.time_left(need=20.0 if mode == "compile" and not args.tiny else 0.0):
                 return
             try:
                 with torch.no_grad():
@@ -252,8 +254,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--compile", action="store_true", help="models: add torch.compile rows")
-    p.add_argument("--deadline", type=float, default=None,
-                   help="seconds after which no new row is started (the run then ends normally)")
+    stage = os.environ.get("STAGE_DEADLINE")  # set by benchmarks/gpu_check.sh: its stage's limit less a margin
+    p.add_argument("--deadline", type=float, default=float(stage) if stage else None,
+                   help="seconds after which no new row is started (the run then ends normally); default: "
+                        "$STAGE_DEADLINE where set")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

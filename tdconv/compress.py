@@ -606,8 +606,9 @@ def _batched_decompositions(modules, selected, methods, ranks, options) -> tuple
             else:
                 xs = [w.reshape(c_out, c_in, kh * kw) for w in ws] if method == "cp" else ws
                 out = decompose_batch(xs, "cp", rank, **opts)
-        except RuntimeError as exc:  # e.g. out of memory stacking the group: say which layers
-            raise RuntimeError(f"layers {names} (decomposed together): {exc}") from exc
+        except RuntimeError as exc:  # e.g. out of memory stacking the group: say which layers, keep the type
+            exc.add_note(f"tdconv.compress: while decomposing layers {names} together")
+            raise
         share = (time.perf_counter() - t) / len(names)
         for n, d in zip(names, out):
             found[n], seconds[n] = d, share

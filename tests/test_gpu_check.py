@@ -12,7 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def _env(**extra):
     env = dict(os.environ, **extra)
     if list((ROOT / "tdconv").glob("_C*.so")):  # an in-place build: the scripts' own python must see it
@@ -20,6 +19,7 @@ def _env(**extra):
     return env
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run(require_ext, tmp_path):
     env = _env(PYTHON=sys.executable)
     out = tmp_path / "gpu"

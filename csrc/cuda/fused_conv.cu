@@ -62,6 +62,7 @@ const KernelInfo& kernel_info(int device) {
   constexpr bool wmma = std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
   static std::array<std::once_flag, 64> once;
   static std::array<KernelInfo, 64> info;
+  TDCONV_CHECK(device >= 0 && device < 64, "tdconv: device index ", device, " out of range");
   std::call_once(once[device], [&] {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     auto kernel = fused_conv_kernel<T, kTucker, wmma>;
@@ -69,7 +70,7 @@ const KernelInfo& kernel_info(int device) {
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem_optin(device))));
-    info[device].usable = !wmma || attr.binaryVersion >= 80;
+    info[device].usable = !wmma || attr.ptxVersion >= 80;  // the PTX decides the WMMA form
   });
   return info[device];
 }

@@ -8,24 +8,42 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <functional>
 #include <memory>
+#include <mutex>
 
+#include "../common/checks.h"
 #include "../common/ops.h"
 
 namespace tdconv {
 namespace {
 
-// Captures body() on a stream made for the purpose (never one of torch's pooled streams, which other
-// threads may be using: in thread-local capture mode their work would be recorded into this graph),
-// after one eager run there (cuBLAS handles and workspaces then exist before the capture). Thread-local
-// capture mode: the groups of decompose_batch run from several threads, whose allocations must not
-// invalidate it.
+// One stream per device for captures, made once and never destroyed (a stream per capture would leak
+// the cuBLAS workspace torch keeps per stream, and strand the warm-up's cached blocks), and used by one
+// capture at a time. It is never one of torch's pooled streams, which other threads may be using: in
+// thread-local capture mode their work would be recorded into this graph.
+struct CaptureStream {
+  std::mutex mutex;
+  cudaStream_t stream = nullptr;
+};
+
+CaptureStream& capture_stream(c10::DeviceIndex device) {
+  static std::array<CaptureStream, 64> streams;
+  TDCONV_CHECK(device >= 0 && device < 64, "tdconv: device index ", static_cast<int>(device), " out of range");
+  return streams[device];
+}
+
+// Captures body() on the device's capture stream after one eager run there (cuBLAS handles and
+// workspaces then exist before the capture). Thread-local capture mode: the groups of decompose_batch
+// run from several threads, whose allocations must not invalidate it.
 std::function<void()> capture_sweep(const std::function<void()>& body, c10::DeviceIndex device) {
   const c10::cuda::CUDAGuard guard(device);
+  auto& cs = capture_stream(device);
+  const std::lock_guard<std::mutex> lock(cs.mutex);
+  if (cs.stream == nullptr) C10_CUDA_CHECK(cudaStreamCreateWithFlags(&cs.stream, cudaStreamNonBlocking));
+  cudaStream_t raw = cs.stream;
   auto caller = c10::cuda::getCurrentCUDAStream(device);
-  cudaStream_t raw = nullptr;
-  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking));
   auto side = c10::cuda::getStreamFromExternal(raw, device);
   cudaEvent_t ready;
   C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
@@ -47,17 +65,17 @@ std::function<void()> capture_sweep(const std::function<void()>& body, c10::Devi
         cudaStreamEndCapture(raw, &partial);
         if (partial != nullptr) cudaGraphDestroy(partial);
         (void)cudaGetLastError();
+        graph.reset();  // while its capture stream still exists
       }
     } catch (const std::exception&) {
       (void)cudaGetLastError();
+      graph.reset();
     }
   }
-  // The caller's stream waits for the warm-up and the capture; the stream is destroyed once its
-  // work is done (cudaStreamDestroy does not wait, the driver releases it afterwards).
+  // The caller's stream waits for the warm-up and the capture.
   C10_CUDA_CHECK(cudaEventRecord(ready, raw));
   C10_CUDA_CHECK(cudaStreamWaitEvent(caller.stream(), ready, 0));
   C10_CUDA_CHECK(cudaEventDestroy(ready));
-  C10_CUDA_CHECK(cudaStreamDestroy(raw));
   count_engine_stat(captured ? kGraphCaptures : kGraphCaptureFailures);
   if (!captured) return {};
   return [graph] { graph->replay(); };  // on the current stream
