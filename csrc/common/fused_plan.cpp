@@ -75,7 +75,7 @@ void emulate(const fused::Params<T>& P) {
 
 template <typename T>
 void emulate_dispatch(const fused::Params<T>& P, bool tucker) {
-  constexpr bool wmma = std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
+  constexpr bool wmma = fused::kUsesWmma<T>;
   if (tucker)
     emulate<T, true, wmma>(P);
   else

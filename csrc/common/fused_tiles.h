@@ -117,6 +117,10 @@ struct Params {
   bool relu;
 };
 
+// The products of float16 / bfloat16 run on tensor cores (WMMA); float32 / float64 on the SIMT loop.
+template <typename T>
+constexpr bool kUsesWmma = std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
+
 template <typename T>
 struct OpMath {
   using type = float;

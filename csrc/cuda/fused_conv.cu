@@ -53,15 +53,11 @@ __global__ void __launch_bounds__(fused::kThreads) fused_conv_kernel(const fused
 // limit (setting it per call would race between threads launching different sizes), and the
 // architecture it was compiled for (a build for an older architecture JIT-compiled from PTX would run
 // the tensor-core form as the slow per-lane loop: such a kernel is not used).
-struct KernelInfo {
-  bool usable;
-};
-
 template <typename T, bool kTucker>
-const KernelInfo& kernel_info(int device) {
-  constexpr bool wmma = std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
+bool kernel_usable(int device) {
+  constexpr bool wmma = fused::kUsesWmma<T>;
   static std::array<std::once_flag, 64> once;
-  static std::array<KernelInfo, 64> info;
+  static std::array<bool, 64> usable;
   TDCONV_CHECK(device >= 0 && device < 64, "tdconv: device index ", device, " out of range");
   std::call_once(once[device], [&] {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
@@ -70,22 +66,16 @@ const KernelInfo& kernel_info(int device) {
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem_optin(device))));
-    info[device].usable = !wmma || attr.ptxVersion >= 80;  // the PTX decides the WMMA form
+    usable[device] = !wmma || attr.ptxVersion >= 80;  // the PTX decides the WMMA form
   });
-  return info[device];
+  return usable[device];
 }
 
 template <typename T, bool kTucker>
 void launch(const fused::Params<T>& P, cudaStream_t stream) {
-  constexpr bool wmma = std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value;
-  fused_conv_kernel<T, kTucker, wmma><<<static_cast<unsigned>(P.plan.blocks), fused::kThreads,
+  fused_conv_kernel<T, kTucker, fused::kUsesWmma<T>><<<static_cast<unsigned>(P.plan.blocks), fused::kThreads,
                                         static_cast<size_t>(P.plan.smem_bytes), stream>>>(P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T>
-bool usable(bool tucker, int device) {
-  return tucker ? kernel_info<T, true>(device).usable : kernel_info<T, false>(device).usable;
 }
 
 at::Tensor fused_conv2d_cuda(bool tucker, const at::Tensor& x, const at::Tensor& first, const at::Tensor& spatial,
@@ -99,7 +89,8 @@ at::Tensor fused_conv2d_cuda(bool tucker, const at::Tensor& x, const at::Tensor&
   const int device = x.device().index();
   bool compiled_ok = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv2d_cuda_check",
-                                  [&] { compiled_ok = usable<scalar_t>(tucker, device); });
+                                  [&] { compiled_ok = tucker ? kernel_usable<scalar_t, true>(device)
+                                                                   : kernel_usable<scalar_t, false>(device); });
   // The launch is checked before it is made: the grid fits gridDim.x, the block's shared memory fits
   // what the device grants one block (opt-in), the kernel was compiled for sm_80+ where it uses WMMA.
   const bool fits = plan.blocks <= std::numeric_limits<int32_t>::max() && plan.smem_bytes <= smem_optin(device) &&

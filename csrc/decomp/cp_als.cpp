@@ -58,6 +58,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
   // the accepted iterate is copied back into the fixed buffers. Only where the fused small solve
   // applies (R <= 64): ATen's batched Cholesky solve is not capturable (it stages pointer arrays on
   // the host), so the graph always uses the fused solve.
+  // One sweep's mode updates, in place on (u, g); m: the last MTTKRP, w: the last weights.
+  const auto update_modes = [&](std::vector<at::Tensor>& u, std::vector<at::Tensor>& g, at::Tensor& m, at::Tensor& w,
+                                bool fused) {
+    for (int64_t k = 0; k < N; ++k) {
+      m = tree.mttkrp(u, k);
+      std::tie(u[k], w) = solve_mode(g, k, m, l2_reg, fused);
+      g[k] = gram(u[k]);
+    }
+  };
   std::vector<at::Tensor> u_in, g_in, u_out, g_out;
   at::Tensor w_in, w_out, m_out;
   std::function<void()> replay;
@@ -69,17 +78,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
     }
     w_in = cur.weights.clone();
     const auto sweep = [&] {
-      std::vector<at::Tensor> u = u_in, g = g_in;
-      at::Tensor m, w;
-      for (int64_t k = 0; k < N; ++k) {
-        m = tree.mttkrp(u, k);
-        std::tie(u[k], w) = solve_mode(g, k, m, l2_reg, /*fused=*/true);
-        g[k] = gram(u[k]);
-      }
-      u_out = u;
-      g_out = g;
-      w_out = w;
-      m_out = m;
+      u_out = u_in;  // handles: the updates write new tensors, the fixed buffers stay as they are
+      g_out = g_in;
+      update_modes(u_out, g_out, m_out, w_out, /*fused=*/true);
     };
     replay = cuda_graph_capture()(sweep, x.device().index());
     if (replay) {
@@ -100,11 +101,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
       cur.weights = w_out;
       M = m_out;
     } else {
-      for (int64_t k = 0; k < N; ++k) {
-        M = tree.mttkrp(U, k);
-        std::tie(U[k], cur.weights) = solve_mode(G, k, M, l2_reg);
-        G[k] = gram(U[k]);
-      }
+      update_modes(U, G, M, cur.weights, /*fused=*/false);
     }
 
     auto err = rel_error_from_norms(norm_x2, M, U, G, cur.weights);
