@@ -8,14 +8,14 @@
 #
 # Stages (limits in seconds; they add up to 400, and no stage runs past the 415 s deadline of the whole
 # script: a stage gets what is left, or is marked "not run"):
-#   imports    10   torch, numpy and pytest must import; tensorly, torchvision, ptflops are reported
-#   build     150   the extension in place, for this GPU's architecture only (TDCONV_CUDA=1)
+#   imports    25   torch, numpy and pytest must import; tensorly, torchvision, ptflops are reported
+#   build     140   the extension in place, for this GPU's architecture only (TDCONV_CUDA=1)
 #   kernels    40   the CUDA tests of the new kernels and engine paths (tests/test_gpu_kernels.py -k cuda,
 #                   verbose, junit XML): validated even if every later stage runs out of time
 #   cuda       40   every other CUDA test of the suite (-k cuda, verbose, junit XML)
 #   sanitizer  30   compute-sanitizer memcheck on the fused kernels' CUDA tests (float32, bfloat16)
 #   racecheck  25   compute-sanitizer racecheck and synccheck on one Tucker bfloat16 case
-#   decompose  40   resnet18's 20 convs, CP rank C/2, 100 sweeps: eager / small solve / graphs / both,
+#   decompose  35   resnet18's 20 convs, CP rank C/2, 100 sweeps: eager / small solve / graphs / both,
 #                   TensorLy beside it (benchmarks/gpu_bench.py; JSON lines written row by row)
 #   layers     25   each seed layer at batch 256, float32 and bfloat16: fused vs the cuDNN chain
 #   models     40   the seed's CP and Tucker resnet18 vs dense cuDNN, eager then torch.compile
@@ -23,7 +23,9 @@
 # still overruns is reported "partial", its finished rows kept, and does not fail the check. A failed
 # import or build marks every later stage "not run"; the summary is always written.
 # --dry-run runs every stage on the CPU with tiny shapes (the CUDA tests then skip, the sanitizer is not
-# run, the build is skipped when tdconv._C is already importable): a test of this script, not of the GPU.
+# run, the build is skipped when tdconv._C is built in place or installed): a test of this script, not of the GPU.
+# Its CPU stages take longer than the GPU's, so the dry run multiplies every limit and the deadline by
+# DRY_SCALE (default 6); the deadline logic itself is tested on its own (tests/test_gpu_check.py).
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: this GPU's architecture),
 # MAX_JOBS (parallel compile jobs). Packages missing on the machine can be put on PYTHONPATH beforehand.
@@ -47,7 +49,12 @@ PY=${PYTHON:-python3}
 PY=$(command -v "$PY" || echo "$PY")  # absolute: commands also run from OUT_DIR
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
-DEADLINE=415
+SCALE=1
+if [ "$DRY" = 1 ]; then
+  SCALE=${DRY_SCALE:-6}
+  case $SCALE in ''|*[!0-9]*|0) echo "DRY_SCALE must be a positive integer, got '$SCALE'" >&2; exit 2 ;; esac
+fi
+DEADLINE=$(( 415 * SCALE ))
 STOP=""  # why the remaining stages do not run (a failed import or build)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -60,7 +67,7 @@ skip() { NOTRUN+=("$1"); say "$(printf '%-10s %-16s %s' "$1" "not run" "$2")"; }
 # stage NAME LIMIT_S CMD...: runs CMD with its output in OUT/NAME.log and records the verdict. The limit
 # is cut to what is left of the deadline; with too little left, or after STOP, the stage does not run.
 stage() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * SCALE )); shift 2
   local left=$(( DEADLINE - ($(date +%s) - T0) - 3 ))
   if [ -n "$STOP" ]; then skip "$name" "$STOP"; return 1; fi
   if [ "$left" -lt 5 ]; then skip "$name" "the ${DEADLINE}s deadline was reached"; return 1; fi
@@ -97,7 +104,7 @@ else
 fi
 
 # ---- imports: the required ones must import; the optional ones are reported
-stage imports 10 $PY -c "
+stage imports 25 $PY -c "
 import importlib
 import torch, numpy, pytest
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())
@@ -113,11 +120,11 @@ print('optional missing:', ', '.join(missing) or 'none')
 # ---- build in place (an in-place build shadows any installed tdconv: PYTHONPATH=the source tree)
 if [ -n "$STOP" ]; then
   skip build "$STOP"
-elif [ "$DRY" = 1 ] && (cd / && $PY -c "import tdconv._C") 2>/dev/null; then
-  skip build "dry run: tdconv._C is importable already"
+elif [ "$DRY" = 1 ] && { ls tdconv/_C*.so > /dev/null 2>&1 || (cd / && $PY -c "import tdconv._C") 2>/dev/null; }; then
+  skip build "dry run: tdconv._C is built already"
 else
   rm -f tdconv/_C*.so
-  stage build 150 env TDCONV_CUDA=$([ "$DRY" = 1 ] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-16} \
+  stage build 140 env TDCONV_CUDA=$([ "$DRY" = 1 ] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-16} \
     $PY setup.py build_ext --inplace || STOP="the build failed (build.log)"
 fi
 # Python runs from OUT_DIR, so that the tdconv it imports is the in-place build (PYTHONPATH) or, where
@@ -154,7 +161,7 @@ fi
 if [ "$BENCH" = 1 ]; then
   B=(env -C "$OUT" $PY "$ROOT/benchmarks/gpu_bench.py")
   PARTIAL_OK=1
-  stage decompose 40 "${B[@]}" decompose --repeats 1 --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
+  stage decompose 35 "${B[@]}" decompose --repeats 1 --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
   stage layers 25 "${B[@]}" layers --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
   stage models 40 "${B[@]}" models --compile --out "$OUT/bench.jsonl" "${BENCH_ARGS[@]}"
   PARTIAL_OK=

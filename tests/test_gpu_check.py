@@ -45,6 +45,9 @@ def test_gpu_check_refuses_unknown_options(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--fast"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--dry-run"],
+                          env=dict(os.environ, DRY_SCALE="0"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "DRY_SCALE must be a positive integer" in proc.stderr
 
 
 def test_gpu_check_summary_survives_a_failed_import(tmp_path):
