@@ -63,6 +63,9 @@ TORCH_LIBRARY(tdconv, m) {
   // The fused small solve of a CP-ALS mode update (csrc/decomp/small_solve.h) run on the CPU: the Grams
   // to multiply, M [B, I, R] -> (U with unit columns, lambda). For tests without a GPU.
   m.def("_cp_solve_emulated(Tensor[] grams, Tensor m, float l2_reg) -> (Tensor u, Tensor lam)");
+  // The ATen path of the same step (cp_common.h's solve_normalised), on any device: cholesky_solve, or
+  // (`triangular`, what CUDA runs) two triangular solves. For tests of the CUDA arithmetic on the CPU.
+  m.def("_cp_solve(Tensor[] grams, Tensor m, float l2_reg, bool triangular) -> (Tensor u, Tensor lam)");
   // Counters of the CUDA paths since load: [graph captures, failed captures, graph replays, fused small
   // solves, fused conv launches, fused conv calls that ran the ATen chain instead].
   m.def("_cuda_engine_stats() -> int[]");

@@ -186,6 +186,29 @@ def test_emulated_small_solve_checks_its_arguments(require_ext):
         torch.ops.tdconv._cp_solve_emulated([grams[0][:, :3]], m, 0.0)
 
 
+@pytest.mark.parametrize("triangular", [False, True])
+def test_aten_solve_matches_reference(require_ext, triangular):
+    # The ATen path of the same step: cholesky_solve (CPU) or two triangular solves (what CUDA runs, so
+    # that a graph can capture it), for ranks beyond the fused solve's 64 too.
+    for r, n_grams, i in [(1, 1, 5), (16, 3, 9), (96, 2, 40)]:
+        for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 2e-3)]:
+            grams, m = _solve_operands(3, i, r, n_grams, dtype)
+            for l2 in (0.0, 0.5):
+                u, lam = torch.ops.tdconv._cp_solve(grams, m, l2, triangular)
+                u_ref, lam_ref = _solve_reference(grams, m, l2)
+                assert u.dtype == dtype and u.shape == m.shape and lam.shape == (3, r)
+                assert _rel(u, u_ref) < tol and _rel(lam, lam_ref) < tol, (dtype, r, _rel(u, u_ref))
+    grams, m = _solve_operands(2, 6, 4, 2, torch.float64)
+    grams[0][1].zero_()  # member 1 does not factor: NaN, member 0 unaffected
+    u, _ = torch.ops.tdconv._cp_solve(grams, m, 0.0, triangular)
+    assert torch.isnan(u[1]).all() and torch.isfinite(u[0]).all()
+    torch.testing.assert_close(u[0], _solve_reference([g[:1] for g in grams], m[:1], 0.0)[0][0])
+    with pytest.raises(RuntimeError, match="the rank must be >= 1, got 0"):
+        torch.ops.tdconv._cp_solve([torch.zeros(2, 0, 0, dtype=torch.float64)], torch.zeros(2, 6, 0,
+                                                                                       dtype=torch.float64), 0.0,
+                                   triangular)
+
+
 # ---- on a GPU: the kernels themselves -----------------------------------------------------------
 cuda = pytest.mark.cuda
 
@@ -290,6 +313,18 @@ def test_cuda_decompose_batch_on_a_side_stream(require_ext):
 
 
 @cuda
+def test_cuda_aten_solve_matches_reference(require_ext):
+    # The triangular solves CUDA runs (cuSOLVER Cholesky, cuBLAS trsm), at and beyond the fused limit.
+    _cuda_ready()
+    for r, i in [(16, 9), (96, 40), (256, 512)]:
+        for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 2e-3)]:
+            grams, m = _solve_operands(3, i, r, 2, dtype)
+            u, lam = torch.ops.tdconv._cp_solve([g.cuda() for g in grams], m.cuda(), 0.5, True)
+            u_ref, lam_ref = _solve_reference(grams, m, 0.5)
+            assert u.is_cuda and _rel(u.cpu(), u_ref) < tol and _rel(lam.cpu(), lam_ref) < tol, (dtype, r)
+
+
+@cuda
 def test_cuda_small_solve_in_cp_als(require_ext, monkeypatch):
     # The fused small solve (TDCONV_CUDA_SMALL_SOLVE=1) gives the sweeps of the ATen path.
     _cuda_ready()
@@ -308,22 +343,25 @@ def test_cuda_small_solve_in_cp_als(require_ext, monkeypatch):
 
 
 @cuda
-def test_cuda_graph_sweeps_in_cp_als(require_ext, monkeypatch):
-    # Sweeps replayed from a CUDA graph (TDCONV_CUDA_GRAPHS=1; always with the fused small solve inside)
-    # are the eager sweeps with the same solve: same errors, same sweep counts, same factors; also with
-    # members that converge early and are frozen.
+@pytest.mark.parametrize("rank", [8, 80])
+def test_cuda_graph_sweeps_in_cp_als(require_ext, monkeypatch, rank):
+    # Sweeps replayed from a CUDA graph (TDCONV_CUDA_GRAPHS=1) are the eager sweeps with the same solve:
+    # same errors, same sweep counts, same factors; also with members that converge early and are frozen.
+    # Rank 8 captures the fused small solve; rank 80 (above its limit of 64) ATen's Cholesky and
+    # triangular solves.
     _cuda_ready()
     g = torch.Generator().manual_seed(0)
-    planted = [tdconv.reference.cp_to_tensor(torch.ones(8, dtype=torch.float64),
-                                             [torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (32, 24, 9)])
+    shape = (32, 24, 9) if rank <= 64 else (96, 96, 9)
+    planted = [tdconv.reference.cp_to_tensor(torch.ones(rank, dtype=torch.float64),
+                                             [torch.randn(n, rank, generator=g, dtype=torch.float64) for n in shape])
                for _ in range(2)]
-    ws = [w.float().cuda() for w in planted] + [torch.randn(32, 24, 9, generator=g).cuda()]
+    ws = [w.float().cuda() for w in planted] + [torch.randn(*shape, generator=g).cuda()]
     monkeypatch.setenv("TDCONV_CUDA_SMALL_SOLVE", "1")
     monkeypatch.delenv("TDCONV_CUDA_GRAPHS", raising=False)
-    expected = tdconv.decompose_batch(ws, "cp", 8, n_iter_max=60, seed=0)
+    expected = tdconv.decompose_batch(ws, "cp", rank, n_iter_max=60, seed=0)
     monkeypatch.setenv("TDCONV_CUDA_GRAPHS", "1")
     before = _stats()
-    got = tdconv.decompose_batch(ws, "cp", 8, n_iter_max=60, seed=0)
+    got = tdconv.decompose_batch(ws, "cp", rank, n_iter_max=60, seed=0)
     after = _stats()
     assert after["graph_captures"] == before["graph_captures"] + 1, after  # one shape group, one capture
     assert after["graph_capture_failures"] == before["graph_capture_failures"]
@@ -339,6 +377,6 @@ def test_no_cuda_test_runs_without_a_gpu(request):
     # The CUDA tests above carry the `cuda` mark, which conftest skips without a GPU, and `cuda` in
     # their names, so that `pytest -k cuda` (benchmarks/gpu_check.sh, stage 1) selects them.
     names = [n for n in globals() if n.startswith("test_cuda_")]
-    assert len(names) == 6
+    assert len(names) == 7
     for n in names:
         assert any(m.name == "cuda" for m in getattr(globals()[n], "pytestmark", []))

@@ -52,7 +52,7 @@ def _registered_ops():
 # Ops without tensor arguments (facts about the build), which opcheck does not apply to.
 QUERY_OPS = {"cpu_isa": ("avx2", "baseline")}
 # Test helpers (the CUDA kernels' block program run on the CPU, their launch plan): tests/test_gpu_kernels.py.
-TEST_OPS = ("_cp_solve_emulated", "_cuda_engine_stats", "_fused_conv2d_emulated", "_fused_conv2d_plan")
+TEST_OPS = ("_cp_solve", "_cp_solve_emulated", "_cuda_engine_stats", "_fused_conv2d_emulated", "_fused_conv2d_plan")
 
 
 def test_every_op_has_a_sample(require_ext):

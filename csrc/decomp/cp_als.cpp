@@ -55,9 +55,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
   // On CUDA with TDCONV_CUDA_GRAPHS=1, the mode updates of a sweep (MTTKRPs, solves, Grams) are captured
   // once in a CUDA graph that reads the iterate from fixed buffers (u_in, g_in, w_in) and writes the
   // next into its own (u_out, ...); the error, the tracker and the freezing of members stay eager, and
-  // the accepted iterate is copied back into the fixed buffers. Only where the fused small solve
-  // applies (R <= 64): ATen's batched Cholesky solve is not capturable (it stages pointer arrays on
-  // the host), so the graph always uses the fused solve.
+  // the accepted iterate is copied back into the fixed buffers. Inside the graph the R x R step runs
+  // the fused small solve where it applies (R <= 64) and the ATen Cholesky and triangular solves
+  // otherwise (cuSOLVER/cuBLAS with device-side pointers and info: capturable). A capture that fails
+  // anyway (counted) leaves the call on eager sweeps.
   // One sweep's mode updates, in place on (u, g); m: the last MTTKRP, w: the last weights.
   const auto update_modes = [&](std::vector<at::Tensor>& u, std::vector<at::Tensor>& g, at::Tensor& m, at::Tensor& w,
                                 bool fused) {
@@ -70,8 +71,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> cp_als(
   std::vector<at::Tensor> u_in, g_in, u_out, g_out;
   at::Tensor w_in, w_out, m_out;
   std::function<void()> replay;
-  if (x.is_cuda() && cuda_graph_capture() != nullptr && sweep_graphs_enabled() &&
-      small_solve_applies(true, B, R, U.size())) {
+  if (x.is_cuda() && cuda_graph_capture() != nullptr && sweep_graphs_enabled()) {
     for (int64_t n = 0; n < N; ++n) {
       u_in.push_back(U[n].clone());
       g_in.push_back(G[n].clone());

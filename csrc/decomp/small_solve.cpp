@@ -6,10 +6,12 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "../common/checks.h"
 #include "../common/host_emulation.h"
 #include "../common/ops.h"
+#include "cp_common.h"
 #include "small_solve_host.h"
 
 namespace tdconv {
@@ -46,14 +48,14 @@ bool small_solve_enabled() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-void check_small_solve(const char* op, const std::vector<at::Tensor>& grams, const at::Tensor& m) {
+void check_small_solve(const char* op, const std::vector<at::Tensor>& grams, const at::Tensor& m, int64_t max_rank) {
   const std::string name = std::string("tdconv::") + op + ": ";
   TDCONV_CHECK(!grams.empty() && static_cast<int>(grams.size()) <= small_solve::kMaxGrams, name, "1 to ",
                small_solve::kMaxGrams, " Gram matrices are needed, got ", grams.size());
   TDCONV_CHECK(m.dim() == 3, name, "m must be [B, I, R], got shape ", m.sizes());
   const int64_t B = m.size(0), R = m.size(2);
-  TDCONV_CHECK(R >= 1 && R <= small_solve::kMaxRank, name, "the rank must be in [1, ", small_solve::kMaxRank,
-               "], got ", R);
+  TDCONV_CHECK(R >= 1, name, "the rank must be >= 1, got ", R);
+  TDCONV_CHECK(R <= max_rank, name, "the rank must be in [1, ", max_rank, "], got ", R);
   TDCONV_CHECK_FLOAT(m, "m");
   for (const auto& g : grams) {
     TDCONV_CHECK(g.dim() == 3 && g.size(0) == B && g.size(1) == R && g.size(2) == R, name,
@@ -68,7 +70,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> cp_solve_emulated(at::TensorList grams_in, const at::Tensor& m_in, double l2_reg) {
   std::vector<at::Tensor> grams;
   for (const auto& g : grams_in) grams.push_back(g.contiguous());
-  check_small_solve("_cp_solve_emulated", grams, m_in);
+  check_small_solve("_cp_solve_emulated", grams, m_in, small_solve::kMaxRank);
   TDCONV_CHECK(m_in.device().is_cpu(), "tdconv::_cp_solve_emulated: m must be on the CPU");
   const auto m = m_in.contiguous();
   auto u = at::empty_like(m);
@@ -83,9 +85,18 @@ std::tuple<at::Tensor, at::Tensor> cp_solve_emulated(at::TensorList grams_in, co
   return {u, lam};
 }
 
+std::tuple<at::Tensor, at::Tensor> cp_solve(at::TensorList grams_in, const at::Tensor& m, double l2_reg,
+                                            bool triangular) {
+  std::vector<at::Tensor> grams(grams_in.begin(), grams_in.end());
+  check_small_solve("_cp_solve", grams, m, /*max_rank=*/std::numeric_limits<int64_t>::max());
+  auto out = cp_detail::solve_normalised(cp_detail::hadamard_grams(grams, -1), m, l2_reg, triangular);
+  return {out.first, out.second};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tdconv, CPU, m) { m.impl("_cp_solve_emulated", &cp_solve_emulated); }
+TORCH_LIBRARY_IMPL(tdconv, CompositeExplicitAutograd, m) { m.impl("_cp_solve", &cp_solve); }
 TORCH_LIBRARY_IMPL(tdconv, CompositeImplicitAutograd, m) { m.impl("_cuda_engine_stats", &cuda_engine_stats); }
 
 }  // namespace tdconv
