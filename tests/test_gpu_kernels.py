@@ -175,6 +175,7 @@ def test_emulated_small_solve_marks_a_singular_member(require_ext):
     u, lam = torch.ops.tdconv._cp_solve_emulated(grams, m, 0.0)
     assert torch.isnan(u[1]).all() and torch.isfinite(u[0]).all()
     torch.testing.assert_close(u[0], _solve_reference([g[:1] for g in grams], m[:1], 0.0)[0][0])
+    _check_failed_member_is_nan(lambda g, m: torch.ops.tdconv._cp_solve_emulated(g, m, 0.0), "cpu")
 
 
 def test_emulated_small_solve_checks_its_arguments(require_ext):
@@ -198,15 +199,24 @@ def test_aten_solve_matches_reference(require_ext, triangular):
                 u_ref, lam_ref = _solve_reference(grams, m, l2)
                 assert u.dtype == dtype and u.shape == m.shape and lam.shape == (3, r)
                 assert _rel(u, u_ref) < tol and _rel(lam, lam_ref) < tol, (dtype, r, _rel(u, u_ref))
+    _check_failed_member_is_nan(lambda g, m: torch.ops.tdconv._cp_solve(g, m, 0.0, triangular), "cpu")
     grams, m = _solve_operands(2, 6, 4, 2, torch.float64)
-    grams[0][1].zero_()  # member 1 does not factor: NaN, member 0 unaffected
-    u, _ = torch.ops.tdconv._cp_solve(grams, m, 0.0, triangular)
+    with pytest.raises(RuntimeError, match="the rank must be >= 1, got 0"):
+        torch.ops.tdconv._cp_solve([g[:, :0, :0] for g in grams], m[:, :, :0], 0.0, triangular)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="l2_reg must be finite and >= 0"):
+            torch.ops.tdconv._cp_solve(grams, m, bad, triangular)
+
+
+def _check_failed_member_is_nan(solve, device):
+    # Member 1's V = diag(1, 1, -1, 1) fails at the third pivot: Cholesky leaves a finite partial factor,
+    # whose solve would be a finite wrong answer; the failure must make the whole member NaN.
+    grams, m = _solve_operands(2, 6, 4, 1, torch.float64)
+    grams[0][1] = torch.diag(torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=torch.float64))
+    u, _ = solve([g.to(device) for g in grams], m.to(device))
+    u = u.cpu()
     assert torch.isnan(u[1]).all() and torch.isfinite(u[0]).all()
     torch.testing.assert_close(u[0], _solve_reference([g[:1] for g in grams], m[:1], 0.0)[0][0])
-    with pytest.raises(RuntimeError, match="the rank must be >= 1, got 0"):
-        torch.ops.tdconv._cp_solve([torch.zeros(2, 0, 0, dtype=torch.float64)], torch.zeros(2, 6, 0,
-                                                                                       dtype=torch.float64), 0.0,
-                                   triangular)
 
 
 # ---- on a GPU: the kernels themselves -----------------------------------------------------------
@@ -314,14 +324,37 @@ def test_cuda_decompose_batch_on_a_side_stream(require_ext):
 
 @cuda
 def test_cuda_aten_solve_matches_reference(require_ext):
-    # The triangular solves CUDA runs (cuSOLVER Cholesky, cuBLAS trsm), at and beyond the fused limit.
+    # The triangular solves the CUDA engine paths run (cuSOLVER Cholesky, cuBLAS trsm), at and beyond the
+    # fused limit, for batches of 1 (looped potrf), 3 and 12 (batched trsm): eager, then captured in a
+    # CUDA graph and replayed on new operands written into the captured inputs.
     _cuda_ready()
-    for r, i in [(16, 9), (96, 40), (256, 512)]:
-        for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 2e-3)]:
-            grams, m = _solve_operands(3, i, r, 2, dtype)
-            u, lam = torch.ops.tdconv._cp_solve([g.cuda() for g in grams], m.cuda(), 0.5, True)
-            u_ref, lam_ref = _solve_reference(grams, m, 0.5)
-            assert u.is_cuda and _rel(u.cpu(), u_ref) < tol and _rel(lam.cpu(), lam_ref) < tol, (dtype, r)
+    for b in (1, 3, 12):
+        for r, i in [(16, 9), (96, 40), (256, 512)]:
+            for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 2e-3)]:
+                grams, m = _solve_operands(b, i, r, 2, dtype)
+                g_dev, m_dev = [g.cuda() for g in grams], m.cuda()
+                u, lam = torch.ops.tdconv._cp_solve(g_dev, m_dev, 0.5, True)
+                u_ref, lam_ref = _solve_reference(grams, m, 0.5)
+                assert u.is_cuda and _rel(u.cpu(), u_ref) < tol and _rel(lam.cpu(), lam_ref) < tol, (b, dtype, r)
+                if dtype != torch.float32:
+                    continue
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the capture (handles, workspaces)
+                    torch.ops.tdconv._cp_solve(g_dev, m_dev, 0.5, True)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    u_g, lam_g = torch.ops.tdconv._cp_solve(g_dev, m_dev, 0.5, True)
+                grams2, m2 = _solve_operands(b, i, r, 2, dtype, seed=1)
+                for dst, src in zip(g_dev, grams2):
+                    dst.copy_(src)
+                m_dev.copy_(m2)
+                graph.replay()
+                torch.cuda.synchronize()
+                u_ref, lam_ref = _solve_reference(grams2, m2, 0.5)
+                assert _rel(u_g.cpu(), u_ref) < tol and _rel(lam_g.cpu(), lam_ref) < tol, ("graph", b, r)
+    _check_failed_member_is_nan(lambda g, m: torch.ops.tdconv._cp_solve(g, m, 0.0, True), "cuda")
 
 
 @cuda
@@ -346,9 +379,9 @@ def test_cuda_small_solve_in_cp_als(require_ext, monkeypatch):
 @pytest.mark.parametrize("rank", [8, 80])
 def test_cuda_graph_sweeps_in_cp_als(require_ext, monkeypatch, rank):
     # Sweeps replayed from a CUDA graph (TDCONV_CUDA_GRAPHS=1) are the eager sweeps with the same solve:
-    # same errors, same sweep counts, same factors; also with members that converge early and are frozen.
-    # Rank 8 captures the fused small solve; rank 80 (above its limit of 64) ATen's Cholesky and
-    # triangular solves.
+    # same errors, same sweep counts, same factors. Rank 8 captures the fused small solve, with members
+    # that converge early and are frozen; rank 80 (above its limit of 64) ATen's Cholesky and triangular
+    # solves.
     _cuda_ready()
     g = torch.Generator().manual_seed(0)
     shape = (32, 24, 9) if rank <= 64 else (96, 96, 9)
@@ -366,6 +399,8 @@ def test_cuda_graph_sweeps_in_cp_als(require_ext, monkeypatch, rank):
     assert after["graph_captures"] == before["graph_captures"] + 1, after  # one shape group, one capture
     assert after["graph_capture_failures"] == before["graph_capture_failures"]
     assert after["graph_replays"] > before["graph_replays"]
+    if rank == 8:  # the planted members converge early and are frozen while the third runs on
+        assert min(a.n_iter for a in got[:2]) < 60, [a.n_iter for a in got]
     for a, b in zip(got, expected):
         assert a.n_iter == b.n_iter
         torch.testing.assert_close(torch.as_tensor(a.errors), torch.as_tensor(b.errors), rtol=1e-5, atol=1e-7)

@@ -70,9 +70,10 @@ using SmallSolveFn = std::pair<at::Tensor, at::Tensor> (*)(const std::vector<at:
 SmallSolveFn& cuda_small_solve();
 // TDCONV_CUDA_SMALL_SOLVE=1: the drivers use it on CUDA (off until it has run on a GPU).
 bool small_solve_enabled();
-// Argument checks of the fused solve: 1..8 Grams [B, R, R], m [B, I, R], 1 <= R <= max_rank, one dtype and
-// device.
-void check_small_solve(const char* op, const std::vector<at::Tensor>& grams, const at::Tensor& m, int64_t max_rank);
+// Argument checks of the R x R step: 1..max_grams Grams [B, R, R], m [B, I, R], 1 <= R <= max_rank, one dtype
+// and device, l2_reg finite and >= 0.
+void check_small_solve(const char* op, const std::vector<at::Tensor>& grams, const at::Tensor& m, double l2_reg,
+                       int64_t max_rank, int64_t max_grams);
 
 // CUDA graphs of the sweeps (csrc/cuda/sweep_graph.cu sets it at load time; null in a CPU-only build):
 // body() captured once, after one eager run, on a side stream; the returned function replays it on

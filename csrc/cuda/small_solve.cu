@@ -34,7 +34,7 @@ std::pair<at::Tensor, at::Tensor> small_solve_cuda(const std::vector<at::Tensor>
   std::vector<at::Tensor> grams;
   for (int64_t i = 0; i < static_cast<int64_t>(grams_all.size()); ++i)
     if (i != skip) grams.push_back(grams_all[i].contiguous());
-  check_small_solve("cp_als", grams, m_in, small_solve::kMaxRank);
+  check_small_solve("cp_als", grams, m_in, l2_reg, small_solve::kMaxRank, small_solve::kMaxGrams);
   const c10::cuda::CUDAGuard guard(m_in.device());
   const auto m = m_in.contiguous();
   auto u = at::empty_like(m);

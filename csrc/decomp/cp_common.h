@@ -78,11 +78,16 @@ inline bool small_solve_applies(bool cuda, int64_t batch, int64_t rank, size_t n
 }
 
 // The mode update U_k V = M with V = the Hadamard product of the Grams but G[k]: the fused kernel where
-// it applies and is asked for (`fused`, or TDCONV_CUDA_SMALL_SOLVE=1), the ATen ops otherwise.
+// it applies and is asked for (`fused`: inside a CUDA graph; or TDCONV_CUDA_SMALL_SOLVE=1), the ATen ops
+// otherwise. The ATen ops on CUDA solve by triangular solves (capturable) only on the engine paths that
+// are switched on (graphs, the fused solve), which have not run on a GPU yet; by default they run
+// cholesky_solve, as validated.
 inline std::pair<at::Tensor, at::Tensor> solve_mode(const std::vector<at::Tensor>& G, int64_t k, const at::Tensor& m,
                                                     double l2_reg, bool fused = false) {
-  if (small_solve_applies(m.is_cuda(), m.size(0), m.size(2), G.size()) && (fused || small_solve_enabled())) return cuda_small_solve()(G, k, m, l2_reg);
-  return solve_normalised(hadamard_grams(G, k), m, l2_reg, /*triangular=*/m.is_cuda());
+  if ((fused || small_solve_enabled()) && small_solve_applies(m.is_cuda(), m.size(0), m.size(2), G.size()))
+    return cuda_small_solve()(G, k, m, l2_reg);
+  const bool engine_paths = fused || small_solve_enabled() || sweep_graphs_enabled();
+  return solve_normalised(hadamard_grams(G, k), m, l2_reg, /*triangular=*/m.is_cuda() && engine_paths);
 }
 
 inline at::Tensor gram(const at::Tensor& u) { return at::bmm(u.transpose(1, 2), u); }

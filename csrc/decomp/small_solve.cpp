@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -48,10 +49,12 @@ bool small_solve_enabled() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-void check_small_solve(const char* op, const std::vector<at::Tensor>& grams, const at::Tensor& m, int64_t max_rank) {
+void check_small_solve(const char* op, const std::vector<at::Tensor>& grams, const at::Tensor& m, double l2_reg,
+                       int64_t max_rank, int64_t max_grams) {
   const std::string name = std::string("tdconv::") + op + ": ";
-  TDCONV_CHECK(!grams.empty() && static_cast<int>(grams.size()) <= small_solve::kMaxGrams, name, "1 to ",
-               small_solve::kMaxGrams, " Gram matrices are needed, got ", grams.size());
+  TDCONV_CHECK(!grams.empty() && static_cast<int64_t>(grams.size()) <= max_grams, name, "1 to ", max_grams,
+               " Gram matrices are needed, got ", grams.size());
+  TDCONV_CHECK(std::isfinite(l2_reg) && l2_reg >= 0, name, "l2_reg must be finite and >= 0, got ", l2_reg);
   TDCONV_CHECK(m.dim() == 3, name, "m must be [B, I, R], got shape ", m.sizes());
   const int64_t B = m.size(0), R = m.size(2);
   TDCONV_CHECK(R >= 1, name, "the rank must be >= 1, got ", R);
@@ -70,7 +73,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> cp_solve_emulated(at::TensorList grams_in, const at::Tensor& m_in, double l2_reg) {
   std::vector<at::Tensor> grams;
   for (const auto& g : grams_in) grams.push_back(g.contiguous());
-  check_small_solve("_cp_solve_emulated", grams, m_in, small_solve::kMaxRank);
+  check_small_solve("_cp_solve_emulated", grams, m_in, l2_reg, small_solve::kMaxRank, small_solve::kMaxGrams);
   TDCONV_CHECK(m_in.device().is_cpu(), "tdconv::_cp_solve_emulated: m must be on the CPU");
   const auto m = m_in.contiguous();
   auto u = at::empty_like(m);
@@ -88,7 +91,8 @@ std::tuple<at::Tensor, at::Tensor> cp_solve_emulated(at::TensorList grams_in, co
 std::tuple<at::Tensor, at::Tensor> cp_solve(at::TensorList grams_in, const at::Tensor& m, double l2_reg,
                                             bool triangular) {
   std::vector<at::Tensor> grams(grams_in.begin(), grams_in.end());
-  check_small_solve("_cp_solve", grams, m, /*max_rank=*/std::numeric_limits<int64_t>::max());
+  const int64_t any = std::numeric_limits<int64_t>::max();  // the ATen path has neither limit
+  check_small_solve("_cp_solve", grams, m, l2_reg, /*max_rank=*/any, /*max_grams=*/any);
   auto out = cp_detail::solve_normalised(cp_detail::hadamard_grams(grams, -1), m, l2_reg, triangular);
   return {out.first, out.second};
 }
