@@ -58,6 +58,9 @@ constexpr int kWarp = 32;
 constexpr int kFrag = 16;  // WMMA tile edge
 constexpr int kFragsPerWarp = (kBM / kFrag) * (kBN / kFrag) / (kThreads / kWarp);  // 2
 constexpr int kAlign = 128;  // byte alignment of every shared-memory region
+constexpr int kRowStep = kThreads / kBK;                 // Tucker's A gather: rows between a thread's rows
+constexpr int kRowsPerThread = kBM * kBK / kThreads;     // and how many it has (4)
+static_assert(kThreads % kBK == 0 && kRowsPerThread * kRowStep == kBM, "the A gather covers the tile exactly");
 static_assert(kBK == kFrag, "one WMMA step per product step");
 static_assert(kFragsPerWarp * (kThreads / kWarp) * kFrag * kFrag == kBM * kBN, "warps cover the tile");
 
@@ -292,19 +295,30 @@ TDCONV_HD void fused_block(const Params<T>& P, int64_t block, int tid, unsigned 
     ctx.sync();
   } else {
     const int64_t K = taps * s.R_in;
+    // A: the implicit im2col of y1. Thread tid gathers column kl = tid % kBK of every A tile, in rows
+    // tid / kBK + j * kRowStep: its rows' image coordinates are decoded once here, its column's (tap,
+    // channel) once per K step, so that no division by a runtime extent is left per element.
+    const int kl = tid % kBK;
+    int64_t row_h[kRowsPerThread], row_w[kRowsPerThread], row_n[kRowsPerThread];
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int64_t p = p0 + tid / kBK + j * kRowStep;
+      const Pixel q = pixel_of(p < pl.pixels ? p : 0, s);
+      row_h[j] = p < pl.pixels ? q.ho * s.sh - s.ph : -(s.H + s.kh * s.dh);  // a row past the end: never inside
+      row_w[j] = q.wo * s.sw - s.pw;
+      row_n[j] = q.n * s.H;
+    }
     for (int64_t n0 = 0; n0 < pl.rp; n0 += kBN) {
       prod.zero();
       for (int64_t k0 = 0; k0 < K; k0 += kBK) {
-        // A: the implicit im2col of y1; consecutive threads read consecutive channels of one tap.
-        for (int64_t e = tid; e < kBM * kBK; e += kThreads) {
-          const int64_t kl = e % kBK, m = e / kBK, k = k0 + kl, p = p0 + m;
+        // Consecutive threads read consecutive channels of one tap.
+        const int64_t k = k0 + kl, tap = k < K ? k / s.R_in : 0, ri = k - tap * s.R_in;
+        const int64_t ti = tap / s.kw, dh = ti * s.dh, dw = (tap - ti * s.kw) * s.dw;
+        for (int j = 0; j < kRowsPerThread; ++j) {
+          const int64_t hi = row_h[j] + dh, wi = row_w[j] + dw;
           acc_t v = acc_t(0);
-          if (p < pl.pixels && k < K) {
-            const int64_t tap = k / s.R_in, ri = k % s.R_in;
-            const int64_t o = tap_offset(pixel_of(p, s), tap / s.kw, tap % s.kw, s);
-            if (o >= 0) v = static_cast<acc_t>(P.y1[o + ri]);
-          }
-          a_tile[m * pl.ld_a + kl] = static_cast<S>(v);
+          if (k < K && hi >= 0 && hi < s.H && wi >= 0 && wi < s.W)
+            v = static_cast<acc_t>(P.y1[((row_n[j] + hi) * s.W + wi) * s.R_in + ri]);
+          a_tile[(tid / kBK + j * kRowStep) * pl.ld_a + kl] = static_cast<S>(v);
         }
         // B: the core [K, R_out], columns n0..n0 + kBN.
         for (int64_t e = tid; e < kBK * kBN; e += kThreads) {
