@@ -147,14 +147,19 @@ template <typename T>
 struct WmmaTile {
 #if defined(TDCONV_DEVICE_WMMA)
   using raw_t = std::conditional_t<std::is_same<T, c10::Half>::value, __half, __nv_bfloat16>;
+  // The A operand of a step, loaded once and used for each of the warp's accumulators.
+  struct A {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kFrag, kFrag, kFrag, raw_t, nvcuda::wmma::row_major> f;
+    __device__ void load(const T* a, int64_t lda) {
+      nvcuda::wmma::load_matrix_sync(f, reinterpret_cast<const raw_t*>(a), static_cast<unsigned>(lda));
+    }
+  };
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kFrag, kFrag, kFrag, float> c;
   __device__ void zero() { nvcuda::wmma::fill_fragment(c, 0.0f); }
-  __device__ void mma(const T* a, int64_t lda, const T* b, int64_t ldb) {
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kFrag, kFrag, kFrag, raw_t, nvcuda::wmma::row_major> fa;
+  __device__ void mma(const A& a, const T* b, int64_t ldb) {
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kFrag, kFrag, kFrag, raw_t, nvcuda::wmma::row_major> fb;
-    nvcuda::wmma::load_matrix_sync(fa, reinterpret_cast<const raw_t*>(a), static_cast<unsigned>(lda));
     nvcuda::wmma::load_matrix_sync(fb, reinterpret_cast<const raw_t*>(b), static_cast<unsigned>(ldb));
-    nvcuda::wmma::mma_sync(c, fa, fb, c);
+    nvcuda::wmma::mma_sync(c, a.f, fb, c);
   }
   __device__ void store(float* out, int64_t ldo, int /*lane*/) {
     nvcuda::wmma::store_matrix_sync(out, c, static_cast<unsigned>(ldo), nvcuda::wmma::mem_row_major);
@@ -170,12 +175,20 @@ struct WmmaTile {
     if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ld * elem) % 16 != 0) wmma_misaligned()++;
 #endif
   }
-  TDCONV_HD void mma(const T* a, int64_t lda, const T* b, int64_t ldb) {
-    check(a, lda, sizeof(T));
+  struct A {
+    const T* p = nullptr;
+    int64_t ld = 0;
+    TDCONV_HD void load(const T* a, int64_t lda) {
+      check(a, lda, sizeof(T));
+      p = a;
+      ld = lda;
+    }
+  };
+  TDCONV_HD void mma(const A& a, const T* b, int64_t ldb) {
     check(b, ldb, sizeof(T));
     for (int i = 0; i < kFrag; ++i)
       for (int k = 0; k < kFrag; ++k) {
-        const float av = static_cast<float>(a[i * lda + k]);
+        const float av = static_cast<float>(a.p[i * a.ld + k]);
         for (int j = 0; j < kFrag; ++j) c[i][j] += av * static_cast<float>(b[k * ldb + j]);
       }
   }
@@ -236,8 +249,9 @@ struct TileProduct<T, true> {  // WMMA: warp w owns fragment row w % 4, fragment
     for (int f = 0; f < kFragsPerWarp; ++f) frag[f].zero();
   }
   TDCONV_HD void step(const T* a, int64_t lda, const T* b, int64_t ldb) {
-    for (int f = 0; f < kFragsPerWarp; ++f)
-      frag[f].mma(a + frag_row() * kFrag * lda, lda, b + frag_col(f) * kFrag, ldb);
+    typename WmmaTile<T>::A fa;
+    fa.load(a + frag_row() * kFrag * lda, lda);
+    for (int f = 0; f < kFragsPerWarp; ++f) frag[f].mma(fa, b + frag_col(f) * kFrag, ldb);
   }
   template <typename Ctx, typename F>
   TDCONV_HD void for_each(float* staging, int64_t ld_c, int tid, Ctx& ctx, F&& f) {
