@@ -3,7 +3,8 @@ measured (a run cut short keeps every finished row):
 
 - ``decompose``: every conv of resnet18 (20 kernels), CP at rank C_out / 2, a fixed number of sweeps,
   all in one ``decompose_batch`` call: eager, with the fused small solve, with CUDA graphs, with both;
-  TensorLy's ``parafac`` on the same device beside it (layer by layer, as TensorLy runs).
+  TensorLy's ``parafac`` on the same device beside it (layer by layer, as TensorLy runs); then each
+  shape group alone with both engine paths on, largest rank first (where the time goes).
 - ``layers``: each seed layer shape (resnet18's conv2 layers at 224 x 224) at batch 256: dense cuDNN,
   the unfused CP / Tucker chain (cuDNN) and the fused op, float32 and bfloat16.
 - ``models``: the seed's CP and Tucker resnet18 (ImageNet stem, 3 x 32 x 32 inputs, as the seed's
@@ -174,6 +175,32 @@ def decompose(args, rows: Rows, device) -> None:
                   "seconds_scaled_to_sweeps": seconds * iters / tl_iters})
     except Exception as exc:
         rows.add({"kind": "decompose", "variant": "tensorly", "error": f"{type(exc).__name__}: {exc}"[:300]})
+    decompose_groups(xs, ranks, iters, rows, device)
+
+
+def decompose_groups(xs, ranks, iters, rows: Rows, device) -> None:
+    """Where the whole-network time goes: each shape group (equal shape and rank) decomposed alone, with
+    both engine paths on, one timed run after a warm-up."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, r) in enumerate(zip(xs, ranks)):
+        groups.setdefault((tuple(x.shape), r), []).append(i)
+    for (shape, rank), members in sorted(groups.items(), key=lambda g: -g[0][1]):
+        if not rows.time_left():
+            return
+        group = [xs[i] for i in members]
+        with env(TDCONV_CUDA_GRAPHS="1", TDCONV_CUDA_SMALL_SOLVE="1"):
+            try:
+                run = lambda: tdconv.decompose_batch(group, "cp", rank, n_iter_max=iters, tol=0.0, seed=0)  # noqa: E731
+                once(run, device)
+                before = engine_stats()
+                seconds = once(run, device)
+                stats = {k: v - before[k] for k, v in engine_stats().items() if k.startswith(("graph", "small"))}
+            except Exception as exc:
+                rows.add({"kind": "decompose_group", "shape": shape, "rank": rank,
+                          "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+        rows.add({"kind": "decompose_group", "variant": "graphs+small_solve", "shape": shape, "rank": rank,
+                  "members": len(group), "sweeps": iters, "seconds": seconds, "stats": stats})
 
 
 # ---------------------------------------------------------------------------------------------- layers
