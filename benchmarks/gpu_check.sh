@@ -17,7 +17,8 @@
 #   sanitizer  30   compute-sanitizer memcheck on the fused kernels' CUDA tests (float32, bfloat16)
 #   racecheck  25   compute-sanitizer racecheck and synccheck on one Tucker bfloat16 case
 #   decompose  45   resnet18's 20 convs, CP rank C/2, 100 sweeps: eager / small solve / graphs / both,
-#                   TensorLy beside it (benchmarks/gpu_bench.py; JSON lines written row by row)
+#                   TensorLy beside it, then each shape group alone (benchmarks/gpu_bench.py; JSON
+#                   lines written row by row)
 #   layers     25   each seed layer at batch 256, float32 and bfloat16: fused vs the cuDNN chain
 #   models     60   the seed's CP and Tucker resnet18 vs dense cuDNN, eager then torch.compile
 # The benchmarks stop starting rows before their stage's limit (STAGE_DEADLINE); one whose last row

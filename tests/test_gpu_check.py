@@ -51,7 +51,7 @@ def test_gpu_check_dry_run(require_ext, tmp_path):
     assert (out / "cuda-tests.xml").exists() and (out / "kernels-tests.xml").exists()
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in rows}
-    assert {"environment", "decompose", "layer", "model"} <= kinds
+    assert {"environment", "decompose", "decompose_group", "layer", "model"} <= kinds
     variants = {r["variant"] for r in rows if r["kind"] == "decompose"}
     assert {"eager", "small_solve", "graphs", "graphs+small_solve"} <= variants
     assert not [r for r in rows if "error" in r and r.get("variant") != "tensorly"], rows

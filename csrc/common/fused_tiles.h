@@ -148,7 +148,7 @@ struct WmmaTile {
 #if defined(TDCONV_DEVICE_WMMA)
   using raw_t = std::conditional_t<std::is_same<T, c10::Half>::value, __half, __nv_bfloat16>;
   // The A operand of a step, loaded once and used for each of the warp's accumulators.
-  struct A {
+  struct AFrag {
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kFrag, kFrag, kFrag, raw_t, nvcuda::wmma::row_major> f;
     __device__ void load(const T* a, int64_t lda) {
       nvcuda::wmma::load_matrix_sync(f, reinterpret_cast<const raw_t*>(a), static_cast<unsigned>(lda));
@@ -156,7 +156,7 @@ struct WmmaTile {
   };
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kFrag, kFrag, kFrag, float> c;
   __device__ void zero() { nvcuda::wmma::fill_fragment(c, 0.0f); }
-  __device__ void mma(const A& a, const T* b, int64_t ldb) {
+  __device__ void mma(const AFrag& a, const T* b, int64_t ldb) {
     nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kFrag, kFrag, kFrag, raw_t, nvcuda::wmma::row_major> fb;
     nvcuda::wmma::load_matrix_sync(fb, reinterpret_cast<const raw_t*>(b), static_cast<unsigned>(ldb));
     nvcuda::wmma::mma_sync(c, a.f, fb, c);
@@ -175,7 +175,7 @@ struct WmmaTile {
     if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ld * elem) % 16 != 0) wmma_misaligned()++;
 #endif
   }
-  struct A {
+  struct AFrag {
     const T* p = nullptr;
     int64_t ld = 0;
     TDCONV_HD void load(const T* a, int64_t lda) {
@@ -184,7 +184,7 @@ struct WmmaTile {
       ld = lda;
     }
   };
-  TDCONV_HD void mma(const A& a, const T* b, int64_t ldb) {
+  TDCONV_HD void mma(const AFrag& a, const T* b, int64_t ldb) {
     check(b, ldb, sizeof(T));
     for (int i = 0; i < kFrag; ++i)
       for (int k = 0; k < kFrag; ++k) {
@@ -249,7 +249,7 @@ struct TileProduct<T, true> {  // WMMA: warp w owns fragment row w % 4, fragment
     for (int f = 0; f < kFragsPerWarp; ++f) frag[f].zero();
   }
   TDCONV_HD void step(const T* a, int64_t lda, const T* b, int64_t ldb) {
-    typename WmmaTile<T>::A fa;
+    typename WmmaTile<T>::AFrag fa;
     fa.load(a + frag_row() * kFrag * lda, lda);
     for (int f = 0; f < kFragsPerWarp; ++f) frag[f].mma(fa, b + frag_col(f) * kFrag, ldb);
   }
@@ -310,16 +310,18 @@ TDCONV_HD void fused_block(const Params<T>& P, int64_t block, int tid, unsigned 
   } else {
     const int64_t K = taps * s.R_in;
     // A: the implicit im2col of y1. Thread tid gathers column kl = tid % kBK of every A tile, in rows
-    // tid / kBK + j * kRowStep: its rows' image coordinates are decoded once here, its column's (tap,
-    // channel) once per K step, so that no division by a runtime extent is left per element.
+    // tid / kBK + j * kRowStep: its rows' image coordinates and y1 offsets are decoded once here, its
+    // column's (tap, channel) once per (n0, k0) step, so that no division by a runtime extent, and one
+    // addition for the address, are left per element.
     const int kl = tid % kBK;
-    int64_t row_h[kRowsPerThread], row_w[kRowsPerThread], row_n[kRowsPerThread];
+    int64_t row_h[kRowsPerThread], row_w[kRowsPerThread], row_off[kRowsPerThread];
+TDCONV_UNROLL
     for (int j = 0; j < kRowsPerThread; ++j) {
       const int64_t p = p0 + tid / kBK + j * kRowStep;
       const Pixel q = pixel_of(p < pl.pixels ? p : 0, s);
       row_h[j] = p < pl.pixels ? q.ho * s.sh - s.ph : -(s.H + s.kh * s.dh);  // a row past the end: never inside
       row_w[j] = q.wo * s.sw - s.pw;
-      row_n[j] = q.n * s.H;
+      row_off[j] = ((q.n * s.H + row_h[j]) * s.W + row_w[j]) * s.R_in;  // of tap (0, 0); read only inside
     }
     for (int64_t n0 = 0; n0 < pl.rp; n0 += kBN) {
       prod.zero();
@@ -327,18 +329,19 @@ TDCONV_HD void fused_block(const Params<T>& P, int64_t block, int tid, unsigned 
         // Consecutive threads read consecutive channels of one tap.
         const int64_t k = k0 + kl, tap = k < K ? k / s.R_in : 0, ri = k - tap * s.R_in;
         const int64_t ti = tap / s.kw, dh = ti * s.dh, dw = (tap - ti * s.kw) * s.dw;
+        const int64_t tap_off = (dh * s.W + dw) * s.R_in + ri;
+TDCONV_UNROLL
         for (int j = 0; j < kRowsPerThread; ++j) {
           const int64_t hi = row_h[j] + dh, wi = row_w[j] + dw;
           acc_t v = acc_t(0);
-          if (k < K && hi >= 0 && hi < s.H && wi >= 0 && wi < s.W)
-            v = static_cast<acc_t>(P.y1[((row_n[j] + hi) * s.W + wi) * s.R_in + ri]);
+          if (k < K && hi >= 0 && hi < s.H && wi >= 0 && wi < s.W) v = static_cast<acc_t>(P.y1[row_off[j] + tap_off]);
           a_tile[(tid / kBK + j * kRowStep) * pl.ld_a + kl] = static_cast<S>(v);
         }
         // B: the core [K, R_out], columns n0..n0 + kBN.
         for (int64_t e = tid; e < kBK * kBN; e += kThreads) {
-          const int64_t nl = e % kBN, kl = e / kBN, k = k0 + kl, n = n0 + nl;
-          b_tile[kl * pl.ld_b + nl] =
-              (k < K && n < s.R_out) ? static_cast<S>(static_cast<acc_t>(P.spatial[k * s.R_out + n])) : S(acc_t(0));
+          const int64_t nl = e % kBN, kb = e / kBN, kg = k0 + kb, n = n0 + nl;
+          b_tile[kb * pl.ld_b + nl] =
+              (kg < K && n < s.R_out) ? static_cast<S>(static_cast<acc_t>(P.spatial[kg * s.R_out + n])) : S(acc_t(0));
         }
         ctx.sync();
         prod.step(a_tile, pl.ld_a, b_tile, pl.ld_b);
