@@ -59,14 +59,18 @@ CASES = [
 @pytest.mark.parametrize("tucker", [False, True], ids=["cp", "tucker"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_emulated_kernel_matches_reference(require_ext, tucker, case):
+    # Both layouts: an NCHW x gets its NCHW output written by the kernel (pixels fastest, through the
+    # staging tile), a channels_last x a channels_last one (channels fastest, from the registers).
     _, kw, conv, relu = case
     for dtype, tol in [(torch.float64, 1e-13), (torch.float32, 1e-5)]:
         args = _operands(tucker, dtype, **kw)
-        got = _emulated(tucker, args, conv, relu)
         exact = _reference(tucker, args, conv, relu)
-        assert got.shape == exact.shape and got.dtype == dtype
-        assert torch.isfinite(got).all()
-        assert _rel(got, exact) < tol, (dtype, _rel(got, exact))
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            got = _emulated(tucker, (args[0].to(memory_format=fmt), *args[1:]), conv, relu)
+            assert got.shape == exact.shape and got.dtype == dtype
+            assert got.is_contiguous(memory_format=fmt)
+            assert torch.isfinite(got).all()
+            assert _rel(got, exact) < tol, (dtype, fmt, _rel(got, exact))
 
 
 @pytest.mark.parametrize("tucker", [False, True], ids=["cp", "tucker"])
@@ -78,13 +82,16 @@ def test_emulated_tensor_core_path(require_ext, tucker, dtype, case):
     # call aligned (the op raises otherwise).
     _, kw, conv, relu = case
     args = _operands(tucker, dtype, **kw)
-    got = _emulated(tucker, args, conv, relu)
     exact = _reference(tucker, args, conv, relu)
     f = ref.tucker_conv2d if tucker else ref.cp_conv2d
     chain = f(*[None if a is None else a.float() for a in args], *conv, relu).to(dtype)
-    err, chain_err = _rel(got, exact), _rel(chain, exact)
-    assert got.dtype == dtype and err < (2e-3 if dtype == torch.float16 else 2e-2)
-    assert err <= 2 * chain_err + 1e-4, (err, chain_err)
+    chain_err = _rel(chain, exact)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = _emulated(tucker, (args[0].to(memory_format=fmt), *args[1:]), conv, relu)
+        err = _rel(got, exact)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+        assert err < (2e-3 if dtype == torch.float16 else 2e-2)
+        assert err <= 2 * chain_err + 1e-4, (fmt, err, chain_err)
 
 
 def test_emulated_kernel_layouts_and_empty_batch(require_ext):
@@ -99,10 +106,15 @@ def test_emulated_kernel_layouts_and_empty_batch(require_ext):
     assert empty.shape == (0, 70, 9, 7)
 
 
-def _plan(tucker, dtype, **kw):
-    args = _operands(tucker, dtype, bias=False, **kw)[:4]
+def _plan(tucker, dtype, channels_last=True, **kw):
+    args = list(_operands(tucker, dtype, bias=False, **kw)[:4])
+    if channels_last:
+        args[0] = args[0].to(memory_format=torch.channels_last)
     conv = ((1, 1), (1, 1), (1, 1))
     return torch.ops.tdconv._fused_conv2d_plan(*args, *[list(c) for c in conv], tucker)
+
+
+ROWS = 64 * 8  # the output offset of each of a block's 64 pixels (int64)
 
 
 def test_launch_plan(require_ext):
@@ -110,12 +122,18 @@ def test_launch_plan(require_ext):
     blocks, rp, smem, wmma = _plan(True, torch.float32, ranks=(70, 6))
     assert (blocks, rp, wmma) == (2, 80, 0)
     # y2 [64, 80 + 4] + A [64, 16 + 4] + B [16, 64 + 4], float32, each region rounded up to 128 bytes
-    assert smem == (64 * 84 * 4) + (64 * 20 * 4) + (16 * 68 * 4)
+    assert smem == (64 * 84 * 4) + (64 * 20 * 4) + (16 * 68 * 4) + ROWS
+    # An NCHW x: the output is written pixels fastest, through a staging tile of the accumulators [64, 68]
+    # (float32; float64 for float64).
+    assert _plan(True, torch.float32, channels_last=False, ranks=(70, 6))[2] == smem + 64 * 68 * 4
+    assert _plan(True, torch.float64, channels_last=False, ranks=(70, 6))[2] == (
+        (64 * 82 * 8) + (64 * 18 * 8) + (16 * 66 * 8) + 64 * 68 * 8 + ROWS)  # float64 tiles: 2 elements of padding
     blocks, rp, smem16, wmma = _plan(True, torch.float16, ranks=(70, 6))
-    # half tiles (8 elements of padding) and the float32 staging tile of the accumulators [64, 68]
-    assert wmma == 1 and smem16 == (64 * 88 * 2) + (64 * 24 * 2) + (16 * 72 * 2) + 64 * 68 * 4
+    # half tiles (8 elements of padding) and the float32 staging tile that WMMA always needs
+    assert wmma == 1 and smem16 == (64 * 88 * 2) + (64 * 24 * 2) + (16 * 72 * 2) + 64 * 68 * 4 + ROWS
+    assert _plan(True, torch.float16, channels_last=False, ranks=(70, 6))[2] == smem16
     # CP needs no im2col tile
-    assert _plan(False, torch.float32, ranks=(70, 70))[2] == (64 * 84 * 4) + (16 * 68 * 4)
+    assert _plan(False, torch.float32, ranks=(70, 70))[2] == (64 * 84 * 4) + (16 * 68 * 4) + ROWS
     # a rank whose y2 tile exceeds what any GPU grants one block (227 KiB on sm_90): the CUDA op runs the chain
     assert _plan(False, torch.float32, ranks=(1024, 1024), hw=(3, 3), c_out=2)[2] > 227 * 1024
 

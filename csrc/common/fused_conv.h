@@ -20,12 +20,13 @@ struct FusedOperands {
 fused::Shape fused_shape(const ConvShape& s);
 // Tensor cores (WMMA) for float16 / bfloat16; the SIMT loop for float32 / float64.
 bool fused_uses_wmma(at::ScalarType dt);
-fused::Plan fused_plan(const ConvShape& s, at::ScalarType dt, bool tucker);
+// The launch plan for x's dtype and layout (an NCHW x gets an NCHW output, written by the kernel).
+fused::Plan fused_plan(const ConvShape& s, const at::Tensor& x, bool tucker);
 FusedOperands prepare_fused(bool tucker, const ConvShape& s, const at::Tensor& x, const at::Tensor& first,
                             const at::Tensor& spatial, const at::Tensor& last, const std::optional<at::Tensor>& bias);
-// The NHWC output buffer [N, Ho, Wo, C_out], and the op's result from it in x's layout (reads_nhwc).
+// The output in x's layout (reads_nhwc): a contiguous NCHW tensor, or channels_last (an NHWC buffer
+// [N, Ho, Wo, C_out] seen as [N, C_out, Ho, Wo]); the kernel writes it where it lies.
 at::Tensor fused_output(const at::Tensor& x, const ConvShape& s);
-at::Tensor fused_finish(const at::Tensor& x, const at::Tensor& out_nhwc);
 // The three convolutions on ATen (cuDNN on a GPU), for calls the fused kernel cannot take.
 at::Tensor fused_chain(bool tucker, const ConvShape& s, const at::Tensor& x, const at::Tensor& first,
                        const at::Tensor& spatial, const at::Tensor& last, const std::optional<at::Tensor>& bias,

@@ -21,17 +21,24 @@ fused::Shape fused_shape(const ConvShape& s) {
 
 bool fused_uses_wmma(at::ScalarType dt) { return dt == at::kHalf || dt == at::kBFloat16; }
 
-fused::Plan fused_plan(const ConvShape& s, at::ScalarType dt, bool tucker) {
-  const bool wmma = fused_uses_wmma(dt);
-  const int64_t store = wmma ? 2 : (dt == at::kDouble ? 8 : 4);
-  return fused::make_plan(fused_shape(s), store, wmma, tucker);
+fused::Plan fused_plan(const ConvShape& s, const at::Tensor& x, bool tucker) {
+  const bool wmma = fused_uses_wmma(x.scalar_type());
+  const int64_t acc = x.scalar_type() == at::kDouble ? 8 : 4;
+  return fused::make_plan(fused_shape(s), wmma ? 2 : acc, acc, wmma, tucker, /*out_nchw=*/!reads_nhwc(x));
 }
 
 FusedOperands prepare_fused(bool tucker, const ConvShape& s, const at::Tensor& x, const at::Tensor& first,
                             const at::Tensor& spatial, const at::Tensor& last, const std::optional<at::Tensor>& bias) {
   FusedOperands o;
-  const auto xh = x.detach().permute({0, 2, 3, 1}).contiguous();  // NHWC; free for channels_last
-  o.y1 = at::mm(xh.view({s.N * s.H * s.W, s.C_in}), first.detach().t()).contiguous();  // [N*H*W, R_in]
+  // y1 = x * first^T as NHWC [N * H * W, R_in]. From an NCHW x, a batched product with each image
+  // [C_in, H * W] read transposed (no transposed copy of x); from a channels_last x, one product.
+  if (reads_nhwc(x)) {
+    o.y1 = at::mm(x.detach().permute({0, 2, 3, 1}).reshape({s.N * s.H * s.W, s.C_in}), first.detach().t());
+  } else {
+    const auto w = first.detach().t().unsqueeze(0).expand({s.N, s.C_in, s.R_in});
+    o.y1 = at::bmm(x.detach().reshape({s.N, s.C_in, s.H * s.W}).transpose(1, 2), w).reshape({s.N * s.H * s.W, s.R_in});
+  }
+  o.y1 = o.y1.contiguous();
   // Tucker: the core [R_out, R_in, kh, kw] as the B operand [kh * kw * R_in, R_out] of the implicit GEMM.
   o.spatial = tucker ? spatial.detach().permute({2, 3, 1, 0}).reshape({s.kh * s.kw * s.R_in, s.R_out}).contiguous()
                      : spatial.detach().reshape({s.R_in, s.kh * s.kw}).contiguous();
@@ -41,12 +48,8 @@ FusedOperands prepare_fused(bool tucker, const ConvShape& s, const at::Tensor& x
 }
 
 at::Tensor fused_output(const at::Tensor& x, const ConvShape& s) {
-  return at::empty({s.N, s.Ho, s.Wo, s.C_out}, x.options());
-}
-
-at::Tensor fused_finish(const at::Tensor& x, const at::Tensor& out_nhwc) {
-  auto out = out_nhwc.permute({0, 3, 1, 2});
-  return reads_nhwc(x) ? out : out.contiguous();
+  return reads_nhwc(x) ? at::empty({s.N, s.Ho, s.Wo, s.C_out}, x.options()).permute({0, 3, 1, 2})
+                       : at::empty({s.N, s.C_out, s.Ho, s.Wo}, x.options());
 }
 
 at::Tensor fused_chain(bool tucker, const ConvShape& s, const at::Tensor& x, const at::Tensor& first,
@@ -89,12 +92,12 @@ at::Tensor fused_conv2d_emulated(const at::Tensor& x, const at::Tensor& first, c
   const char* op = tucker ? "tucker_conv2d" : "cp_conv2d";
   const ConvShape s = check_factorized_conv2d(op, tucker, x, first, spatial, last, bias, stride, padding, dilation);
   TDCONV_CHECK(x.device().is_cpu(), "tdconv::_fused_conv2d_emulated: x must be on the CPU, got ", x.device());
-  const fused::Plan plan = fused_plan(s, x.scalar_type(), tucker);
+  const fused::Plan plan = fused_plan(s, x, tucker);
   TDCONV_CHECK(plan.smem_bytes <= smem_limit, "tdconv::_fused_conv2d_emulated: one block needs ", plan.smem_bytes,
                " bytes of shared memory, more than smem_limit=", smem_limit,
                " (the CUDA op runs the unfused chain there)");
   auto out = fused_output(x, s);
-  if (s.N == 0 || s.Ho == 0 || s.Wo == 0) return fused_finish(x, out);
+  if (s.N == 0 || s.Ho == 0 || s.Wo == 0) return out;
   const FusedOperands o = prepare_fused(tucker, s, x, first, spatial, last, bias);
   fused::wmma_misaligned() = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv2d_emulated", [&] {
@@ -107,7 +110,7 @@ at::Tensor fused_conv2d_emulated(const at::Tensor& x, const at::Tensor& first, c
   const int64_t bad = fused::wmma_misaligned();
   TDCONV_CHECK(bad == 0, "tdconv::_fused_conv2d_emulated: ", bad,
                " WMMA loads/stores broke the alignment rules (256-bit pointers, 16-byte strides)");
-  return fused_finish(x, out);
+  return out;
 }
 
 // [blocks, rp, smem_bytes, wmma] of the CUDA launch for these arguments (shapes and dtype only).
@@ -116,7 +119,7 @@ std::vector<int64_t> fused_conv2d_plan(const at::Tensor& x, const at::Tensor& fi
                                        at::IntArrayRef dilation, bool tucker) {
   const ConvShape s = check_factorized_conv2d(tucker ? "tucker_conv2d" : "cp_conv2d", tucker, x, first, spatial, last,
                                               std::nullopt, stride, padding, dilation);
-  const fused::Plan p = fused_plan(s, x.scalar_type(), tucker);
+  const fused::Plan p = fused_plan(s, x, tucker);
   return {p.blocks, p.rp, p.smem_bytes, p.wmma ? 1 : 0};
 }
 

@@ -75,18 +75,23 @@ struct Plan {
   int64_t blocks;      // ceil(pixels / kBM)
   int64_t rp;          // R_out rounded up to kBK: the width of y2
   int64_t ld_y2, ld_a, ld_b, ld_c;
-  int64_t off_y2, off_a, off_b, off_c, smem_bytes;
+  int64_t off_y2, off_a, off_b, off_c, off_rows, smem_bytes;
   bool wmma;
+  bool out_nchw;  // the output is written NCHW (for an NCHW x), through the staging tile, pixels fastest
 };
 
 TDCONV_HD inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // `store_bytes`: the element size of the shared tiles (the input type for WMMA, the op-math type
-// otherwise). Leading dimensions are padded by 16 bytes' worth of elements (8 halves, 4 floats):
-// shifts the banks of consecutive rows and keeps every WMMA tile 256-bit aligned.
-TDCONV_HD inline Plan make_plan(const Shape& s, int64_t store_bytes, bool wmma, bool tucker) {
+// otherwise); `acc_bytes`: that of the accumulators (4, or 8 for float64). Leading dimensions are padded
+// by 16 bytes' worth of elements (8 halves, 4 floats): shifts the banks of consecutive rows and keeps
+// every WMMA tile 256-bit aligned. The staging tile of the accumulators is needed by WMMA (fragments
+// are opaque) and by an NCHW output (written pixels fastest, so that a warp stores consecutive bytes).
+TDCONV_HD inline Plan make_plan(const Shape& s, int64_t store_bytes, int64_t acc_bytes, bool wmma, bool tucker,
+                                bool out_nchw) {
   Plan p{};
   p.wmma = wmma;
+  p.out_nchw = out_nchw;
   p.pixels = s.N * s.Ho * s.Wo;
   p.blocks = (p.pixels + kBM - 1) / kBM;
   p.rp = round_up(s.R_out, kBK);
@@ -94,7 +99,7 @@ TDCONV_HD inline Plan make_plan(const Shape& s, int64_t store_bytes, bool wmma, 
   p.ld_y2 = p.rp + pad;
   p.ld_a = kBK + pad;
   p.ld_b = kBN + pad;
-  p.ld_c = kBN + 4;  // float accumulator staging (WMMA only)
+  p.ld_c = kBN + 4;  // accumulator staging (a multiple of 16 bytes, as WMMA's store needs)
   int64_t off = 0;
   p.off_y2 = off;
   off = round_up(off + kBM * p.ld_y2 * store_bytes, kAlign);
@@ -103,7 +108,9 @@ TDCONV_HD inline Plan make_plan(const Shape& s, int64_t store_bytes, bool wmma, 
   p.off_b = off;
   off = round_up(off + kBK * p.ld_b * store_bytes, kAlign);
   p.off_c = off;
-  if (wmma) off = round_up(off + kBM * p.ld_c * static_cast<int64_t>(sizeof(float)), kAlign);
+  if (wmma || out_nchw) off = round_up(off + kBM * p.ld_c * (wmma ? 4 : acc_bytes), kAlign);
+  p.off_rows = off;  // the output offset of each of the block's pixels (channel 0), -1 past the last
+  off = round_up(off + kBM * static_cast<int64_t>(sizeof(int64_t)), kAlign);
   p.smem_bytes = off;
   return p;
 }
@@ -114,7 +121,7 @@ struct Params {
   const T* spatial;  // CP: [R, kh * kw]; Tucker: the core as [kh * kw * R_in, R_out] (k = tap * R_in + ri)
   const T* last_t;   // last^T [R_out, C_out]
   const T* bias;     // [C_out] or null
-  T* out;            // [N, Ho, Wo, C_out]
+  T* out;            // [N, Ho, Wo, C_out], or [N, C_out, Ho, Wo] where plan.out_nchw
   Shape s;
   Plan plan;
   bool relu;
@@ -231,10 +238,21 @@ TDCONV_UNROLL
         for (int j = 0; j < kTN; ++j) acc[i][j] += av[i] * bv[j];
     }
   }
+  // Straight from the registers, or (rows_fastest) through the staging tile, consecutive threads on
+  // consecutive rows.
   template <typename Ctx, typename F>
-  TDCONV_HD void for_each(float* /*staging*/, int64_t /*ld_c*/, int /*tid*/, Ctx& /*ctx*/, F&& f) {
+  TDCONV_HD void for_each(unsigned char* staging, int64_t ld_c, int tid, Ctx& ctx, bool rows_fastest, F&& f) {
+    if (!rows_fastest) {
+      for (int i = 0; i < kTM; ++i)
+        for (int j = 0; j < kTN; ++j) f(ty * kTM + i, tx * kTN + j, acc[i][j]);
+      return;
+    }
+    acc_t* st = reinterpret_cast<acc_t*>(staging);
     for (int i = 0; i < kTM; ++i)
-      for (int j = 0; j < kTN; ++j) f(ty * kTM + i, tx * kTN + j, acc[i][j]);
+      for (int j = 0; j < kTN; ++j) st[(ty * kTM + i) * ld_c + tx * kTN + j] = acc[i][j];
+    ctx.sync();
+    for (int e = tid; e < kBM * kBN; e += kThreads) f(e % kBM, e / kBM, st[(e % kBM) * ld_c + e / kBM]);
+    ctx.sync();  // the staging tile is reused by the next product
   }
 };
 
@@ -254,11 +272,15 @@ struct TileProduct<T, true> {  // WMMA: warp w owns fragment row w % 4, fragment
     for (int f = 0; f < kFragsPerWarp; ++f) frag[f].mma(fa, b + frag_col(f) * kFrag, ldb);
   }
   template <typename Ctx, typename F>
-  TDCONV_HD void for_each(float* staging, int64_t ld_c, int tid, Ctx& ctx, F&& f) {
+  TDCONV_HD void for_each(unsigned char* staging_bytes, int64_t ld_c, int tid, Ctx& ctx, bool rows_fastest, F&& f) {
+    float* staging = reinterpret_cast<float*>(staging_bytes);
     for (int fi = 0; fi < kFragsPerWarp; ++fi)
       frag[fi].store(staging + frag_row() * kFrag * ld_c + frag_col(fi) * kFrag, ld_c, lane);
     ctx.sync();
-    for (int e = tid; e < kBM * kBN; e += kThreads) f(e / kBN, e % kBN, staging[(e / kBN) * ld_c + e % kBN]);
+    for (int e = tid; e < kBM * kBN; e += kThreads) {
+      const int m = rows_fastest ? e % kBM : e / kBN, n = rows_fastest ? e / kBM : e % kBN;
+      f(m, n, staging[m * ld_c + n]);
+    }
     ctx.sync();  // the staging tile is reused by the next product
   }
 };
@@ -286,10 +308,18 @@ TDCONV_HD void fused_block(const Params<T>& P, int64_t block, int tid, unsigned 
   S* y2 = reinterpret_cast<S*>(smem + pl.off_y2);
   S* a_tile = reinterpret_cast<S*>(smem + pl.off_a);
   S* b_tile = reinterpret_cast<S*>(smem + pl.off_b);
-  float* staging = reinterpret_cast<float*>(smem + pl.off_c);
+  unsigned char* staging = smem + pl.off_c;
+  int64_t* out_row = reinterpret_cast<int64_t*>(smem + pl.off_rows);
   const int64_t p0 = block * kBM;
   const int64_t taps = s.kh * s.kw;
   TileProduct<T, kWmma> prod(tid);
+  // Where each pixel's channel 0 goes in the output (-1: past the last pixel); channel c is c_stride
+  // further. Read in stage 2, after the barriers of stage 1.
+  const int64_t hw = s.Ho * s.Wo, c_stride = pl.out_nchw ? hw : 1;
+  for (int m = tid; m < kBM; m += kThreads) {
+    const int64_t p = p0 + m;
+    out_row[m] = p >= pl.pixels ? -1 : pl.out_nchw ? (p / hw) * s.C_out * hw + p % hw : p * s.C_out;
+  }
 
   // ---- 1. y2 [kBM, rp] of this block's pixels (rows past the last pixel and columns past R_out: 0)
   if constexpr (!kTucker) {
@@ -347,7 +377,7 @@ TDCONV_UNROLL
         prod.step(a_tile, pl.ld_a, b_tile, pl.ld_b);
         ctx.sync();
       }
-      prod.for_each(staging, pl.ld_c, tid, ctx, [&](int m, int nl, acc_t v) {
+      prod.for_each(staging, pl.ld_c, tid, ctx, /*rows_fastest=*/false, [&](int m, int nl, acc_t v) {
         if (n0 + nl < pl.rp) y2[m * pl.ld_y2 + n0 + nl] = static_cast<S>(v);
       });
     }
@@ -367,12 +397,12 @@ TDCONV_UNROLL
       prod.step(y2 + k0, pl.ld_y2, b_tile, pl.ld_b);
       ctx.sync();
     }
-    prod.for_each(staging, pl.ld_c, tid, ctx, [&](int m, int nl, acc_t v) {
-      const int64_t p = p0 + m, c = c0 + nl;
-      if (p >= pl.pixels || c >= s.C_out) return;
+    prod.for_each(staging, pl.ld_c, tid, ctx, pl.out_nchw, [&](int m, int nl, acc_t v) {
+      const int64_t row = out_row[m], c = c0 + nl;
+      if (row < 0 || c >= s.C_out) return;
       if (P.bias != nullptr) v += static_cast<acc_t>(P.bias[c]);
       if (P.relu && v < acc_t(0)) v = acc_t(0);
-      P.out[p * s.C_out + c] = static_cast<T>(v);
+      P.out[row + c * c_stride] = static_cast<T>(v);
     });
   }
 }

@@ -85,7 +85,7 @@ at::Tensor fused_conv2d_cuda(bool tucker, const at::Tensor& x, const at::Tensor&
   const ConvShape s = check_factorized_conv2d(op, tucker, x, first, spatial, last, bias, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // gradients are the autograd formula's job
-  const fused::Plan plan = fused_plan(s, x.scalar_type(), tucker);
+  const fused::Plan plan = fused_plan(s, x, tucker);
   const int device = x.device().index();
   bool compiled_ok = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv2d_cuda_check",
@@ -100,7 +100,7 @@ at::Tensor fused_conv2d_cuda(bool tucker, const at::Tensor& x, const at::Tensor&
     return fused_chain(tucker, s, x, first, spatial, last, bias, relu);
   }
   auto out = fused_output(x, s);
-  if (s.N == 0 || s.Ho == 0 || s.Wo == 0) return fused_finish(x, out);
+  if (s.N == 0 || s.Ho == 0 || s.Wo == 0) return out;
   const FusedOperands o = prepare_fused(tucker, s, x, first, spatial, last, bias);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fused_conv2d_cuda", [&] {
@@ -114,7 +114,7 @@ at::Tensor fused_conv2d_cuda(bool tucker, const at::Tensor& x, const at::Tensor&
       launch<scalar_t, false>(P, stream);
   });
   count_engine_stat(kFusedConvLaunches);
-  return fused_finish(x, out);
+  return out;
 }
 
 at::Tensor cp_conv2d_cuda(const at::Tensor& x, const at::Tensor& first, const at::Tensor& spatial,
