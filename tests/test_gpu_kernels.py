@@ -104,6 +104,18 @@ def test_emulated_kernel_layouts_and_empty_batch(require_ext):
     assert _emulated(True, args, conv, False).is_contiguous()
     empty = _emulated(True, (args[0][:0], *args[1:]), conv, False)
     assert empty.shape == (0, 70, 9, 7)
+    # Neither layout (a strided view: copied once), and both (one channel: read as NCHW).
+    wide = torch.randn(2, 5, 9, 14, dtype=torch.float64)
+    x = wide[..., ::2]
+    got = _emulated(True, (x, *args[1:]), conv, False)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, _reference(True, (x, *args[1:]), conv, False))
+    one = _operands(True, torch.float64, c_in=1)
+    x1 = one[0].to(memory_format=torch.channels_last)
+    assert x1.is_contiguous() and x1.is_contiguous(memory_format=torch.channels_last)
+    got = _emulated(True, (x1, *one[1:]), conv, False)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, _reference(True, one, conv, False))
 
 
 def _plan(tucker, dtype, channels_last=True, **kw):
@@ -270,33 +282,36 @@ def test_cuda_fused_kernel_matches_emulation(require_ext, tucker, dtype, case):
     _, kw, conv, relu = case
     args = _operands(tucker, dtype, **kw)
     op = torch.ops.tdconv.tucker_conv2d if tucker else torch.ops.tdconv.cp_conv2d
-    before = _stats()
-    got = op(*[None if a is None else a.cuda() for a in args], *[list(c) for c in conv], relu)
-    torch.cuda.synchronize()
-    after = _stats()
-    assert after["fused_conv_launches"] == before["fused_conv_launches"] + 1, "the kernel did not run"
-    emulated = _emulated(tucker, args, conv, relu)
     exact = _reference(tucker, args, conv, relu)
-    assert got.dtype == dtype and got.shape == exact.shape
     tol = {torch.float64: 1e-13, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    assert _rel(got, exact) < tol
-    # the same program on both sides: equal up to the order of float additions (and cuBLAS's y1)
-    assert _rel(got, emulated.double()) < tol
+    for fmt in (torch.contiguous_format, torch.channels_last):  # the NCHW and the NHWC epilogue
+        x = args[0].to(memory_format=fmt)
+        before = _stats()
+        got = op(x.cuda(), *[None if a is None else a.cuda() for a in args[1:]], *[list(c) for c in conv], relu)
+        torch.cuda.synchronize()
+        after = _stats()
+        assert after["fused_conv_launches"] == before["fused_conv_launches"] + 1, "the kernel did not run"
+        emulated = _emulated(tucker, (x, *args[1:]), conv, relu)
+        assert got.dtype == dtype and got.shape == exact.shape and got.is_contiguous(memory_format=fmt)
+        assert _rel(got, exact) < tol, fmt
+        # the same program on both sides: equal up to the order of float additions (and cuBLAS's y1)
+        assert _rel(got, emulated.double()) < tol, fmt
 
 
 @cuda
 def test_cuda_fused_kernel_large_and_fallback(require_ext):
     _cuda_ready()
-    # many blocks, channels_last in and out
+    # many blocks over many images, in both layouts
     for tucker in (False, True):
         args = _operands(tucker, torch.float32, n=8, c_in=64, hw=(28, 28), ranks=(48, 32), c_out=96, device="cuda")
-        x = args[0].to(memory_format=torch.channels_last)
         op = torch.ops.tdconv.tucker_conv2d if tucker else torch.ops.tdconv.cp_conv2d
-        launches = _stats()["fused_conv_launches"]
-        got = op(x, *args[1:], [1, 1], [1, 1], [1, 1], True)
-        assert _stats()["fused_conv_launches"] == launches + 1
-        assert got.is_contiguous(memory_format=torch.channels_last)
-        assert _rel(got, _reference(tucker, args, ((1, 1), (1, 1), (1, 1)), True)) < 1e-5
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = args[0].to(memory_format=fmt)
+            launches = _stats()["fused_conv_launches"]
+            got = op(x, *args[1:], [1, 1], [1, 1], [1, 1], True)
+            assert _stats()["fused_conv_launches"] == launches + 1
+            assert got.is_contiguous(memory_format=fmt)
+            assert _rel(got, _reference(tucker, args, ((1, 1), (1, 1), (1, 1)), True)) < 1e-5, fmt
     # a y2 tile larger than one block's shared memory: the ATen chain, same result
     args = _operands(False, torch.float32, n=1, hw=(4, 4), ranks=(1100, 1100), c_out=8, device="cuda")
     fallbacks = _stats()["fused_conv_fallbacks"]

@@ -210,7 +210,8 @@ struct WmmaTile {
 
 // A kBM x kBN product tile accumulated over steps of depth kBK: C += A[kBM, kBK] B[kBK, kBN], A and B in
 // shared memory (row major, strides lda / ldb). for_each(f) hands every finished element to f(row,
-// col, value); all threads of the block call every member (for_each synchronises in the WMMA form).
+// col, value); all threads of the block call every member, with the same arguments (for_each
+// synchronises in the WMMA form, and in the SIMT form when rows_fastest).
 template <typename T, bool kWmma>
 struct TileProduct;
 

@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -85,6 +86,9 @@ at::Tensor fused_conv2d_cuda(bool tucker, const at::Tensor& x, const at::Tensor&
   const ConvShape s = check_factorized_conv2d(op, tucker, x, first, spatial, last, bias, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // gradients are the autograd formula's job
+  // The ATen calls below (cuBLAS's y1, the chain) run in x's dtype: under torch.autocast they would be
+  // cast, and the kernel would read a y1 of another dtype.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const fused::Plan plan = fused_plan(s, x, tucker);
   const int device = x.device().index();
   bool compiled_ok = false;
