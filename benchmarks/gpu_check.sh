@@ -9,9 +9,9 @@
 # Stages (limits in seconds; they add up to 400, and no stage runs past the 415 s deadline of the whole
 # script: a stage gets what is left, or is marked "not run"):
 #   imports    25   torch, numpy and pytest must import; tensorly, torchvision, ptflops are reported
-#   build     110   the extension in place, for this GPU's architecture only (TDCONV_CUDA=1); its slowest
+#   build     100   the extension in place, for this GPU's architecture only (TDCONV_CUDA=1); its slowest
 #                   unit compiles in 33 s on a 2-core CPU (torch 2.11, sm_90), so 16 jobs need about 50 s
-#   kernels    40   the CUDA tests of the new kernels and engine paths (tests/test_gpu_kernels.py -k cuda,
+#   kernels    50   the CUDA tests of the new kernels and engine paths (tests/test_gpu_kernels.py -k cuda,
 #                   verbose, junit XML): validated even if every later stage runs out of time
 #   cuda       40   every other CUDA test of the suite (-k cuda, verbose, junit XML)
 #   sanitizer  30   compute-sanitizer memcheck on the fused kernels' CUDA tests (float32, bfloat16)
@@ -133,7 +133,7 @@ elif [ "$DRY" = 1 ] && { ls tdconv/_C*.so > /dev/null 2>&1 || (cd / && $PY -c "i
   skip build "dry run: tdconv._C is built already"
 else
   rm -f tdconv/_C*.so
-  stage build 110 env TDCONV_CUDA=$([ "$DRY" = 1 ] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-16} \
+  stage build 100 env TDCONV_CUDA=$([ "$DRY" = 1 ] && echo 0 || echo 1) MAX_JOBS=${MAX_JOBS:-16} \
     $PY setup.py build_ext --inplace || STOP="the build failed (build.log)"
 fi
 # Python runs from OUT_DIR, so that the tdconv it imports is the in-place build (PYTHONPATH) or, where
@@ -144,7 +144,7 @@ PYT=(env -C "$OUT" $PY -m pytest -p no:cacheprovider --rootdir "$ROOT")
 
 # ---- the CUDA tests alone, first: the new kernels, then the rest of the suite's
 K="$ROOT/tests/test_gpu_kernels.py"
-stage kernels 40 "${PYT[@]}" -v -rs "$K" -k cuda --junitxml="$OUT/kernels-tests.xml"
+stage kernels 50 "${PYT[@]}" -v -rs "$K" -k cuda --junitxml="$OUT/kernels-tests.xml"
 junit "$OUT/kernels-tests.xml"
 stage cuda 40 "${PYT[@]}" -v -rs "$ROOT/tests" -k cuda --ignore="$K" --ignore="$ROOT/tests/test_gpu_check.py" \
   --junitxml="$OUT/cuda-tests.xml"

@@ -291,11 +291,11 @@ def test_cuda_fused_kernel_matches_emulation(require_ext, tucker, dtype, case):
         torch.cuda.synchronize()
         after = _stats()
         assert after["fused_conv_launches"] == before["fused_conv_launches"] + 1, "the kernel did not run"
-        emulated = _emulated(tucker, (x, *args[1:]), conv, relu)
         assert got.dtype == dtype and got.shape == exact.shape and got.is_contiguous(memory_format=fmt)
         assert _rel(got, exact) < tol, fmt
-        # the same program on both sides: equal up to the order of float additions (and cuBLAS's y1)
-        assert _rel(got, emulated.double()) < tol, fmt
+        if fmt == torch.contiguous_format:  # (one emulation per case: they are slow, and tested in both layouts)
+            # the same program on both sides: equal up to the order of float additions (and cuBLAS's y1)
+            assert _rel(got, _emulated(tucker, args, conv, relu).double()) < tol
 
 
 @cuda
