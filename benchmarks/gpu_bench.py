@@ -47,6 +47,11 @@ def engine_stats() -> dict:
     return dict(zip(STATS, torch.ops.tdconv._cuda_engine_stats()))
 
 
+def engine_stats_since(before: dict) -> dict:
+    """The decomposition engine's counters (graphs, small solves) since ``before``."""
+    return {k: v - before[k] for k, v in engine_stats().items() if k.startswith(("graph", "small"))}
+
+
 class Rows:
     """Appends one JSON object per line and flushes it, so that a killed run keeps its rows. With a
     deadline (seconds from the start), ``time_left()`` says whether another row should be started."""
@@ -139,7 +144,7 @@ def decompose(args, rows: Rows, device) -> None:
                     sync(device)
                     times.append(time.perf_counter() - t)
                 seconds = min(times)
-                stats = {k: v - before[k] for k, v in engine_stats().items() if k.startswith(("graph", "small"))}
+                stats = engine_stats_since(before)
                 err = [float(c.rel_error) for c in out]
             except Exception as exc:  # a variant that fails is a finding, not the end of the run
                 rows.add({"kind": "decompose", "variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -199,19 +204,19 @@ def decompose_groups(xs, ranks, iters, rows: Rows, device, whole_seconds: float 
         if not rows.time_left(need=2 * share * whole_seconds if whole_seconds else 0.0):
             return
         group = [xs[i] for i in members]
+        row = {"kind": "decompose_group", "variant": "graphs+small_solve", "shape": shape, "rank": rank,
+               "members": len(group)}
         with env(TDCONV_CUDA_GRAPHS="1", TDCONV_CUDA_SMALL_SOLVE="1"):
             try:
                 run = lambda: tdconv.decompose_batch(group, "cp", rank, n_iter_max=iters, tol=0.0, seed=0)  # noqa: E731
                 once(run, device)
                 before = engine_stats()
                 seconds = once(run, device)
-                stats = {k: v - before[k] for k, v in engine_stats().items() if k.startswith(("graph", "small"))}
+                stats = engine_stats_since(before)
             except Exception as exc:
-                rows.add({"kind": "decompose_group", "variant": "graphs+small_solve", "shape": shape, "rank": rank,
-                          "members": len(group), "error": f"{type(exc).__name__}: {exc}"[:300]})
+                rows.add({**row, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
-        rows.add({"kind": "decompose_group", "variant": "graphs+small_solve", "shape": shape, "rank": rank,
-                  "members": len(group), "sweeps": iters, "seconds": seconds, "stats": stats})
+        rows.add({**row, "sweeps": iters, "seconds": seconds, "stats": stats})
 
 
 # ---------------------------------------------------------------------------------------------- layers

@@ -84,9 +84,10 @@ inline bool small_solve_applies(bool cuda, int64_t batch, int64_t rank, size_t n
 // cholesky_solve, as validated.
 inline std::pair<at::Tensor, at::Tensor> solve_mode(const std::vector<at::Tensor>& G, int64_t k, const at::Tensor& m,
                                                     double l2_reg, bool fused = false) {
-  if ((fused || small_solve_enabled()) && small_solve_applies(m.is_cuda(), m.size(0), m.size(2), G.size()))
+  const bool fused_solve = fused || small_solve_enabled();
+  if (fused_solve && small_solve_applies(m.is_cuda(), m.size(0), m.size(2), G.size()))
     return cuda_small_solve()(G, k, m, l2_reg);
-  const bool engine_paths = fused || small_solve_enabled() || sweep_graphs_enabled();
+  const bool engine_paths = fused_solve || sweep_graphs_enabled();
   return solve_normalised(hadamard_grams(G, k), m, l2_reg, /*triangular=*/m.is_cuda() && engine_paths);
 }
 
